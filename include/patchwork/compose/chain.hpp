@@ -1,0 +1,37 @@
+#pragma once
+// The backward pass shared by every chain of modules (Sequential, Repeat,
+// Cascade). Children run last to first; a child before the first one holding
+// a trainable parameter is skipped entirely when the chain's own input
+// gradient is not wanted, and the first trainable child is told not to
+// compute its input gradient. With a frozen body and a trainable head this
+// makes backward cost only the head.
+#include <cstddef>
+
+#include "patchwork/core/tensor.hpp"
+
+namespace patchwork::detail {
+
+/// `has_trainable(i)`: child i holds a trainable parameter.
+/// `set_input_grad(i, on)`: tell child i whether its input gradient is needed.
+/// `backward(i, dy)`: run child i's backward, returning its input gradient.
+template <class T, class HasTrainable, class SetInputGrad, class Backward>
+const Tensor<T>& chain_backward(std::size_t n, bool want_input_grad, const Tensor<T>& dy, const Tensor<T>& empty,
+                                HasTrainable&& has_trainable, SetInputGrad&& set_input_grad, Backward&& backward) {
+    std::size_t stop = 0;
+    if (!want_input_grad) {
+        stop = n;
+        for (std::size_t i = 0; i < n; ++i)
+            if (has_trainable(i)) {
+                stop = i;
+                break;
+            }
+    }
+    const Tensor<T>* g = &dy;
+    for (std::size_t i = n; i-- > stop;) {
+        set_input_grad(i, want_input_grad || i > stop);
+        g = &backward(i, *g);
+    }
+    return want_input_grad ? *g : empty;
+}
+
+}  // namespace patchwork::detail

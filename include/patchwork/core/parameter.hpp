@@ -1,0 +1,108 @@
+#pragma once
+// Parameter<T>: a named, role-tagged tensor of a module.
+//
+// The gradient buffer exists only while the parameter is trainable: a frozen
+// parameter costs its value and nothing else, and modules skip the work that
+// would only feed its gradient (the weight-gradient GEMM of a frozen Linear).
+#include <cstddef>
+#include <string>
+#include <string_view>
+
+#include "patchwork/core/tensor.hpp"
+
+namespace patchwork {
+
+/// What a parameter is for. Pre-trained roles come with the base model;
+/// injected roles are added by a policy and are trainable by construction.
+enum class Role {
+    weight,        ///< a dense or convolutional weight
+    bias,          ///< an additive bias
+    norm_scale,    ///< the gain (gamma) of a normalisation layer
+    norm_shift,    ///< the shift (beta) of a normalisation layer
+    depthwise,     ///< depthwise convolution filters
+    adapter,       ///< bottleneck adapter weights (injected)
+    lora,          ///< low-rank update factors (injected)
+    scale_shift,   ///< per-channel affine patch (injected)
+    architecture,  ///< architecture weights of a searched module (injected)
+};
+
+[[nodiscard]] constexpr std::string_view role_name(Role r) noexcept {
+    switch (r) {
+        case Role::weight: return "weight";
+        case Role::bias: return "bias";
+        case Role::norm_scale: return "norm_scale";
+        case Role::norm_shift: return "norm_shift";
+        case Role::depthwise: return "depthwise";
+        case Role::adapter: return "adapter";
+        case Role::lora: return "lora";
+        case Role::scale_shift: return "scale_shift";
+        case Role::architecture: return "architecture";
+    }
+    return "unknown";
+}
+
+/// True for roles a policy adds on top of a pre-trained model.
+[[nodiscard]] constexpr bool is_injected(Role r) noexcept {
+    return r == Role::adapter || r == Role::lora || r == Role::scale_shift || r == Role::architecture;
+}
+
+/// Owner task of a shared parameter (multi-task models give patches a task id >= 0).
+inline constexpr int shared_task = -1;
+
+template <class T>
+class Parameter {
+public:
+    using Scalar = T;
+
+    Parameter() = default;
+    Parameter(std::string leaf, Role role, const Shape& shape, bool trainable = true, int task = shared_task)
+        : value(shape), leaf_(std::move(leaf)), name_(leaf_), role_(role), task_(task) {
+        set_trainable(trainable);
+    }
+
+    Tensor<T> value;
+    Tensor<T> grad;  ///< empty unless trainable
+
+    /// Full dotted path, e.g. "stage0.linear2.weight".
+    [[nodiscard]] const std::string& name() const noexcept { return name_; }
+    /// Name within its module, e.g. "weight".
+    [[nodiscard]] const std::string& leaf() const noexcept { return leaf_; }
+    [[nodiscard]] Role role() const noexcept { return role_; }
+    [[nodiscard]] int task() const noexcept { return task_; }
+    void set_task(int task) noexcept { task_ = task; }
+    [[nodiscard]] std::size_t size() const noexcept { return value.size(); }
+    [[nodiscard]] bool trainable() const noexcept { return trainable_; }
+
+    /// Allocates a zeroed gradient when made trainable; frees it when frozen.
+    void set_trainable(bool on) {
+        trainable_ = on;
+        if (on) {
+            if (!(grad.shape() == value.shape())) grad = Tensor<T>(value.shape());
+        } else {
+            grad.release();
+        }
+    }
+    void zero_grad() noexcept {
+        if (trainable_) grad.zero();
+    }
+
+    /// Set by the innermost policy that decided this parameter's trainability;
+    /// outer policies leave such parameters alone (the most specific wins).
+    [[nodiscard]] bool policy_decided() const noexcept { return decided_; }
+    void mark_policy_decided() noexcept { decided_ = true; }
+
+    /// Called by the owning module when its path changes.
+    void set_prefix(const std::string& module_path) {
+        name_ = module_path.empty() ? leaf_ : module_path + "." + leaf_;
+    }
+
+private:
+    std::string leaf_;
+    std::string name_;
+    Role role_ = Role::weight;
+    int task_ = shared_task;
+    bool trainable_ = false;
+    bool decided_ = false;
+};
+
+}  // namespace patchwork

@@ -1,0 +1,106 @@
+#pragma once
+// Element-wise activations: y = f(x), dL/dx = dL/dy * f'(x).
+// One module template over a small functor per function; each functor states
+// its derivative beside its value.
+#include <cmath>
+#include <numbers>
+#include <string>
+
+#include "patchwork/core/module.hpp"
+
+namespace patchwork {
+
+namespace activation {
+
+/// ReLU: f(x) = max(0, x), f'(x) = [x > 0] (0 at the kink, as is customary).
+struct Relu {
+    static constexpr const char* name = "relu";
+    template <class T>
+    static T value(T x) noexcept { return x > T(0) ? x : T(0); }
+    template <class T>
+    static T derivative(T x, T /*y*/) noexcept { return x > T(0) ? T(1) : T(0); }
+};
+
+/// GELU (exact, with the normal CDF): f(x) = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2,
+/// f'(x) = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
+struct Gelu {
+    static constexpr const char* name = "gelu";
+    template <class T>
+    static T value(T x) noexcept {
+        return x * T(0.5) * (T(1) + std::erf(x * T(std::numbers::sqrt2 / 2)));
+    }
+    template <class T>
+    static T derivative(T x, T /*y*/) noexcept {
+        const T cdf = T(0.5) * (T(1) + std::erf(x * T(std::numbers::sqrt2 / 2)));
+        const T pdf = std::exp(T(-0.5) * x * x) * T(std::numbers::inv_sqrtpi / std::numbers::sqrt2);
+        return cdf + x * pdf;
+    }
+};
+
+/// Tanh: f(x) = tanh x, f'(x) = 1 - tanh(x)^2 = 1 - y^2 (uses the saved output).
+struct Tanh {
+    static constexpr const char* name = "tanh";
+    template <class T>
+    static T value(T x) noexcept { return std::tanh(x); }
+    template <class T>
+    static T derivative(T /*x*/, T y) noexcept { return T(1) - y * y; }
+};
+
+}  // namespace activation
+
+template <class T, class Fn>
+class BasicActivation : public ModuleBase {
+public:
+    using Scalar = T;
+    using Function = Fn;
+    static constexpr const char* kind() { return Fn::name; }
+    static constexpr unsigned roles = 0;
+    static constexpr bool fixed_width = false;  ///< shape-preserving: width comes from the input
+
+    [[nodiscard]] std::size_t out_features() const noexcept { return 0; }
+    void reset_parameters(Rng&) noexcept {}
+    template <class F>
+    void visit(F&&) noexcept {}
+    void set_path(const std::string& p) { path_ = p; }
+
+    const Tensor<T>& forward(const Tensor<T>& x) {
+        if (x.empty()) throw_shape_error(path_, "activation input", Shape{1}, x.shape());
+        x_ = x;
+        y_.resize(x.shape());
+        const T* in = x.data();
+        T* out = y_.data();
+        for (std::size_t i = 0, n = x.size(); i < n; ++i) out[i] = Fn::value(in[i]);
+        return y_;
+    }
+
+    const Tensor<T>& backward(const Tensor<T>& dy) {
+        check_same_shape(dy, x_.shape(), path_, "activation output gradient");
+        if (!input_grad_) {
+            dx_.resize(Shape{});
+            return dx_;
+        }
+        dx_.resize(dy.shape());
+        const T* x = x_.data();
+        const T* y = y_.data();
+        const T* g = dy.data();
+        T* out = dx_.data();
+        for (std::size_t i = 0, n = dy.size(); i < n; ++i) out[i] = g[i] * Fn::derivative(x[i], y[i]);
+        return dx_;
+    }
+
+private:
+    Tensor<T> x_, y_, dx_;
+};
+
+template <class T>
+using BasicRelu = BasicActivation<T, activation::Relu>;
+template <class T>
+using BasicGelu = BasicActivation<T, activation::Gelu>;
+template <class T>
+using BasicTanh = BasicActivation<T, activation::Tanh>;
+
+using Relu = BasicRelu<float>;
+using Gelu = BasicGelu<float>;
+using Tanh = BasicTanh<float>;
+
+}  // namespace patchwork

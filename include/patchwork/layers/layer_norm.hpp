@@ -1,0 +1,130 @@
+#pragma once
+// LayerNorm over the last dimension D, per row n:
+//   mu = mean_i x_i,  var = mean_i (x_i - mu)^2,  s = 1 / sqrt(var + eps)
+//   xh_i = (x_i - mu) s,   y_i = gamma_i xh_i + beta_i
+//
+// Backward (g = dL/dy, gh_i = g_i gamma_i):
+//   dL/dgamma_i = sum_n g_ni xh_ni,   dL/dbeta_i = sum_n g_ni
+//   dL/dxh_i = gh_i; through xh = (x - mu) s, with dmu/dx_j = 1/D and
+//   ds/dx_j = -s^3 (x_j - mu) / D (the mean term of var's derivative vanishes
+//   because sum_i (x_i - mu) = 0):
+//   dL/dx_j = s gh_j - s/D sum_i gh_i - s xh_j / D sum_i gh_i xh_i
+//           = s (gh_j - mean(gh) - xh_j mean(gh * xh)).
+#include <cmath>
+#include <string>
+
+#include "patchwork/core/module.hpp"
+
+namespace patchwork {
+
+template <class T>
+class BasicLayerNorm : public ModuleBase {
+public:
+    using Scalar = T;
+    static constexpr const char* kind() { return "layernorm"; }
+    static constexpr unsigned roles = role_bit(Role::norm_scale) | role_bit(Role::norm_shift);
+    static constexpr bool fixed_width = true;
+
+    explicit BasicLayerNorm(std::size_t features, double eps = 1e-5)
+        : features_(features), eps_(eps), scale("scale", Role::norm_scale, Shape{features}),
+          shift("shift", Role::norm_shift, Shape{features}) {
+        if (features == 0) throw ConfigError("layernorm: features must be positive");
+        if (!(eps > 0)) throw ConfigError(detail::concat("layernorm: eps must be positive, got ", eps));
+        reset_parameters(default_rng());
+    }
+
+private:
+    std::size_t features_;
+    double eps_;
+
+public:
+    Parameter<T> scale;  ///< gamma, [D]
+    Parameter<T> shift;  ///< beta, [D]
+
+    [[nodiscard]] std::size_t out_features() const noexcept { return features_; }
+    [[nodiscard]] double eps() const noexcept { return eps_; }
+
+    void reset_parameters(Rng&) {
+        scale.value.fill(T(1));
+        shift.value.zero();
+    }
+
+    const Tensor<T>& forward(const Tensor<T>& x) {
+        check_cols(x, features_, path_, "layernorm input");
+        const std::size_t n = x.rows(), d = features_;
+        xhat_.resize(x.shape());
+        y_.resize(x.shape());
+        inv_std_.resize(Shape{n});
+        const T* gamma = scale.value.data();
+        const T* beta = shift.value.data();
+        for (std::size_t r = 0; r < n; ++r) {
+            const T* xr = x.data() + r * d;
+            T mean = 0;
+            for (std::size_t i = 0; i < d; ++i) mean += xr[i];
+            mean /= T(d);
+            T var = 0;
+            for (std::size_t i = 0; i < d; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+            var /= T(d);
+            const T s = T(1) / std::sqrt(var + T(eps_));
+            inv_std_[r] = s;
+            T* xh = xhat_.data() + r * d;
+            T* yr = y_.data() + r * d;
+            for (std::size_t i = 0; i < d; ++i) {
+                xh[i] = (xr[i] - mean) * s;
+                yr[i] = gamma[i] * xh[i] + beta[i];
+            }
+        }
+        return y_;
+    }
+
+    const Tensor<T>& backward(const Tensor<T>& dy) {
+        check_same_shape(dy, xhat_.shape(), path_, "layernorm output gradient");
+        const std::size_t n = dy.rows(), d = features_;
+        if (scale.trainable()) {
+            auto gs = scale.grad.vector();
+            gs += (dy.matrix().array() * xhat_.matrix().array()).colwise().sum().matrix().transpose();
+        }
+        if (shift.trainable()) shift.grad.vector() += dy.matrix().colwise().sum().transpose();
+        if (!input_grad_) {
+            dx_.resize(Shape{});
+            return dx_;
+        }
+        dx_.resize(dy.shape());
+        const T* gamma = scale.value.data();
+        for (std::size_t r = 0; r < n; ++r) {
+            const T* g = dy.data() + r * d;
+            const T* xh = xhat_.data() + r * d;
+            T* out = dx_.data() + r * d;
+            T mean_gh = 0, mean_ghxh = 0;
+            for (std::size_t i = 0; i < d; ++i) {
+                const T gh = g[i] * gamma[i];
+                mean_gh += gh;
+                mean_ghxh += gh * xh[i];
+            }
+            mean_gh /= T(d);
+            mean_ghxh /= T(d);
+            const T s = inv_std_[r];
+            for (std::size_t i = 0; i < d; ++i) out[i] = s * (g[i] * gamma[i] - mean_gh - xh[i] * mean_ghxh);
+        }
+        return dx_;
+    }
+
+    template <class F>
+    void visit(F&& f) {
+        f(scale);
+        f(shift);
+    }
+
+    void set_path(const std::string& p) {
+        path_ = p;
+        scale.set_prefix(p);
+        shift.set_prefix(p);
+    }
+
+private:
+    Tensor<T> xhat_, y_, dx_, inv_std_;
+};
+
+using LayerNorm = BasicLayerNorm<float>;
+
+}  // namespace patchwork

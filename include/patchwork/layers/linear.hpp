@@ -1,0 +1,102 @@
+#pragma once
+// Linear: y = x W^T + b, with W of shape [out, in] and b of shape [out].
+//
+// Backward. With L a scalar loss and dY = dL/dy of shape [N, out]:
+//   y_nj = sum_i x_ni W_ji + b_j
+//   dL/dx_ni = sum_j dY_nj W_ji        ->  dX = dY W          [N, in]
+//   dL/dW_ji = sum_n dY_nj x_ni        ->  dW += dY^T X       [out, in]
+//   dL/db_j  = sum_n dY_nj             ->  db += 1^T dY       [out]
+// A frozen weight skips the dW GEMM; a switched-off input gradient skips dX.
+// Leading dimensions of x are flattened into N (x may be [B, T, in]).
+#include <cstddef>
+#include <string>
+
+#include "patchwork/core/module.hpp"
+#include "patchwork/ops/gemm.hpp"
+
+namespace patchwork {
+
+template <class T>
+class BasicLinear : public ModuleBase {
+public:
+    using Scalar = T;
+    static constexpr const char* kind() { return "linear"; }
+    static constexpr unsigned roles = role_bit(Role::weight) | role_bit(Role::bias);
+    static constexpr bool fixed_width = true;  ///< output width is known (out_features)
+
+    BasicLinear(std::size_t in_features, std::size_t out_features, bool with_bias = true)
+        : in_(in_features), out_(out_features), has_bias_(with_bias),
+          weight("weight", Role::weight, Shape{out_features, in_features}),
+          bias("bias", Role::bias, Shape{with_bias ? out_features : 0}) {
+        if (in_features == 0 || out_features == 0)
+            throw ConfigError(detail::concat("linear: features must be positive, got in=", in_features,
+                                             " out=", out_features));
+        if (!with_bias) bias.set_trainable(false);
+        reset_parameters(default_rng());
+    }
+
+private:
+    std::size_t in_, out_;
+    bool has_bias_;
+
+public:
+    Parameter<T> weight;  ///< [out, in]
+    Parameter<T> bias;    ///< [out], or empty when built without bias
+
+    [[nodiscard]] bool has_bias() const noexcept { return has_bias_; }
+    [[nodiscard]] std::size_t in_features() const noexcept { return in_; }
+    [[nodiscard]] std::size_t out_features() const noexcept { return out_; }
+
+    void reset_parameters(Rng& rng) {
+        // Kaiming-uniform with gain 1 (variance 1/fan_in), as is usual for linear layers.
+        init::kaiming_uniform(weight.value, rng, in_, 1.0);
+        if (has_bias_) bias.value.zero();
+    }
+
+    const Tensor<T>& forward(const Tensor<T>& x) {
+        check_cols(x, in_, path_, "linear input");
+        x_ = x;
+        y_.resize(x.shape().with_back(out_));
+        auto y = y_.matrix();
+        ops::gemm_nt(x_.matrix(), weight.value.matrix(), y, T(1), T(0));
+        if (has_bias_) y.rowwise() += bias.value.vector().transpose();
+        return y_;
+    }
+
+    const Tensor<T>& backward(const Tensor<T>& dy) {
+        check_same_shape(dy, x_.shape().with_back(out_), path_, "linear output gradient");
+        const auto g = dy.matrix();
+        if (weight.trainable()) ops::gemm_tn(g, x_.matrix(), weight.grad.matrix(), T(1), T(1));
+        if (has_bias_ && bias.trainable()) bias.grad.vector() += g.colwise().sum().transpose();
+        if (!input_grad_) {
+            dx_.resize(Shape{});
+            return dx_;
+        }
+        dx_.resize(x_.shape());
+        auto dx = dx_.matrix();
+        ops::gemm_nn(g, weight.value.matrix(), dx, T(1), T(0));
+        return dx_;
+    }
+
+    /// The input seen by the last forward (policies such as LoRA reuse it).
+    [[nodiscard]] const Tensor<T>& last_input() const noexcept { return x_; }
+
+    template <class F>
+    void visit(F&& f) {
+        f(weight);
+        if (has_bias_) f(bias);
+    }
+
+    void set_path(const std::string& p) {
+        path_ = p;
+        weight.set_prefix(p);
+        bias.set_prefix(p);
+    }
+
+private:
+    Tensor<T> x_, y_, dx_;
+};
+
+using Linear = BasicLinear<float>;
+
+}  // namespace patchwork

@@ -1,0 +1,118 @@
+#pragma once
+// Tune<M, Policies...>: module M adapted by the listed policies.
+//
+//   Tune<Linear, LoRA<8>>                    low-rank update, base frozen
+//   Tune<Block, NormPatch, Adapter<32>>      norms train, adapter after the block
+//   Tune<Model, FineTune>                    everything trains
+//
+// Injection policies wrap M in the order listed (the first is innermost).
+// Selection policies decide which pre-trained parameters train; with none
+// listed the pre-trained parameters are frozen. Tune adds no path level:
+// parameter names read as the module's own ("linear0.weight",
+// "linear0.lora.a"). Forward and backward are those of the wrapped module.
+#include <concepts>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "patchwork/core/module.hpp"
+#include "patchwork/policies/policy.hpp"
+
+namespace patchwork {
+
+namespace detail {
+
+template <class M, class... Ps>
+struct wrap;
+template <class M>
+struct wrap<M> {
+    using type = M;
+};
+template <class M, class P>
+struct wrap_one {
+    using type = M;  // selection policies do not change the type
+};
+template <class M, InjectionPolicy P>
+struct wrap_one<M, P> {
+    using type = typename P::template module<M>;
+};
+template <class M, class P, class... Ps>
+struct wrap<M, P, Ps...> {
+    using type = typename wrap<typename wrap_one<M, P>::type, Ps...>::type;
+};
+
+template <class M, class P>
+constexpr bool policy_ok() {
+    if constexpr (SelectionPolicy<P>) return P::template requirement<M>::ok;
+    else return true;
+}
+
+template <class P>
+constexpr bool selects(Role r) {
+    if constexpr (SelectionPolicy<P>) return P::selects(r);
+    else return false;
+}
+
+}  // namespace detail
+
+template <class M, class... Policies>
+class Tune : public ModuleBase {
+    static_assert(Module<M>, "patchwork::Tune<M, ...>: M must satisfy patchwork::Module");
+    static_assert((Policy<Policies> && ...),
+                  "patchwork::Tune<M, Policies...>: every policy must be a patchwork policy (Frozen, FineTune, "
+                  "BiasOnly, NormPatch, Adapter<r>, LoRA<r>, ScaleShift, ...)");
+    static_assert((detail::policy_ok<M, Policies>() && ...), "patchwork::Tune: a policy does not apply to this module");
+
+public:
+    using Base = M;
+    using Inner = typename detail::wrap<M, Policies...>::type;
+    using Scalar = typename M::Scalar;
+    static constexpr const char* kind() { return M::kind(); }
+    static constexpr unsigned roles = M::roles;
+    static constexpr bool fixed_width = Inner::fixed_width;
+
+    /// Build the module from M's constructor arguments (or from an M).
+    template <class... Args>
+        requires std::constructible_from<Inner, Args...> &&
+                 (sizeof...(Args) != 1 || (!std::same_as<std::remove_cvref_t<Args>, Tune> && ...))
+    explicit Tune(Args&&... args) : inner_(std::forward<Args>(args)...) {
+        apply_selection();
+        set_path("");
+    }
+
+    /// The wrapped module chain (e.g. the adapter module around M).
+    [[nodiscard]] Inner& inner() noexcept { return inner_; }
+    [[nodiscard]] const Inner& inner() const noexcept { return inner_; }
+    /// The pre-trained module underneath every policy.
+    [[nodiscard]] decltype(auto) base() noexcept { return base_module(inner_); }
+
+    [[nodiscard]] std::size_t out_features() const { return inner_.out_features(); }
+    const Tensor<Scalar>& forward(const Tensor<Scalar>& x) { return inner_.forward(x); }
+    const Tensor<Scalar>& backward(const Tensor<Scalar>& dy) {
+        inner_.set_input_grad(input_grad_);
+        return inner_.backward(dy);
+    }
+    template <class F>
+    void visit(F&& f) {
+        inner_.visit(f);
+    }
+    /// Re-draws the injected parameters as well (adapters restart as the identity).
+    void reset_parameters(Rng& rng) { inner_.reset_parameters(rng); }
+    void set_path(const std::string& p) {
+        path_ = p;
+        inner_.set_path(p);
+    }
+
+private:
+    void apply_selection() {
+        inner_.visit([](Parameter<Scalar>& p) {
+            if (is_injected(p.role()) || p.policy_decided()) return;
+            p.set_trainable((detail::selects<Policies>(p.role()) || ...));
+            p.mark_policy_decided();
+        });
+    }
+
+    Inner inner_;
+};
+
+}  // namespace patchwork
