@@ -1,0 +1,189 @@
+#pragma once
+// Adapter<r>: a bottleneck adapter (Houlsby et al., 2019) placed after a
+// module M whose output width d is known. With h = M(x), rows of width d:
+//   z = h D^T + b_d          D: [r, d], b_d: [r]     (down-projection)
+//   a = act(z)               act = ReLU or GELU
+//   y = h + a U^T + b_u      U: [d, r], b_u: [d]     (up-projection, residual)
+// D is Kaiming-uniform; U and b_u start at zero, so a fresh adapter is the
+// identity (y = M(x) exactly) and training starts from the pre-trained model.
+//
+// Backward. With g = dL/dy of shape [N, d] and * the element-wise product:
+//   dL/dU   = g^T a                ->  dU   += g^T a          [d, r]
+//   dL/db_u = 1^T g                ->  db_u += 1^T g          [d]
+//   dL/da   = g U                                             [N, r]
+//   dL/dz   = (g U) * act'(z)      =:  dz                     [N, r]
+//   dL/dD   = dz^T h               ->  dD   += dz^T h         [r, d]
+//   dL/db_d = 1^T dz               ->  db_d += 1^T dz         [r]
+//   dL/dh   = g + dz D             (the residual passes g through)  [N, d]
+//   dL/dx   = M.backward(dL/dh)
+// M's backward runs only when M holds a trainable parameter or the input
+// gradient is wanted, and M computes its own input gradient only in the
+// latter case. Trainable parameters added: 2 d r + r + d.
+#include <concepts>
+#include <cstddef>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "patchwork/core/module.hpp"
+#include "patchwork/layers/activation.hpp"
+#include "patchwork/ops/gemm.hpp"
+#include "patchwork/policies/policy.hpp"
+
+namespace patchwork {
+
+/// The non-linearity between an adapter's two projections.
+enum class AdapterActivation { relu, gelu };
+
+namespace detail {
+template <AdapterActivation A>
+using adapter_function_t = std::conditional_t<A == AdapterActivation::relu, activation::Relu, activation::Gelu>;
+}  // namespace detail
+
+/// Module M followed by a residual bottleneck adapter of width Bottleneck.
+template <class Inner, std::size_t Bottleneck, AdapterActivation Act = AdapterActivation::relu>
+class AdapterModule : public ModuleBase {
+    static_assert(Module<Inner>, "patchwork::Adapter<r>: the wrapped type must satisfy patchwork::Module");
+    static_assert(Inner::fixed_width,
+                  "patchwork::Adapter<r> needs a module whose output width is known (a Linear, a LayerNorm, or a "
+                  "block containing one); an activation alone has none");
+    static_assert(Bottleneck > 0, "patchwork::Adapter<r>: the bottleneck width r must be positive");
+
+public:
+    using Scalar = typename Inner::Scalar;
+    using Function = detail::adapter_function_t<Act>;
+    static constexpr const char* kind() { return Inner::kind(); }
+    static constexpr unsigned roles = Inner::roles;
+    static constexpr bool fixed_width = true;
+    static constexpr std::size_t bottleneck = Bottleneck;
+    static constexpr AdapterActivation activation_kind = Act;
+
+    /// Build the wrapped module from its constructor arguments (or from a module).
+    template <class... Args>
+        requires std::constructible_from<Inner, Args...> &&
+                 (sizeof...(Args) != 1 || (!std::same_as<std::remove_cvref_t<Args>, AdapterModule> && ...))
+    explicit AdapterModule(Args&&... args)
+        : inner_(std::forward<Args>(args)...), width_(checked_width(inner_.out_features())),
+          down_weight("down.weight", Role::adapter, Shape{Bottleneck, width_}),
+          down_bias("down.bias", Role::adapter, Shape{Bottleneck}),
+          up_weight("up.weight", Role::adapter, Shape{width_, Bottleneck}),
+          up_bias("up.bias", Role::adapter, Shape{width_}) {
+        reset_adapter(default_rng());
+        set_path("");
+    }
+
+private:
+    Inner inner_;
+    std::size_t width_;
+
+public:
+    Parameter<Scalar> down_weight;  ///< D, [r, d]
+    Parameter<Scalar> down_bias;    ///< b_d, [r]
+    Parameter<Scalar> up_weight;    ///< U, [d, r], zero at the start
+    Parameter<Scalar> up_bias;      ///< b_u, [d], zero at the start
+
+    /// The wrapped module.
+    [[nodiscard]] Inner& inner() noexcept { return inner_; }
+    [[nodiscard]] const Inner& inner() const noexcept { return inner_; }
+    [[nodiscard]] std::size_t out_features() const noexcept { return width_; }
+
+    /// Re-draws the wrapped module, then restarts the adapter as the identity.
+    void reset_parameters(Rng& rng) {
+        inner_.reset_parameters(rng);
+        reset_adapter(rng);
+    }
+
+    const Tensor<Scalar>& forward(const Tensor<Scalar>& x) {
+        using T = Scalar;
+        const Tensor<T>& h = inner_.forward(x);
+        check_cols(h, width_, path_, "adapter input (the wrapped module's output)");
+        h_ = h;
+        z_.resize(h.shape().with_back(Bottleneck));
+        a_.resize(z_.shape());
+        auto z = z_.matrix();
+        ops::gemm_nt(h_.matrix(), down_weight.value.matrix(), z, T(1), T(0));
+        z.rowwise() += down_bias.value.vector().transpose();
+        for (std::size_t i = 0, n = z_.size(); i < n; ++i) a_[i] = Function::value(z_[i]);
+        y_ = h;
+        auto y = y_.matrix();
+        ops::gemm_nt(a_.matrix(), up_weight.value.matrix(), y, T(1), T(1));
+        y.rowwise() += up_bias.value.vector().transpose();
+        return y_;
+    }
+
+    const Tensor<Scalar>& backward(const Tensor<Scalar>& dy) {
+        using T = Scalar;
+        check_same_shape(dy, y_.shape(), path_, "adapter output gradient");
+        const auto g = dy.matrix();
+        if (up_weight.trainable()) ops::gemm_tn(g, a_.matrix(), up_weight.grad.matrix(), T(1), T(1));
+        if (up_bias.trainable()) up_bias.grad.vector() += g.colwise().sum().transpose();
+
+        const bool through_inner = input_grad_ || any_trainable(inner_);
+        if (through_inner || down_weight.trainable() || down_bias.trainable()) {
+            dz_.resize(z_.shape());
+            ops::gemm_nn(g, up_weight.value.matrix(), dz_.matrix(), T(1), T(0));  // g U
+            for (std::size_t i = 0, n = dz_.size(); i < n; ++i) dz_[i] *= Function::derivative(z_[i], a_[i]);
+            if (down_weight.trainable()) ops::gemm_tn(dz_.matrix(), h_.matrix(), down_weight.grad.matrix(), T(1), T(1));
+            if (down_bias.trainable()) down_bias.grad.vector() += dz_.matrix().colwise().sum().transpose();
+        }
+        if (!through_inner) return empty_;
+
+        dh_ = dy;
+        ops::gemm_nn(dz_.matrix(), down_weight.value.matrix(), dh_.matrix(), T(1), T(1));  // g + dz D
+        inner_.set_input_grad(input_grad_);
+        const Tensor<T>& dx = inner_.backward(dh_);
+        return input_grad_ ? dx : empty_;
+    }
+
+    template <class F>
+    void visit(F&& f) {
+        inner_.visit(f);
+        f(down_weight);
+        f(down_bias);
+        f(up_weight);
+        f(up_bias);
+    }
+
+    /// The wrapped module keeps the path; the adapter's parameters read "<path>.adapter.down.weight", ...
+    void set_path(const std::string& p) {
+        path_ = p;
+        inner_.set_path(p);
+        const std::string own = child_path("adapter");
+        down_weight.set_prefix(own);
+        down_bias.set_prefix(own);
+        up_weight.set_prefix(own);
+        up_bias.set_prefix(own);
+    }
+
+private:
+    static std::size_t checked_width(std::size_t d) {
+        if (d == 0)
+            throw ConfigError(detail::concat("adapter: the wrapped ", Inner::kind(),
+                                             " reports an output width of 0; Adapter<", Bottleneck,
+                                             "> needs a module whose output width is known"));
+        return d;
+    }
+
+    void reset_adapter(Rng& rng) {
+        // Kaiming-uniform with the ReLU gain for D; U and b_u zero, so y = h.
+        init::kaiming_uniform(down_weight.value, rng, width_);
+        down_bias.value.zero();
+        up_weight.value.zero();
+        up_bias.value.zero();
+    }
+
+    Tensor<Scalar> h_, z_, a_, y_, dz_, dh_, empty_;
+};
+
+/// Injection policy: a residual bottleneck adapter of width Bottleneck after the module.
+template <std::size_t Bottleneck, AdapterActivation Act = AdapterActivation::relu>
+struct Adapter {
+    static constexpr PolicyKind policy_kind = PolicyKind::inject;
+    static constexpr const char* name() { return "Adapter"; }
+    static constexpr std::size_t bottleneck = Bottleneck;
+    static constexpr AdapterActivation activation_kind = Act;
+    template <class Inner>
+    using module = AdapterModule<Inner, Bottleneck, Act>;
+};
+
+}  // namespace patchwork

@@ -1,0 +1,189 @@
+#pragma once
+// LoRA<r, alpha>: a low-rank update of a Linear layer (Hu et al., 2021).
+// With W: [out, in] and b frozen (unless a selection policy says otherwise):
+//   y = x W^T + b + s (x A^T) B^T,   A: [r, in], B: [out, r], s = alpha / r
+// i.e. the effective weight is W + s B A, a rank-r change. A is
+// Kaiming-uniform and B zero, so a fresh LoRA layer is the identity
+// (y = x W^T + b exactly). s can be changed at run time (set_scale).
+//
+// Backward. With g = dL/dy [N, out] and u = x A^T [N, r] (kept by forward):
+//   dL/dB = s g^T u                  ->  dB += s g^T (x A^T)     [out, r]
+//   dL/du = s g B                                                [N, r]
+//   dL/dA = (dL/du)^T x              ->  dA += s (g B)^T x       [r, in]
+//   dL/dx = g W + s (g B) A          (the Linear's own dX plus the low-rank path)
+// W and b gradients, when they train, come from the Linear's own backward.
+//
+// merge() folds the update into the weight, W <- W + s B A, after which
+// forward is a plain Linear (no extra cost at inference); unmerge() undoes it,
+// W <- W - s B A. Training needs the unmerged form: backward while merged
+// throws. Trainable parameters added: r (in + out).
+#include <concepts>
+#include <cstddef>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "patchwork/core/module.hpp"
+#include "patchwork/layers/linear.hpp"
+#include "patchwork/ops/gemm.hpp"
+#include "patchwork/policies/policy.hpp"
+
+namespace patchwork {
+
+namespace detail {
+template <class M>
+inline constexpr bool lora_applies = false;
+template <class T>
+inline constexpr bool lora_applies<BasicLinear<T>> = true;
+}  // namespace detail
+
+/// A Linear layer with a trainable rank-Rank update scaled by Alpha / Rank.
+template <class Inner, std::size_t Rank, std::size_t Alpha = Rank>
+class LoRAModule : public ModuleBase {
+    static_assert(detail::lora_applies<Inner>,
+                  "patchwork::LoRA<r> applies only to a Linear layer; to use LoRA in a block, tune each of its "
+                  "Linear layers: Sequential<Tune<Linear, LoRA<8>>, Relu, ...>");
+    static_assert(Rank > 0, "patchwork::LoRA<r>: the rank r must be positive");
+
+public:
+    using Scalar = typename Inner::Scalar;
+    static constexpr const char* kind() { return Inner::kind(); }
+    static constexpr unsigned roles = Inner::roles;
+    static constexpr bool fixed_width = true;
+    static constexpr std::size_t rank = Rank;
+    static constexpr std::size_t alpha = Alpha;
+
+    /// Build the Linear from its constructor arguments (in, out[, bias]) or from a Linear.
+    template <class... Args>
+        requires std::constructible_from<Inner, Args...> &&
+                 (sizeof...(Args) != 1 || (!std::same_as<std::remove_cvref_t<Args>, LoRAModule> && ...))
+    explicit LoRAModule(Args&&... args)
+        : inner_(std::forward<Args>(args)...), a("a", Role::lora, Shape{Rank, inner_.in_features()}),
+          b("b", Role::lora, Shape{inner_.out_features(), Rank}) {
+        reset_lora(default_rng());
+        set_path("");
+    }
+
+private:
+    Inner inner_;
+    Scalar scale_ = Scalar(double(Alpha) / double(Rank));
+    bool merged_ = false;
+
+public:
+    Parameter<Scalar> a;  ///< A, [r, in]
+    Parameter<Scalar> b;  ///< B, [out, r], zero at the start
+
+    /// The wrapped Linear.
+    [[nodiscard]] Inner& inner() noexcept { return inner_; }
+    [[nodiscard]] const Inner& inner() const noexcept { return inner_; }
+    [[nodiscard]] std::size_t in_features() const noexcept { return inner_.in_features(); }
+    [[nodiscard]] std::size_t out_features() const noexcept { return inner_.out_features(); }
+
+    /// s in y = x W^T + b + s (x A^T) B^T; alpha / r unless set.
+    [[nodiscard]] Scalar scale() const noexcept { return scale_; }
+    void set_scale(Scalar s) {
+        if (merged_)
+            throw Error(detail::concat(detail::display_path(path_),
+                                       ": cannot change the LoRA scale while the update is merged; call unmerge() "
+                                       "first"));
+        scale_ = s;
+    }
+
+    /// True between merge() and unmerge(): W holds W + s B A.
+    [[nodiscard]] bool merged() const noexcept { return merged_; }
+    /// W <- W + s B A; forward then skips the low-rank path. No-op when already merged.
+    void merge() {
+        if (merged_) return;
+        ops::gemm_nn(b.value.matrix(), a.value.matrix(), inner_.weight.value.matrix(), scale_, Scalar(1));
+        merged_ = true;
+        y_.resize(Shape{});  // the cached forward no longer matches
+    }
+    /// W <- W - s B A, restoring the pre-trained weight (up to rounding). No-op when not merged.
+    void unmerge() {
+        if (!merged_) return;
+        ops::gemm_nn(b.value.matrix(), a.value.matrix(), inner_.weight.value.matrix(), Scalar(-scale_), Scalar(1));
+        merged_ = false;
+        y_.resize(Shape{});
+    }
+
+    /// Re-draws the Linear, then restarts the update at zero (and unmerged).
+    void reset_parameters(Rng& rng) {
+        inner_.reset_parameters(rng);
+        merged_ = false;
+        y_.resize(Shape{});
+        reset_lora(rng);
+    }
+
+    const Tensor<Scalar>& forward(const Tensor<Scalar>& x) {
+        using T = Scalar;
+        const Tensor<T>& base = inner_.forward(x);
+        if (merged_) return base;
+        const Tensor<T>& in = inner_.last_input();
+        u_.resize(in.shape().with_back(Rank));
+        ops::gemm_nt(in.matrix(), a.value.matrix(), u_.matrix(), T(1), T(0));  // u = x A^T
+        y_ = base;
+        ops::gemm_nt(u_.matrix(), b.value.matrix(), y_.matrix(), scale_, T(1));  // + s u B^T
+        return y_;
+    }
+
+    const Tensor<Scalar>& backward(const Tensor<Scalar>& dy) {
+        using T = Scalar;
+        if (merged_)
+            throw Error(detail::concat(detail::display_path(path_),
+                                       ": LoRA backward while the update is merged into the weight; call unmerge() "
+                                       "before training"));
+        check_same_shape(dy, y_.shape(), path_, "lora output gradient");
+        const auto g = dy.matrix();
+        if (b.trainable()) ops::gemm_tn(g, u_.matrix(), b.grad.matrix(), scale_, T(1));
+        const bool need_gb = a.trainable() || input_grad_;
+        if (need_gb) {
+            gb_.resize(u_.shape());
+            ops::gemm_nn(g, b.value.matrix(), gb_.matrix(), T(1), T(0));  // g B
+            if (a.trainable()) ops::gemm_tn(gb_.matrix(), inner_.last_input().matrix(), a.grad.matrix(), scale_, T(1));
+        }
+        inner_.set_input_grad(input_grad_);
+        const Tensor<T>& base_dx = inner_.backward(dy);
+        if (!input_grad_) return empty_;
+        dx_ = base_dx;
+        ops::gemm_nn(gb_.matrix(), a.value.matrix(), dx_.matrix(), scale_, T(1));  // + s (g B) A
+        return dx_;
+    }
+
+    template <class F>
+    void visit(F&& f) {
+        inner_.visit(f);
+        f(a);
+        f(b);
+    }
+
+    /// The Linear keeps the path; the factors read "<path>.lora.a" and "<path>.lora.b".
+    void set_path(const std::string& p) {
+        path_ = p;
+        inner_.set_path(p);
+        const std::string own = child_path("lora");
+        a.set_prefix(own);
+        b.set_prefix(own);
+    }
+
+private:
+    void reset_lora(Rng& rng) {
+        // Kaiming-uniform with gain 1 for A (as for the Linear's own weight); B zero, so s B A = 0.
+        init::kaiming_uniform(a.value, rng, inner_.in_features(), 1.0);
+        b.value.zero();
+    }
+
+    Tensor<Scalar> u_, y_, gb_, dx_, empty_;
+};
+
+/// Injection policy: a rank-Rank update of a Linear, scaled by Alpha / Rank.
+template <std::size_t Rank, std::size_t Alpha = Rank>
+struct LoRA {
+    static constexpr PolicyKind policy_kind = PolicyKind::inject;
+    static constexpr const char* name() { return "LoRA"; }
+    static constexpr std::size_t rank = Rank;
+    static constexpr std::size_t alpha = Alpha;
+    template <class Inner>
+    using module = LoRAModule<Inner, Rank, Alpha>;
+};
+
+}  // namespace patchwork

@@ -1,0 +1,149 @@
+#pragma once
+// ScaleShift: a per-channel affine patch on a module's output (the
+// scale-and-bias patch of "K for the price of 1", for modules without a norm
+// layer of their own). With h = M(x), rows of width d:
+//   y_nc = h_nc s_c + t_c,     s, t: [d],  s = 1 and t = 0 at the start
+// so a fresh patch is the identity (y = M(x) exactly).
+//
+// Backward. With g = dL/dy:
+//   dL/ds_c = sum_n g_nc h_nc    ->  ds += 1^T (g * h)      [d]
+//   dL/dt_c = sum_n g_nc         ->  dt += 1^T g            [d]
+//   dL/dh_nc = g_nc s_c                                     [N, d]
+//   dL/dx = M.backward(dL/dh)
+// M's backward runs only when M holds a trainable parameter or the input
+// gradient is wanted. Trainable parameters added: 2 d.
+#include <concepts>
+#include <cstddef>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "patchwork/core/module.hpp"
+#include "patchwork/policies/policy.hpp"
+
+namespace patchwork {
+
+/// Module M followed by a trainable per-channel scale and shift.
+template <class Inner>
+class ScaleShiftModule : public ModuleBase {
+    static_assert(Module<Inner>, "patchwork::ScaleShift: the wrapped type must satisfy patchwork::Module");
+    static_assert(Inner::fixed_width,
+                  "patchwork::ScaleShift needs a module whose output width is known (a Linear, a LayerNorm, or a "
+                  "block containing one); an activation alone has none");
+
+public:
+    using Scalar = typename Inner::Scalar;
+    static constexpr const char* kind() { return Inner::kind(); }
+    static constexpr unsigned roles = Inner::roles;
+    static constexpr bool fixed_width = true;
+
+    /// Build the wrapped module from its constructor arguments (or from a module).
+    template <class... Args>
+        requires std::constructible_from<Inner, Args...> &&
+                 (sizeof...(Args) != 1 || (!std::same_as<std::remove_cvref_t<Args>, ScaleShiftModule> && ...))
+    explicit ScaleShiftModule(Args&&... args)
+        : inner_(std::forward<Args>(args)...), width_(checked_width(inner_.out_features())),
+          scale("scale", Role::scale_shift, Shape{width_}), shift("shift", Role::scale_shift, Shape{width_}) {
+        reset_patch();
+        set_path("");
+    }
+
+private:
+    Inner inner_;
+    std::size_t width_;
+
+public:
+    Parameter<Scalar> scale;  ///< s, [d], one at the start
+    Parameter<Scalar> shift;  ///< t, [d], zero at the start
+
+    /// The wrapped module.
+    [[nodiscard]] Inner& inner() noexcept { return inner_; }
+    [[nodiscard]] const Inner& inner() const noexcept { return inner_; }
+    [[nodiscard]] std::size_t out_features() const noexcept { return width_; }
+
+    /// Re-draws the wrapped module, then restarts the patch as the identity.
+    void reset_parameters(Rng& rng) {
+        inner_.reset_parameters(rng);
+        reset_patch();
+    }
+
+    const Tensor<Scalar>& forward(const Tensor<Scalar>& x) {
+        using T = Scalar;
+        const Tensor<T>& h = inner_.forward(x);
+        check_cols(h, width_, path_, "scale_shift input (the wrapped module's output)");
+        h_ = h;
+        y_.resize(h.shape());
+        const std::size_t n = h.rows(), d = width_;
+        const T* s = scale.value.data();
+        const T* t = shift.value.data();
+        for (std::size_t r = 0; r < n; ++r) {
+            const T* hr = h_.data() + r * d;
+            T* yr = y_.data() + r * d;
+            for (std::size_t c = 0; c < d; ++c) yr[c] = hr[c] * s[c] + t[c];
+        }
+        return y_;
+    }
+
+    const Tensor<Scalar>& backward(const Tensor<Scalar>& dy) {
+        using T = Scalar;
+        check_same_shape(dy, y_.shape(), path_, "scale_shift output gradient");
+        if (scale.trainable())
+            scale.grad.vector() += (dy.matrix().array() * h_.matrix().array()).colwise().sum().matrix().transpose();
+        if (shift.trainable()) shift.grad.vector() += dy.matrix().colwise().sum().transpose();
+        if (!input_grad_ && !any_trainable(inner_)) return empty_;
+
+        dh_.resize(dy.shape());
+        const std::size_t n = dy.rows(), d = width_;
+        const T* s = scale.value.data();
+        for (std::size_t r = 0; r < n; ++r) {
+            const T* g = dy.data() + r * d;
+            T* out = dh_.data() + r * d;
+            for (std::size_t c = 0; c < d; ++c) out[c] = g[c] * s[c];
+        }
+        inner_.set_input_grad(input_grad_);
+        const Tensor<T>& dx = inner_.backward(dh_);
+        return input_grad_ ? dx : empty_;
+    }
+
+    template <class F>
+    void visit(F&& f) {
+        inner_.visit(f);
+        f(scale);
+        f(shift);
+    }
+
+    /// The wrapped module keeps the path; the patch reads "<path>.scale_shift.scale" and ".shift".
+    void set_path(const std::string& p) {
+        path_ = p;
+        inner_.set_path(p);
+        const std::string own = child_path("scale_shift");
+        scale.set_prefix(own);
+        shift.set_prefix(own);
+    }
+
+private:
+    static std::size_t checked_width(std::size_t d) {
+        if (d == 0)
+            throw ConfigError(detail::concat("scale_shift: the wrapped ", Inner::kind(),
+                                             " reports an output width of 0; ScaleShift needs a module whose "
+                                             "output width is known"));
+        return d;
+    }
+
+    void reset_patch() {
+        scale.value.fill(Scalar(1));
+        shift.value.zero();
+    }
+
+    Tensor<Scalar> h_, y_, dh_, empty_;
+};
+
+/// Injection policy: a trainable per-channel scale and shift after the module.
+struct ScaleShift {
+    static constexpr PolicyKind policy_kind = PolicyKind::inject;
+    static constexpr const char* name() { return "ScaleShift"; }
+    template <class Inner>
+    using module = ScaleShiftModule<Inner>;
+};
+
+}  // namespace patchwork
