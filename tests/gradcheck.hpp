@@ -106,7 +106,9 @@ GradcheckReport gradcheck(M& m, const Shape& in_shape, std::uint64_t seed = 1, d
 template <class M>
 void check_gradients(M& m, const Shape& in_shape, double tolerance = 1e-6, std::uint64_t seed = 1) {
     const auto report = gradcheck(m, in_shape, seed);
-    for (const auto& [name, err] : report.error) {
+    for (const auto& entry : report.error) {
+        const std::string& name = entry.first;
+        const double err = entry.second;
         INFO("gradient of ", name, ": relative error ", err);
         CHECK(err < tolerance);
     }

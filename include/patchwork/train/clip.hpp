@@ -1,0 +1,54 @@
+#pragma once
+// Gradient clipping by global norm. Over the gradients g_i of every trainable
+// parameter given:
+//   n = sqrt(sum_i ||g_i||^2)                 (accumulated in double)
+//   if n > max_norm:  g_i <- g_i * (max_norm / n)   for every i
+// so the direction of the full gradient is kept and its norm becomes
+// max_norm. Frozen parameters are neither counted nor touched. A non-finite
+// norm (an overflow or NaN upstream) is returned as is and nothing is scaled,
+// so the caller can see and report it. Unlike PyTorch no 1e-6 is added to n:
+// after clipping the norm is max_norm up to rounding.
+#include <cmath>
+#include <cstddef>
+#include <vector>
+
+#include "patchwork/core/error.hpp"
+#include "patchwork/core/module.hpp"
+#include "patchwork/core/parameter.hpp"
+
+namespace patchwork {
+
+/// Global L2 norm of the trainable gradients among `params`.
+template <class T>
+[[nodiscard]] double grad_norm(const std::vector<Parameter<T>*>& params) {
+    double sq = 0;
+    for (const auto* p : params) {
+        if (p == nullptr || !p->trainable()) continue;
+        for (const T g : p->grad) sq += double(g) * double(g);
+    }
+    return std::sqrt(sq);
+}
+
+/// Scale the trainable gradients so their global L2 norm is at most `max_norm`.
+/// Returns the norm before clipping. Throws ConfigError unless max_norm > 0.
+template <class T>
+double clip_grad_norm(const std::vector<Parameter<T>*>& params, double max_norm) {
+    if (!(std::isfinite(max_norm) && max_norm > 0))
+        throw ConfigError(detail::concat("clip_grad_norm: max_norm must be positive and finite, got max_norm=",
+                                         max_norm));
+    const double norm = grad_norm(params);
+    if (std::isfinite(norm) && norm > max_norm) {
+        const T scale = T(max_norm / norm);
+        for (auto* p : params)
+            if (p != nullptr && p->trainable()) p->grad.vector() *= scale;
+    }
+    return norm;
+}
+
+/// The same over every trainable parameter of a module.
+template <Module M>
+double clip_grad_norm(M& model, double max_norm) {
+    return clip_grad_norm(trainable_parameters(model), max_norm);
+}
+
+}  // namespace patchwork
