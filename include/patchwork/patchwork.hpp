@@ -1,0 +1,43 @@
+#pragma once
+// patchwork: parameter-efficient, multi-task adaptation of pre-trained models.
+// One include for everything on the CPU. The xtensor view (core/xtensor.hpp)
+// is included too; include the individual headers instead to keep compile
+// times down.
+
+#include "patchwork/core/error.hpp"
+#include "patchwork/core/module.hpp"
+#include "patchwork/core/parameter.hpp"
+#include "patchwork/core/random.hpp"
+#include "patchwork/core/report.hpp"
+#include "patchwork/core/shape.hpp"
+#include "patchwork/core/tensor.hpp"
+#include "patchwork/core/xtensor.hpp"
+
+#include "patchwork/layers/activation.hpp"
+#include "patchwork/layers/layer_norm.hpp"
+#include "patchwork/layers/linear.hpp"
+
+#include "patchwork/compose/cascade.hpp"
+#include "patchwork/compose/repeat.hpp"
+#include "patchwork/compose/sequential.hpp"
+
+#include "patchwork/policies/adapter.hpp"
+#include "patchwork/policies/bias_only.hpp"
+#include "patchwork/policies/fine_tune.hpp"
+#include "patchwork/policies/frozen.hpp"
+#include "patchwork/policies/lora.hpp"
+#include "patchwork/policies/norm_patch.hpp"
+#include "patchwork/policies/scale_shift.hpp"
+#include "patchwork/policies/tune.hpp"
+
+#include "patchwork/train/batch.hpp"
+#include "patchwork/train/clip.hpp"
+#include "patchwork/train/loss.hpp"
+#include "patchwork/train/metrics.hpp"
+#include "patchwork/train/optimizer.hpp"
+#include "patchwork/train/progress.hpp"
+#include "patchwork/train/schedule.hpp"
+#include "patchwork/train/trainer.hpp"
+
+#include "patchwork/io/dataset.hpp"
+#include "patchwork/io/idx.hpp"
