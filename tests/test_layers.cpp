@@ -58,6 +58,25 @@ TEST_CASE("linear: shape errors name the module path and both shapes") {
     CHECK_THROWS_AS(pw::Linear(0, 3), pw::ConfigError);
 }
 
+TEST_CASE("linear: backward reads the forward's input in place, and refuses a changed or missing one") {
+    pw::Linear lin(3, 2);
+    lin.set_path("head");
+    pw::Tensor<float> dy(pw::Shape{2, 2});
+    dy.fill(1);
+    // Backward before any forward: the output-gradient shape cannot match.
+    CHECK_THROWS_AS(lin.backward(dy), pw::ShapeError);
+
+    pw::Tensor<float> x(pw::Shape{2, 3}, {1, 2, 3, 4, 5, 6});
+    lin.forward(x);
+    lin.backward(dy);
+    // dW = dY^T X: with dY all ones, each row of dW is the column sums of x.
+    CHECK(lin.weight.grad[0] == doctest::Approx(5));
+    CHECK(lin.weight.grad[2] == doctest::Approx(9));
+
+    x.resize(pw::Shape{4, 3});  // the caller broke the contract: the input changed shape
+    CHECK_THROWS_WITH_AS(lin.backward(dy), doctest::Contains("head"), pw::Error);
+}
+
 TEST_CASE_TEMPLATE("activations: gradients", Act, pw::BasicRelu<double>, pw::BasicGelu<double>,
                    pw::BasicTanh<double>) {
     Act act;

@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "patchwork/core/parallel.hpp"
 #include "patchwork/core/parameter.hpp"
 #include "patchwork/core/random.hpp"
 #include "patchwork/core/tensor.hpp"

@@ -1,7 +1,13 @@
 #pragma once
 // Element-wise activations: y = f(x), dL/dx = dL/dy * f'(x).
 // One module template over a small functor per function; each functor states
-// its derivative beside its value.
+// its value and its backward `grad(g, x, y) = g * f'(x)` side by side. grad is
+// written per function rather than as g * derivative so that each compiles to
+// branch-free vector code (ReLU's is a select, not a multiply by a 0/1 branch).
+//
+// The module keeps its output and a pointer to its input: the input must stay
+// alive and unchanged until the matching backward (the usual saved-tensor
+// contract; inside a model the input is the previous module's output buffer).
 #include <cmath>
 #include <numbers>
 #include <string>
@@ -18,7 +24,7 @@ struct Relu {
     template <class T>
     static T value(T x) noexcept { return x > T(0) ? x : T(0); }
     template <class T>
-    static T derivative(T x, T /*y*/) noexcept { return x > T(0) ? T(1) : T(0); }
+    static T grad(T g, T x, T /*y*/) noexcept { return x > T(0) ? g : T(0); }
 };
 
 /// GELU (exact, with the normal CDF): f(x) = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2,
@@ -30,10 +36,10 @@ struct Gelu {
         return x * T(0.5) * (T(1) + std::erf(x * T(std::numbers::sqrt2 / 2)));
     }
     template <class T>
-    static T derivative(T x, T /*y*/) noexcept {
+    static T grad(T g, T x, T /*y*/) noexcept {
         const T cdf = T(0.5) * (T(1) + std::erf(x * T(std::numbers::sqrt2 / 2)));
         const T pdf = std::exp(T(-0.5) * x * x) * T(std::numbers::inv_sqrtpi / std::numbers::sqrt2);
-        return cdf + x * pdf;
+        return g * (cdf + x * pdf);
     }
 };
 
@@ -43,7 +49,7 @@ struct Tanh {
     template <class T>
     static T value(T x) noexcept { return std::tanh(x); }
     template <class T>
-    static T derivative(T /*x*/, T y) noexcept { return T(1) - y * y; }
+    static T grad(T g, T /*x*/, T y) noexcept { return g * (T(1) - y * y); }
 };
 
 }  // namespace activation
@@ -65,31 +71,36 @@ public:
 
     const Tensor<T>& forward(const Tensor<T>& x) {
         if (x.empty()) throw_shape_error(path_, "activation input", Shape{1}, x.shape());
-        x_ = x;
+        x_ = &x;
         y_.resize(x.shape());
-        const T* in = x.data();
-        T* out = y_.data();
-        for (std::size_t i = 0, n = x.size(); i < n; ++i) out[i] = Fn::value(in[i]);
+        const T* __restrict in = x.data();
+        T* __restrict out = y_.data();
+        for_range(x.size(), [&](std::size_t b, std::size_t e) {
+            for (std::size_t i = b; i < e; ++i) out[i] = Fn::value(in[i]);
+        });
         return y_;
     }
 
     const Tensor<T>& backward(const Tensor<T>& dy) {
-        check_same_shape(dy, x_.shape(), path_, "activation output gradient");
+        check_same_shape(dy, y_.shape(), path_, "activation output gradient");
         if (!input_grad_) {
             dx_.resize(Shape{});
             return dx_;
         }
         dx_.resize(dy.shape());
-        const T* x = x_.data();
-        const T* y = y_.data();
-        const T* g = dy.data();
-        T* out = dx_.data();
-        for (std::size_t i = 0, n = dy.size(); i < n; ++i) out[i] = g[i] * Fn::derivative(x[i], y[i]);
+        const T* __restrict x = x_->data();
+        const T* __restrict y = y_.data();
+        const T* __restrict g = dy.data();
+        T* __restrict out = dx_.data();
+        for_range(dy.size(), [&](std::size_t b, std::size_t e) {
+            for (std::size_t i = b; i < e; ++i) out[i] = Fn::grad(g[i], x[i], y[i]);
+        });
         return dx_;
     }
 
 private:
-    Tensor<T> x_, y_, dx_;
+    const Tensor<T>* x_ = nullptr;  ///< the last forward's input (not owned)
+    Tensor<T> y_, dx_;
 };
 
 template <class T>

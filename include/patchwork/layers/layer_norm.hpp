@@ -55,25 +55,18 @@ public:
         xhat_.resize(x.shape());
         y_.resize(x.shape());
         inv_std_.resize(Shape{n});
-        const T* gamma = scale.value.data();
-        const T* beta = shift.value.data();
-        for (std::size_t r = 0; r < n; ++r) {
-            const T* xr = x.data() + r * d;
-            T mean = 0;
-            for (std::size_t i = 0; i < d; ++i) mean += xr[i];
-            mean /= T(d);
-            T var = 0;
-            for (std::size_t i = 0; i < d; ++i) var += (xr[i] - mean) * (xr[i] - mean);
-            var /= T(d);
+        const RowMap gamma(scale.value.data(), Eigen::Index(d)), beta(shift.value.data(), Eigen::Index(d));
+        // Per row: Eigen's vectorised (pairwise) reductions, rows split across threads.
+        for_rows(n, d, [&](std::size_t r) {
+            const RowMap xr(x.data() + r * d, Eigen::Index(d));
+            const T mean = xr.mean();
+            const T var = (xr - mean).square().mean();
             const T s = T(1) / std::sqrt(var + T(eps_));
             inv_std_[r] = s;
-            T* xh = xhat_.data() + r * d;
-            T* yr = y_.data() + r * d;
-            for (std::size_t i = 0; i < d; ++i) {
-                xh[i] = (xr[i] - mean) * s;
-                yr[i] = gamma[i] * xh[i] + beta[i];
-            }
-        }
+            OutMap xh(xhat_.data() + r * d, Eigen::Index(d));
+            xh = (xr - mean) * s;
+            OutMap(y_.data() + r * d, Eigen::Index(d)) = gamma * xh + beta;
+        });
         return y_;
     }
 
@@ -90,22 +83,14 @@ public:
             return dx_;
         }
         dx_.resize(dy.shape());
-        const T* gamma = scale.value.data();
-        for (std::size_t r = 0; r < n; ++r) {
-            const T* g = dy.data() + r * d;
-            const T* xh = xhat_.data() + r * d;
-            T* out = dx_.data() + r * d;
-            T mean_gh = 0, mean_ghxh = 0;
-            for (std::size_t i = 0; i < d; ++i) {
-                const T gh = g[i] * gamma[i];
-                mean_gh += gh;
-                mean_ghxh += gh * xh[i];
-            }
-            mean_gh /= T(d);
-            mean_ghxh /= T(d);
-            const T s = inv_std_[r];
-            for (std::size_t i = 0; i < d; ++i) out[i] = s * (g[i] * gamma[i] - mean_gh - xh[i] * mean_ghxh);
-        }
+        const RowMap gamma(scale.value.data(), Eigen::Index(d));
+        for_rows(n, d, [&](std::size_t r) {
+            const RowMap g(dy.data() + r * d, Eigen::Index(d)), xh(xhat_.data() + r * d, Eigen::Index(d));
+            const auto gh = g * gamma;
+            const T mean_gh = gh.mean();
+            const T mean_ghxh = (gh * xh).mean();
+            OutMap(dx_.data() + r * d, Eigen::Index(d)) = inv_std_[r] * (gh - mean_gh - xh * mean_ghxh);
+        });
         return dx_;
     }
 
@@ -122,6 +107,8 @@ public:
     }
 
 private:
+    using RowMap = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
+    using OutMap = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
     Tensor<T> xhat_, y_, dx_, inv_std_;
 };
 

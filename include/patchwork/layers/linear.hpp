@@ -8,6 +8,10 @@
 //   dL/db_j  = sum_n dY_nj             ->  db += 1^T dY       [out]
 // A frozen weight skips the dW GEMM; a switched-off input gradient skips dX.
 // Leading dimensions of x are flattened into N (x may be [B, T, in]).
+//
+// The layer keeps a pointer to its input rather than a copy: x must stay alive
+// and unchanged until the matching backward (inside a model it is the previous
+// module's output buffer, which only that module's next forward rewrites).
 #include <cstddef>
 #include <string>
 
@@ -55,31 +59,40 @@ public:
 
     const Tensor<T>& forward(const Tensor<T>& x) {
         check_cols(x, in_, path_, "linear input");
-        x_ = x;
+        x_ = &x;
         y_.resize(x.shape().with_back(out_));
         auto y = y_.matrix();
-        ops::gemm_nt(x_.matrix(), weight.value.matrix(), y, T(1), T(0));
+        ops::gemm_nt(x.matrix(), weight.value.matrix(), y, T(1), T(0));
         if (has_bias_) y.rowwise() += bias.value.vector().transpose();
         return y_;
     }
 
     const Tensor<T>& backward(const Tensor<T>& dy) {
-        check_same_shape(dy, x_.shape().with_back(out_), path_, "linear output gradient");
+        check_same_shape(dy, y_.shape(), path_, "linear output gradient");
+        const Tensor<T>& x = last_input();
         const auto g = dy.matrix();
-        if (weight.trainable()) ops::gemm_tn(g, x_.matrix(), weight.grad.matrix(), T(1), T(1));
+        if (weight.trainable()) ops::gemm_tn(g, x.matrix(), weight.grad.matrix(), T(1), T(1));
         if (has_bias_ && bias.trainable()) bias.grad.vector() += g.colwise().sum().transpose();
         if (!input_grad_) {
             dx_.resize(Shape{});
             return dx_;
         }
-        dx_.resize(x_.shape());
+        dx_.resize(x.shape());
         auto dx = dx_.matrix();
         ops::gemm_nn(g, weight.value.matrix(), dx, T(1), T(0));
         return dx_;
     }
 
     /// The input seen by the last forward (policies such as LoRA reuse it).
-    [[nodiscard]] const Tensor<T>& last_input() const noexcept { return x_; }
+    [[nodiscard]] const Tensor<T>& last_input() const {
+        if (x_ == nullptr || x_->shape().with_back(out_) != y_.shape())
+            throw Error(detail::concat(detail::display_path(path_),
+                                       ": linear backward needs the input of the last forward, which was ",
+                                       x_ == nullptr ? std::string("never given")
+                                                     : detail::concat("changed to shape ", x_->shape()),
+                                       " since (keep a module's input alive and unchanged until its backward)"));
+        return *x_;
+    }
 
     template <class F>
     void visit(F&& f) {
@@ -94,7 +107,8 @@ public:
     }
 
 private:
-    Tensor<T> x_, y_, dx_;
+    const Tensor<T>* x_ = nullptr;  ///< the last forward's input (not owned)
+    Tensor<T> y_, dx_;
 };
 
 using Linear = BasicLinear<float>;

@@ -97,11 +97,11 @@ public:
         using T = Scalar;
         const Tensor<T>& h = inner_.forward(x);
         check_cols(h, width_, path_, "adapter input (the wrapped module's output)");
-        h_ = h;
+        h_ = &h;  // the wrapped module's output buffer: valid until its next forward
         z_.resize(h.shape().with_back(Bottleneck));
         a_.resize(z_.shape());
         auto z = z_.matrix();
-        ops::gemm_nt(h_.matrix(), down_weight.value.matrix(), z, T(1), T(0));
+        ops::gemm_nt(h.matrix(), down_weight.value.matrix(), z, T(1), T(0));
         z.rowwise() += down_bias.value.vector().transpose();
         for (std::size_t i = 0, n = z_.size(); i < n; ++i) a_[i] = Function::value(z_[i]);
         y_ = h;
@@ -122,8 +122,8 @@ public:
         if (through_inner || down_weight.trainable() || down_bias.trainable()) {
             dz_.resize(z_.shape());
             ops::gemm_nn(g, up_weight.value.matrix(), dz_.matrix(), T(1), T(0));  // g U
-            for (std::size_t i = 0, n = dz_.size(); i < n; ++i) dz_[i] *= Function::derivative(z_[i], a_[i]);
-            if (down_weight.trainable()) ops::gemm_tn(dz_.matrix(), h_.matrix(), down_weight.grad.matrix(), T(1), T(1));
+            for (std::size_t i = 0, n = dz_.size(); i < n; ++i) dz_[i] = Function::grad(dz_[i], z_[i], a_[i]);
+            if (down_weight.trainable()) ops::gemm_tn(dz_.matrix(), h_->matrix(), down_weight.grad.matrix(), T(1), T(1));
             if (down_bias.trainable()) down_bias.grad.vector() += dz_.matrix().colwise().sum().transpose();
         }
         if (!through_inner) return empty_;
@@ -172,7 +172,8 @@ private:
         up_bias.value.zero();
     }
 
-    Tensor<Scalar> h_, z_, a_, y_, dz_, dh_, empty_;
+    const Tensor<Scalar>* h_ = nullptr;  ///< the wrapped module's last output (owned by it)
+    Tensor<Scalar> z_, a_, y_, dz_, dh_, empty_;
 };
 
 /// Injection policy: a residual bottleneck adapter of width Bottleneck after the module.

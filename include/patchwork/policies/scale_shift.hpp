@@ -71,16 +71,16 @@ public:
         using T = Scalar;
         const Tensor<T>& h = inner_.forward(x);
         check_cols(h, width_, path_, "scale_shift input (the wrapped module's output)");
-        h_ = h;
+        h_ = &h;  // the wrapped module's output buffer: valid until its next forward
         y_.resize(h.shape());
         const std::size_t n = h.rows(), d = width_;
         const T* s = scale.value.data();
         const T* t = shift.value.data();
-        for (std::size_t r = 0; r < n; ++r) {
-            const T* hr = h_.data() + r * d;
-            T* yr = y_.data() + r * d;
+        for_rows(n, d, [&](std::size_t r) {
+            const T* __restrict hr = h.data() + r * d;
+            T* __restrict yr = y_.data() + r * d;
             for (std::size_t c = 0; c < d; ++c) yr[c] = hr[c] * s[c] + t[c];
-        }
+        });
         return y_;
     }
 
@@ -88,18 +88,18 @@ public:
         using T = Scalar;
         check_same_shape(dy, y_.shape(), path_, "scale_shift output gradient");
         if (scale.trainable())
-            scale.grad.vector() += (dy.matrix().array() * h_.matrix().array()).colwise().sum().matrix().transpose();
+            scale.grad.vector() += (dy.matrix().array() * h_->matrix().array()).colwise().sum().matrix().transpose();
         if (shift.trainable()) shift.grad.vector() += dy.matrix().colwise().sum().transpose();
         if (!input_grad_ && !any_trainable(inner_)) return empty_;
 
         dh_.resize(dy.shape());
         const std::size_t n = dy.rows(), d = width_;
         const T* s = scale.value.data();
-        for (std::size_t r = 0; r < n; ++r) {
-            const T* g = dy.data() + r * d;
-            T* out = dh_.data() + r * d;
+        for_rows(n, d, [&](std::size_t r) {
+            const T* __restrict g = dy.data() + r * d;
+            T* __restrict out = dh_.data() + r * d;
             for (std::size_t c = 0; c < d; ++c) out[c] = g[c] * s[c];
-        }
+        });
         inner_.set_input_grad(input_grad_);
         const Tensor<T>& dx = inner_.backward(dh_);
         return input_grad_ ? dx : empty_;
@@ -135,7 +135,8 @@ private:
         shift.value.zero();
     }
 
-    Tensor<Scalar> h_, y_, dh_, empty_;
+    const Tensor<Scalar>* h_ = nullptr;  ///< the wrapped module's last output (owned by it)
+    Tensor<Scalar> y_, dh_, empty_;
 };
 
 /// Injection policy: a trainable per-channel scale and shift after the module.
