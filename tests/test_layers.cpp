@@ -73,8 +73,16 @@ TEST_CASE("linear: backward reads the forward's input in place, and refuses a ch
     CHECK(lin.weight.grad[0] == doctest::Approx(5));
     CHECK(lin.weight.grad[2] == doctest::Approx(9));
 
+    pw::Linear copy = lin;  // a copy has seen no forward: it must not read lin's input
+    CHECK_THROWS_WITH_AS(copy.backward(dy), doctest::Contains("has not seen"), pw::Error);
+    pw::Relu relu;
+    relu.forward(x);
+    pw::Relu relu_copy = relu;
+    CHECK_THROWS_WITH_AS(relu_copy.backward(x), doctest::Contains("has not seen"), pw::Error);
+
     x.resize(pw::Shape{4, 3});  // the caller broke the contract: the input changed shape
     CHECK_THROWS_WITH_AS(lin.backward(dy), doctest::Contains("head"), pw::Error);
+    CHECK_THROWS_WITH_AS(lin.backward(dy), doctest::Contains("[4, 3]"), pw::Error);
 }
 
 TEST_CASE_TEMPLATE("activations: gradients", Act, pw::BasicRelu<double>, pw::BasicGelu<double>,

@@ -14,6 +14,7 @@
 #include "patchwork/core/xtensor.hpp"
 
 #include "patchwork/layers/activation.hpp"
+#include "patchwork/layers/identity.hpp"
 #include "patchwork/layers/layer_norm.hpp"
 #include "patchwork/layers/linear.hpp"
 
@@ -27,9 +28,13 @@
 #include "patchwork/policies/frozen.hpp"
 #include "patchwork/policies/lora.hpp"
 #include "patchwork/policies/norm_patch.hpp"
+#include "patchwork/policies/over_param.hpp"
 #include "patchwork/policies/scale_shift.hpp"
+#include "patchwork/policies/search.hpp"
 #include "patchwork/policies/tune.hpp"
 
+#include "patchwork/search/gates.hpp"
+#include "patchwork/search/search.hpp"
 #include "patchwork/train/batch.hpp"
 #include "patchwork/train/clip.hpp"
 #include "patchwork/train/loss.hpp"

@@ -126,6 +126,11 @@ public:
     void visit(F&& f) {
         std::apply([&](auto&... s) { (s.visit(f), ...); }, stages_);
     }
+    /// f(stage) for each stage in order (see for_each_module).
+    template <class F>
+    void visit_children(F&& f) {
+        std::apply([&](auto&... s) { (f(s), ...); }, stages_);
+    }
     void reset_parameters(Rng& rng) {
         std::apply([&](auto&... s) { (s.reset_parameters(rng), ...); }, stages_);
     }

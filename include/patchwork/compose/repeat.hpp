@@ -61,6 +61,11 @@ public:
     void visit(F&& f) {
         for (auto& b : blocks_) b.visit(f);
     }
+    /// f(block) for each block in order (see for_each_module).
+    template <class F>
+    void visit_children(F&& f) {
+        for (auto& b : blocks_) f(b);
+    }
     void reset_parameters(Rng& rng) {
         for (auto& b : blocks_) b.reset_parameters(rng);
     }

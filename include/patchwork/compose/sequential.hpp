@@ -71,6 +71,11 @@ public:
     void visit(F&& f) {
         std::apply([&](auto&... c) { (c.visit(f), ...); }, children_);
     }
+    /// f(child) for each child in order (see for_each_module).
+    template <class F>
+    void visit_children(F&& f) {
+        std::apply([&](auto&... c) { (f(c), ...); }, children_);
+    }
 
     /// Call f(child, index) on each child in order.
     template <class F>

@@ -13,6 +13,7 @@
 #include <concepts>
 #include <cstddef>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -63,6 +64,77 @@ protected:
     std::string path_;
     bool input_grad_ = true;
 };
+
+/// A non-owning reference to a tensor a module saved in forward for its
+/// backward (its input, or a wrapped module's output). Copying or moving the
+/// module does not carry it over: the copy has seen no forward yet, and a
+/// backward before one reports that instead of reading another module's buffer.
+template <class T>
+class Saved {
+public:
+    Saved() = default;
+    Saved(const Saved&) noexcept {}
+    Saved& operator=(const Saved&) noexcept {
+        ptr_ = nullptr;
+        return *this;
+    }
+    Saved& operator=(const Tensor<T>& t) noexcept {
+        ptr_ = &t;
+        return *this;
+    }
+    [[nodiscard]] explicit operator bool() const noexcept { return ptr_ != nullptr; }
+    /// The saved tensor, checked: it exists and still has the shape forward saw.
+    [[nodiscard]] const Tensor<T>& get(const Shape& expected, const std::string& path, const char* what) const {
+        if (ptr_ == nullptr || !(ptr_->shape() == expected))
+            throw Error(detail::concat(detail::display_path(path), ": backward needs the ", what,
+                                       " of the last forward, which ",
+                                       ptr_ == nullptr ? std::string("this module has not seen")
+                                                       : detail::concat("has changed shape to ", ptr_->shape(),
+                                                                        " from ", expected),
+                                       " (keep a module's input alive and unchanged until its backward)"));
+        return *ptr_;
+    }
+    [[nodiscard]] const Tensor<T>& operator*() const noexcept { return *ptr_; }
+    [[nodiscard]] const Tensor<T>* operator->() const noexcept { return ptr_; }
+
+private:
+    const Tensor<T>* ptr_ = nullptr;
+};
+
+/// Calls f(module) on `m` and on every module inside it, depth first, parents
+/// before children. Composites and wrappers expose their direct children with
+/// `visit_children(f)`; leaves have none. When f returns bool, false stops the
+/// descent below that module.
+template <class M, class F>
+void for_each_module(M& m, F&& f) {
+    bool descend = true;
+    if constexpr (std::is_same_v<decltype(f(m)), bool>) descend = f(m);
+    else f(m);
+    if constexpr (requires { m.visit_children([](auto&) {}); }) {
+        if (descend) m.visit_children([&](auto& child) { for_each_module(child, f); });
+    }
+}
+
+/// Parameters full fine-tuning of `m` would train: every pre-trained (not
+/// injected) parameter, once. A module that holds copies of its pre-trained
+/// weights (a searched module's FineTune candidate) says how many are its own
+/// with a `pretrained_parameters()` member; leaves count their parameters.
+template <class M>
+[[nodiscard]] std::size_t pretrained_parameters(M& m) {
+    std::size_t n = 0;
+    for_each_module(m, [&](auto& x) -> bool {
+        if constexpr (requires { x.pretrained_parameters(); }) {
+            n += x.pretrained_parameters();
+            return false;
+        } else if constexpr (!requires { x.visit_children([](auto&) {}); }) {
+            x.visit([&](auto& p) { n += is_injected(p.role()) ? 0 : p.size(); });
+            return false;
+        } else {
+            return true;
+        }
+    });
+    return n;
+}
 
 /// True when any parameter reachable from `m` is trainable.
 template <class M>

@@ -45,8 +45,8 @@ template <class M>
         row.trainable += p.trainable() ? p.size() : 0;
         r.total += p.size();
         r.trainable += p.trainable() ? p.size() : 0;
-        r.pretrained += is_injected(p.role()) ? 0 : p.size();
     });
+    r.pretrained = pretrained_parameters(model);
     return r;
 }
 

@@ -71,7 +71,7 @@ public:
 
     const Tensor<T>& forward(const Tensor<T>& x) {
         if (x.empty()) throw_shape_error(path_, "activation input", Shape{1}, x.shape());
-        x_ = &x;
+        x_ = x;
         y_.resize(x.shape());
         const T* __restrict in = x.data();
         T* __restrict out = y_.data();
@@ -88,7 +88,7 @@ public:
             return dx_;
         }
         dx_.resize(dy.shape());
-        const T* __restrict x = x_->data();
+        const T* __restrict x = x_.get(y_.shape(), path_, "activation input").data();
         const T* __restrict y = y_.data();
         const T* __restrict g = dy.data();
         T* __restrict out = dx_.data();
@@ -99,7 +99,7 @@ public:
     }
 
 private:
-    const Tensor<T>* x_ = nullptr;  ///< the last forward's input (not owned)
+    Saved<T> x_;  ///< the last forward's input (not owned)
     Tensor<T> y_, dx_;
 };
 

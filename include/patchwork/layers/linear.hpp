@@ -59,7 +59,7 @@ public:
 
     const Tensor<T>& forward(const Tensor<T>& x) {
         check_cols(x, in_, path_, "linear input");
-        x_ = &x;
+        x_ = x;
         y_.resize(x.shape().with_back(out_));
         auto y = y_.matrix();
         ops::gemm_nt(x.matrix(), weight.value.matrix(), y, T(1), T(0));
@@ -85,13 +85,7 @@ public:
 
     /// The input seen by the last forward (policies such as LoRA reuse it).
     [[nodiscard]] const Tensor<T>& last_input() const {
-        if (x_ == nullptr || x_->shape().with_back(out_) != y_.shape())
-            throw Error(detail::concat(detail::display_path(path_),
-                                       ": linear backward needs the input of the last forward, which was ",
-                                       x_ == nullptr ? std::string("never given")
-                                                     : detail::concat("changed to shape ", x_->shape()),
-                                       " since (keep a module's input alive and unchanged until its backward)"));
-        return *x_;
+        return x_.get(y_.shape().with_back(in_), path_, "linear input");
     }
 
     template <class F>
@@ -107,7 +101,7 @@ public:
     }
 
 private:
-    const Tensor<T>* x_ = nullptr;  ///< the last forward's input (not owned)
+    Saved<T> x_;  ///< the last forward's input (not owned)
     Tensor<T> y_, dx_;
 };
 

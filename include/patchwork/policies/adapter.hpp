@@ -97,7 +97,7 @@ public:
         using T = Scalar;
         const Tensor<T>& h = inner_.forward(x);
         check_cols(h, width_, path_, "adapter input (the wrapped module's output)");
-        h_ = &h;  // the wrapped module's output buffer: valid until its next forward
+        h_ = h;  // the wrapped module's output buffer: valid until its next forward
         z_.resize(h.shape().with_back(Bottleneck));
         a_.resize(z_.shape());
         auto z = z_.matrix();
@@ -123,7 +123,7 @@ public:
             dz_.resize(z_.shape());
             ops::gemm_nn(g, up_weight.value.matrix(), dz_.matrix(), T(1), T(0));  // g U
             for (std::size_t i = 0, n = dz_.size(); i < n; ++i) dz_[i] = Function::grad(dz_[i], z_[i], a_[i]);
-            if (down_weight.trainable()) ops::gemm_tn(dz_.matrix(), h_->matrix(), down_weight.grad.matrix(), T(1), T(1));
+            if (down_weight.trainable()) ops::gemm_tn(dz_.matrix(), h_.get(y_.shape(), path_, "wrapped module's output").matrix(), down_weight.grad.matrix(), T(1), T(1));
             if (down_bias.trainable()) down_bias.grad.vector() += dz_.matrix().colwise().sum().transpose();
         }
         if (!through_inner) return empty_;
@@ -135,6 +135,11 @@ public:
         return input_grad_ ? dx : empty_;
     }
 
+    /// f(wrapped module) (see for_each_module).
+    template <class F>
+    void visit_children(F&& f) {
+        f(inner_);
+    }
     template <class F>
     void visit(F&& f) {
         inner_.visit(f);
@@ -172,7 +177,7 @@ private:
         up_bias.value.zero();
     }
 
-    const Tensor<Scalar>* h_ = nullptr;  ///< the wrapped module's last output (owned by it)
+    Saved<Scalar> h_;  ///< the wrapped module's last output (owned by it)
     Tensor<Scalar> z_, a_, y_, dz_, dh_, empty_;
 };
 

@@ -149,6 +149,11 @@ public:
         return dx_;
     }
 
+    /// f(wrapped module) (see for_each_module).
+    template <class F>
+    void visit_children(F&& f) {
+        f(inner_);
+    }
     template <class F>
     void visit(F&& f) {
         inner_.visit(f);

@@ -71,7 +71,7 @@ public:
         using T = Scalar;
         const Tensor<T>& h = inner_.forward(x);
         check_cols(h, width_, path_, "scale_shift input (the wrapped module's output)");
-        h_ = &h;  // the wrapped module's output buffer: valid until its next forward
+        h_ = h;  // the wrapped module's output buffer: valid until its next forward
         y_.resize(h.shape());
         const std::size_t n = h.rows(), d = width_;
         const T* s = scale.value.data();
@@ -88,7 +88,7 @@ public:
         using T = Scalar;
         check_same_shape(dy, y_.shape(), path_, "scale_shift output gradient");
         if (scale.trainable())
-            scale.grad.vector() += (dy.matrix().array() * h_->matrix().array()).colwise().sum().matrix().transpose();
+            scale.grad.vector() += (dy.matrix().array() * h_.get(y_.shape(), path_, "wrapped module's output").matrix().array()).colwise().sum().matrix().transpose();
         if (shift.trainable()) shift.grad.vector() += dy.matrix().colwise().sum().transpose();
         if (!input_grad_ && !any_trainable(inner_)) return empty_;
 
@@ -105,6 +105,11 @@ public:
         return input_grad_ ? dx : empty_;
     }
 
+    /// f(wrapped module) (see for_each_module).
+    template <class F>
+    void visit_children(F&& f) {
+        f(inner_);
+    }
     template <class F>
     void visit(F&& f) {
         inner_.visit(f);
@@ -135,7 +140,7 @@ private:
         shift.value.zero();
     }
 
-    const Tensor<Scalar>* h_ = nullptr;  ///< the wrapped module's last output (owned by it)
+    Saved<Scalar> h_;  ///< the wrapped module's last output (owned by it)
     Tensor<Scalar> y_, dh_, empty_;
 };
 

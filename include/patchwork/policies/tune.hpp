@@ -92,6 +92,11 @@ public:
         inner_.set_input_grad(input_grad_);
         return inner_.backward(dy);
     }
+    /// f(wrapped module) (see for_each_module).
+    template <class F>
+    void visit_children(F&& f) {
+        f(inner_);
+    }
     template <class F>
     void visit(F&& f) {
         inner_.visit(f);

@@ -1,0 +1,613 @@
+#pragma once
+// Search<Candidates...>: architecture search over adaptation policies for one
+// module (DARTS-style relaxation, Liu et al. 2018; as used per module of a
+// cascade in Deng et al. 2023).
+//
+//   Tune<Block, Search<Frozen, Adapter<32>, FineTune>>
+//
+// During the search the module computes the mixed operation
+//   y = sum_k g_k o_k(x),   g = gates(alpha)  (search/gates.hpp)
+// with one architecture weight alpha_k per candidate (Role::architecture,
+// initialised 1e-3 N(0, 1)). The candidates are realised as branches:
+//
+//   Frozen                      o = h,                           h = base(x), the frozen pre-trained module
+//   Adapter<r>, ScaleShift      o = P(h): the injection policy around an Identity, applied to h
+//   LoRA<r, a> (Linear only)    o = h + s (x A^T) B^T
+//   FineTune, BiasOnly,         o = copy_k(x): a trainable copy of the base, initialised
+//   NormPatch (selection)       from the pre-trained weights, selected by the policy
+//
+// The frozen base is computed once per forward and shared by every branch of
+// the first three kinds; only selection candidates pay for their own pass.
+//
+// Backward. With G = dL/dy:
+//   dL/do_k = g_k G           (each branch's own backward: its parameter
+//                              gradients, and its contribution to dL/dh or dL/dx)
+//   dL/dg_k = <G, o_k>        (sum over every element)
+//   dL/dalpha from dL/dg through the gate Jacobian (gates.hpp).
+//   dL/dx = sum over copy branches of their dx + the LoRA branches' s (g_k G B) A
+//           + base^T(sum over shared branches of their dL/dh)  (one base backward)
+// A branch whose gate is exactly 0 (hard gates) contributes nothing and is skipped.
+//
+// derive(k) ends the search for this module: only candidate k is kept, the
+// other branches and alpha are freed, and the module then computes exactly
+// what Tune<Inner, Candidate_k> computes, with the same parameters under the
+// same names (so copy_parameters moves them into the fixed type).
+#include <array>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstddef>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "patchwork/core/module.hpp"
+#include "patchwork/layers/identity.hpp"
+#include "patchwork/layers/linear.hpp"
+#include "patchwork/ops/gemm.hpp"
+#include "patchwork/policies/adapter.hpp"
+#include "patchwork/policies/frozen.hpp"
+#include "patchwork/policies/lora.hpp"
+#include "patchwork/policies/policy.hpp"
+#include "patchwork/policies/tune.hpp"
+#include "patchwork/search/gates.hpp"
+
+namespace patchwork {
+
+namespace detail {
+
+template <class P>
+inline constexpr bool is_lora_policy = false;
+template <std::size_t R, std::size_t A>
+inline constexpr bool is_lora_policy<LoRA<R, A>> = true;
+
+template <class P>
+inline constexpr bool is_adapter_policy = false;
+template <std::size_t R, AdapterActivation Act>
+inline constexpr bool is_adapter_policy<Adapter<R, Act>> = true;
+
+/// "Adapter<32>", "LoRA<8, 16>", "FineTune": the policy as it is spelled in C++.
+template <class P>
+std::string policy_label() {
+    if constexpr (is_lora_policy<P>) return concat("LoRA<", P::rank, ", ", P::alpha, ">");
+    else if constexpr (is_adapter_policy<P>) {
+        if constexpr (P::activation_kind == AdapterActivation::gelu)
+            return concat("Adapter<", P::bottleneck, ", AdapterActivation::gelu>");
+        else return concat("Adapter<", P::bottleneck, ">");
+    } else return P::name();
+}
+
+/// How a candidate is realised inside a searched module.
+enum class BranchKind { shared, head, lora, copy };
+
+template <class P>
+constexpr BranchKind branch_kind() {
+    if constexpr (std::is_same_v<P, Frozen>) return BranchKind::shared;
+    else if constexpr (SelectionPolicy<P>) return BranchKind::copy;
+    else if constexpr (is_lora_policy<P>) return BranchKind::lora;
+    else return BranchKind::head;
+}
+
+/// The candidate Frozen: the shared base output itself.
+template <class Inner, class P>
+class FrozenBranch {
+public:
+    using T = typename Inner::Scalar;
+    explicit FrozenBranch(const Inner&) {}
+    const Tensor<T>& forward(const Tensor<T>&, const Tensor<T>& h) { return h; }
+    /// dL/dh += g (into dh); nothing for x.
+    void backward(const Tensor<T>& g, Tensor<T>& dh, bool& dh_used, Tensor<T>&, bool&, bool need_dh) {
+        if (need_dh) accumulate(dh, dh_used, g);
+    }
+    template <class F>
+    void visit(F&&) {}
+    void set_path(const std::string&, bool) {}
+    void reset(const Inner&, Rng&) {}
+    void release() {}
+    static constexpr std::size_t added_parameters(const Inner&) { return 0; }
+
+    static void accumulate(Tensor<T>& acc, bool& used, const Tensor<T>& g) {
+        if (!used) {
+            acc = g;
+            used = true;
+        } else {
+            acc.matrix() += g.matrix();
+        }
+    }
+};
+
+/// An injection candidate (Adapter, ScaleShift, ...) applied to the shared base output h.
+template <class Inner, class P>
+class HeadBranch {
+public:
+    using T = typename Inner::Scalar;
+    using Head = typename P::template module<BasicIdentity<T>>;
+
+    explicit HeadBranch(const Inner& base) : head_(BasicIdentity<T>(base.out_features())) {}
+    const Tensor<T>& forward(const Tensor<T>&, const Tensor<T>& h) { return head_.forward(h); }
+    void backward(const Tensor<T>& g, Tensor<T>& dh, bool& dh_used, Tensor<T>&, bool&, bool need_dh) {
+        head_.set_input_grad(need_dh);
+        const Tensor<T>& d = head_.backward(g);
+        if (need_dh) FrozenBranch<Inner, P>::accumulate(dh, dh_used, d);
+    }
+    template <class F>
+    void visit(F&& f) {
+        head_.visit(f);
+    }
+    void set_path(const std::string& p, bool) { head_.set_path(p); }
+    void reset(const Inner&, Rng& rng) { head_.reset_parameters(rng); }
+    void release() {
+        head_.visit([](auto& p) {
+            p.set_trainable(false);
+            p.value.release();
+        });
+    }
+    [[nodiscard]] Head& head() noexcept { return head_; }
+
+private:
+    Head head_;
+};
+
+/// LoRA on a Linear base: o = h + s (x A^T) B^T, with A Kaiming-uniform and B zero (as LoRAModule).
+template <class Inner, class P>
+class LoraBranch {
+    static_assert(lora_applies<Inner>,
+                  "patchwork::Search: the LoRA<r> candidate applies only to a Linear layer; search each Linear of "
+                  "a block separately: Sequential<Tune<Linear, Search<Frozen, LoRA<8>>>, Relu, ...>");
+
+public:
+    using T = typename Inner::Scalar;
+    explicit LoraBranch(const Inner& base)
+        : a("a", Role::lora, Shape{P::rank, base.in_features()}), b("b", Role::lora, Shape{base.out_features(), P::rank}) {
+        reset(base, default_rng());
+    }
+    const Tensor<T>& forward(const Tensor<T>& x, const Tensor<T>& h) {
+        // Same operations, in the same order, as LoRAModule::forward.
+        x_ = x;
+        u_.resize(x.shape().with_back(P::rank));
+        ops::gemm_nt(x.matrix(), a.value.matrix(), u_.matrix(), T(1), T(0));
+        y_ = h;
+        ops::gemm_nt(u_.matrix(), b.value.matrix(), y_.matrix(), scale_, T(1));
+        return y_;
+    }
+    // dB += s g^T u; dA += s (g B)^T x; dL/dh += g; dL/dx += s (g B) A.
+    void backward(const Tensor<T>& g, Tensor<T>& dh, bool& dh_used, Tensor<T>& dx, bool& dx_used, bool need_dx) {
+        const Tensor<T>& x = x_.get(g.shape().with_back(a.value.shape()[1]), "", "LoRA branch input");
+        if (b.trainable()) ops::gemm_tn(g.matrix(), u_.matrix(), b.grad.matrix(), scale_, T(1));
+        gb_.resize(g.shape().with_back(P::rank));
+        ops::gemm_nn(g.matrix(), b.value.matrix(), gb_.matrix(), T(1), T(0));
+        if (a.trainable()) ops::gemm_tn(gb_.matrix(), x.matrix(), a.grad.matrix(), scale_, T(1));
+        if (!need_dx) return;
+        FrozenBranch<Inner, P>::accumulate(dh, dh_used, g);
+        if (!dx_used) {
+            dx.resize(x.shape());
+            ops::gemm_nn(gb_.matrix(), a.value.matrix(), dx.matrix(), scale_, T(0));
+            dx_used = true;
+        } else {
+            ops::gemm_nn(gb_.matrix(), a.value.matrix(), dx.matrix(), scale_, T(1));
+        }
+    }
+    template <class F>
+    void visit(F&& f) {
+        f(a);
+        f(b);
+    }
+    void set_path(const std::string& p, bool) {
+        const std::string own = p.empty() ? "lora" : p + ".lora";
+        a.set_prefix(own);
+        b.set_prefix(own);
+    }
+    void reset(const Inner& base, Rng& rng) {
+        init::kaiming_uniform(a.value, rng, base.in_features());
+        b.value.zero();
+    }
+    void release() {
+        for (auto* p : {&a, &b}) {
+            p->set_trainable(false);
+            p->value.release();
+        }
+    }
+
+    Parameter<T> a, b;
+
+private:
+    T scale_ = T(double(P::alpha) / double(P::rank));
+    Saved<T> x_;
+    Tensor<T> u_, y_, gb_;
+};
+
+/// A selection candidate (FineTune, BiasOnly, NormPatch): its own copy of the
+/// base, initialised from the pre-trained weights; the policy picks what trains.
+template <class Inner, class P>
+class CopyBranch {
+public:
+    using T = typename Inner::Scalar;
+    explicit CopyBranch(const Inner& base) : copy_(base) {}
+    const Tensor<T>& forward(const Tensor<T>& x, const Tensor<T>&) { return copy_.forward(x); }
+    void backward(const Tensor<T>& g, Tensor<T>&, bool&, Tensor<T>& dx, bool& dx_used, bool need_dx) {
+        copy_.set_input_grad(need_dx);
+        const Tensor<T>& d = copy_.backward(g);
+        if (need_dx) FrozenBranch<Inner, P>::accumulate(dx, dx_used, d);
+    }
+    template <class F>
+    void visit(F&& f) {
+        copy_.visit(f);
+    }
+    void set_path(const std::string& p, bool) { copy_.set_path(p); }
+    /// Re-copies the pre-trained weights (keeping which parameters train).
+    void reset(const Inner& base, Rng&) { sync(base); }
+    void sync(const Inner& base) {
+        std::vector<const Tensor<T>*> src;
+        const_cast<Inner&>(base).visit([&](auto& p) { src.push_back(&p.value); });
+        std::size_t i = 0;
+        copy_.visit([&](auto& p) { p.value = *src[i++]; });
+    }
+    void release() {
+        copy_.visit([](auto& p) {
+            p.set_trainable(false);
+            p.value.release();
+        });
+    }
+    [[nodiscard]] Tune<Inner, P>& module() noexcept { return copy_; }
+
+private:
+    Tune<Inner, P> copy_;
+};
+
+template <class Inner, class P>
+struct branch_for {
+    static constexpr BranchKind kind = branch_kind<P>();
+    using type = std::conditional_t<
+        kind == BranchKind::shared, FrozenBranch<Inner, P>,
+        std::conditional_t<kind == BranchKind::copy, CopyBranch<Inner, P>,
+                           std::conditional_t<kind == BranchKind::lora, LoraBranch<Inner, P>, HeadBranch<Inner, P>>>>;
+};
+
+}  // namespace detail
+
+/// Implemented by every searched module; search/search.hpp finds them with for_each_module.
+struct SearchModuleTag {};
+
+template <class Inner, class... Cands>
+class SearchModule : public ModuleBase, public SearchModuleTag {
+    static_assert(sizeof...(Cands) > 0,
+                  "patchwork::Search<>: give at least one candidate, e.g. Search<Frozen, Adapter<32>, FineTune>");
+    static_assert((Policy<Cands> && ...),
+                  "patchwork::Search<Candidates...>: every candidate must be a patchwork policy (Frozen, FineTune, "
+                  "BiasOnly, NormPatch, Adapter<r>, LoRA<r>, ScaleShift)");
+    static_assert(Inner::fixed_width || ((detail::branch_kind<Cands>() == detail::BranchKind::shared ||
+                                          detail::branch_kind<Cands>() == detail::BranchKind::copy) &&
+                                         ...),
+                  "patchwork::Search: Adapter and ScaleShift candidates need a module whose output width is known "
+                  "(not a bare activation)");
+
+public:
+    using Scalar = typename Inner::Scalar;
+    using T = Scalar;
+    using Base = Inner;
+    static constexpr std::size_t candidates = sizeof...(Cands);
+    static constexpr const char* kind() { return Inner::kind(); }
+    static constexpr unsigned roles = Inner::roles;
+    static constexpr bool fixed_width = Inner::fixed_width;
+    static constexpr bool shares_base = ((detail::branch_kind<Cands>() != detail::BranchKind::copy) || ...);
+
+    template <class... Args>
+        requires std::constructible_from<Inner, Args...> &&
+                 (sizeof...(Args) != 1 || (!std::same_as<std::remove_cvref_t<Args>, SearchModule> && ...))
+    explicit SearchModule(Args&&... args)
+        : alpha("alpha", Role::architecture, Shape{candidates}),
+          base_(std::forward<Args>(args)...),
+          branches_(typename detail::branch_for<Inner, Cands>::type(base_)...) {
+        base_.visit([&](auto& p) {
+            p.set_trainable(false);
+            p.mark_policy_decided();
+            base_count_ += p.size();
+        });
+        reset_alpha(default_rng());
+        set_path("");
+    }
+
+    /// The shared, frozen pre-trained module.
+    [[nodiscard]] Inner& base() noexcept { return base_; }
+    [[nodiscard]] Inner& inner() noexcept { return base_; }
+    [[nodiscard]] std::size_t out_features() const { return base_.out_features(); }
+
+    /// The architecture weights, [K], Role::architecture.
+    Parameter<T> alpha;
+
+    /// Candidate k's branch (Branch types live in patchwork::detail).
+    template <std::size_t K>
+    [[nodiscard]] auto& branch() noexcept {
+        return std::get<K>(branches_);
+    }
+
+    // ---- gates --------------------------------------------------------------
+    void set_gates(const search::GateConfig& cfg) {
+        cfg.validate();
+        gates_cfg_ = cfg;
+    }
+    [[nodiscard]] const search::GateConfig& gate_config() const noexcept { return gates_cfg_; }
+    /// Seeds this module's Gumbel noise.
+    void seed(std::uint64_t s) { rng_ = Rng(s); }
+    /// Gate values of the last forward (p soft, g used); empty before one.
+    [[nodiscard]] const search::GateState<T>& gate_state() const noexcept { return gates_; }
+    /// softmax(alpha): the search's current preference, independent of noise.
+    [[nodiscard]] std::vector<double> probabilities() const {
+        std::vector<double> p(candidates);
+        double m = -1e300, s = 0;
+        for (std::size_t k = 0; k < candidates; ++k) m = std::max(m, double(alpha.value[k]));
+        for (std::size_t k = 0; k < candidates; ++k) s += (p[k] = std::exp(double(alpha.value[k]) - m));
+        for (auto& v : p) v /= s;
+        return p;
+    }
+    /// Fixes the gates to a one-hot on candidate k (for tests and ablations).
+    void fix_noise(const std::vector<T>& noise) { fixed_noise_ = noise; }
+
+    /// Adds dR/dg (a penalty's gradient with respect to the gates of the last
+    /// forward) to alpha's gradient.
+    void add_gate_grad(const std::vector<T>& dgate) {
+        if (derived()) return;
+        if (gates_.soft.size() != candidates)
+            throw Error(detail::concat(detail::display_path(path_), ": gate gradient before any forward"));
+        if (alpha.trainable()) gates_.backward(dgate.data(), alpha.grad.data());
+    }
+
+    // ---- parameter counts and names ----------------------------------------
+    /// Trainable parameters candidate k adds when chosen (what the penalty charges).
+    [[nodiscard]] std::array<std::size_t, candidates> candidate_parameters() {
+        std::array<std::size_t, candidates> n{};
+        std::size_t k = 0;
+        std::apply(
+            [&](auto&... b) {
+                ((n[k++] = [&] {
+                     std::size_t c = 0;
+                     b.visit([&](auto& p) { c += p.trainable() ? p.size() : 0; });
+                     return c;
+                 }()),
+                 ...);
+            },
+            branches_);
+        return n;
+    }
+    /// Parameters of the pre-trained module (what fine-tuning it would train),
+    /// counted at construction (a derived FineTune candidate frees the base).
+    [[nodiscard]] std::size_t base_parameters() const noexcept { return base_count_; }
+    /// For pretrained_parameters(model): the base counts once, its copies not at all.
+    [[nodiscard]] std::size_t pretrained_parameters() const noexcept { return base_count_; }
+    /// The candidates as spelled in C++.
+    [[nodiscard]] static std::array<std::string, candidates> candidate_labels() {
+        return {detail::policy_label<Cands>()...};
+    }
+
+    // ---- derive --------------------------------------------------------------
+    [[nodiscard]] bool derived() const noexcept { return chosen_.has_value(); }
+    [[nodiscard]] std::size_t chosen() const {
+        if (!chosen_) throw Error(detail::concat(detail::display_path(path_), ": not derived yet"));
+        return *chosen_;
+    }
+    /// Keeps candidate k only: frees the other branches and alpha; the module
+    /// then computes exactly Tune<Inner, Candidate_k> with the same names.
+    void derive(std::size_t k) {
+        if (k >= candidates)
+            throw ConfigError(detail::concat(detail::display_path(path_), ": derive(", k, ") but the module has ",
+                                             candidates, " candidates"));
+        if (derived()) throw Error(detail::concat(detail::display_path(path_), ": already derived"));
+        chosen_ = k;
+        std::size_t i = 0;
+        std::apply([&](auto&... b) { ((i++ != k ? b.release() : void()), ...); }, branches_);
+        if (chosen_kind() == detail::BranchKind::copy) {
+            base_.visit([](auto& p) { p.value.release(); });
+        }
+        alpha.set_trainable(false);
+        alpha.value.release();
+        set_path(path_);
+    }
+
+    // ---- module interface ----------------------------------------------------
+    void reset_parameters(Rng& rng) {
+        base_.reset_parameters(rng);
+        std::apply([&](auto&... b) { (b.reset(base_, rng), ...); }, branches_);
+        reset_alpha(rng);
+    }
+    /// Re-copies the pre-trained weights into the selection candidates' copies
+    /// (after loading new base weights).
+    void sync_copies() {
+        std::apply(
+            [&](auto&... b) {
+                (
+                    [&] {
+                        if constexpr (requires { b.sync(base_); }) b.sync(base_);
+                    }(),
+                    ...);
+            },
+            branches_);
+    }
+
+    const Tensor<T>& forward(const Tensor<T>& x) {
+        if (derived()) return forward_derived(x);
+        last_x_shape_ = x.shape();
+        if (fixed_noise_) {
+            gates_.noise = *fixed_noise_;
+            gates_.compute_with_noise(alpha.value.data(), candidates, gates_cfg_);
+        } else {
+            gates_.compute(alpha.value.data(), candidates, gates_cfg_, rng_);
+        }
+        const Tensor<T>* h = &x;
+        if constexpr (shares_base) h = &base_.forward(x);
+        std::size_t k = 0;
+        std::apply([&](auto&... b) { ((outs_[k] = &b.forward(x, *h), ++k), ...); }, branches_);
+        y_.resize(outs_[0]->shape());
+        auto y = y_.matrix();
+        y.setZero();
+        for (std::size_t j = 0; j < candidates; ++j) {
+            check_same_shape(*outs_[j], y_.shape(), path_, "candidate output");
+            if (gates_.used[j] != T(0)) y += gates_.used[j] * outs_[j]->matrix();
+        }
+        return y_;
+    }
+
+    const Tensor<T>& backward(const Tensor<T>& dy) {
+        if (derived()) return backward_derived(dy);
+        check_same_shape(dy, y_.shape(), path_, "search output gradient");
+        std::array<T, candidates> dgate{};
+        const auto g = dy.matrix();
+        for (std::size_t j = 0; j < candidates; ++j) dgate[j] = (g.array() * outs_[j]->matrix().array()).sum();
+        if (alpha.trainable()) gates_.backward(dgate.data(), alpha.grad.data());
+
+        bool dh_used = false, dx_used = false;
+        std::size_t k = 0;
+        std::apply(
+            [&](auto&... b) {
+                (
+                    [&] {
+                        const T gk = gates_.used[k++];
+                        if (gk == T(0)) return;
+                        scaled_.resize(dy.shape());
+                        scaled_.matrix() = gk * g;
+                        b.backward(scaled_, dh_, dh_used, dx_, dx_used, input_grad_);
+                    }(),
+                    ...);
+            },
+            branches_);
+        if (!input_grad_) return empty_;
+        if constexpr (shares_base) {
+            if (dh_used) {
+                base_.set_input_grad(true);
+                const Tensor<T>& d = base_.backward(dh_);
+                if (dx_used) dx_.matrix() += d.matrix();
+                else {
+                    dx_ = d;
+                    dx_used = true;
+                }
+            }
+        }
+        if (!dx_used) {  // every gate was zero: the input gradient is zero
+            dx_.resize(last_input_shape());
+            dx_.zero();
+        }
+        return dx_;
+    }
+
+    template <class F>
+    void visit(F&& f) {
+        if (!derived()) {
+            base_.visit(f);
+            std::apply([&](auto&... b) { (b.visit(f), ...); }, branches_);
+            f(alpha);
+            return;
+        }
+        if (chosen_kind() != detail::BranchKind::copy) base_.visit(f);
+        visit_chosen(f);
+    }
+    template <class F>
+    void visit_children(F&& f) {
+        f(base_);
+    }
+
+    /// Searching: the base keeps the module's names, candidate k's parameters
+    /// read "<path>.cand<k>. ..." and alpha "<path>.alpha". Derived: the names of
+    /// Tune<Inner, Candidate>.
+    void set_path(const std::string& p) {
+        path_ = p;
+        base_.set_path(p);
+        std::size_t k = 0;
+        std::apply(
+            [&](auto&... b) {
+                ((b.set_path(derived() && *chosen_ == k ? p : child_path("cand" + std::to_string(k)), derived()),
+                  ++k),
+                 ...);
+            },
+            branches_);
+        alpha.set_prefix(p);
+    }
+
+private:
+    [[nodiscard]] detail::BranchKind chosen_kind() const {
+        static constexpr std::array<detail::BranchKind, candidates> kinds{detail::branch_kind<Cands>()...};
+        return kinds[*chosen_];
+    }
+
+    template <class F>
+    void visit_chosen(F&& f) {
+        std::size_t k = 0;
+        std::apply(
+            [&](auto&... b) {
+                (
+                    [&] {
+                        if (k++ == *chosen_) b.visit(f);
+                    }(),
+                    ...);
+            },
+            branches_);
+    }
+
+    template <class F>
+    void with_chosen(F&& f) {
+        std::size_t k = 0;
+        std::apply(
+            [&](auto&... b) {
+                (
+                    [&] {
+                        if (k++ == *chosen_) f(b);
+                    }(),
+                    ...);
+            },
+            branches_);
+    }
+
+    const Tensor<T>& forward_derived(const Tensor<T>& x) {
+        const Tensor<T>* out = nullptr;
+        const bool shared = chosen_kind() != detail::BranchKind::copy;
+        const Tensor<T>& h = shared ? base_.forward(x) : x;
+        with_chosen([&](auto& b) { out = &b.forward(x, h); });
+        derived_out_ = out;
+        return *out;
+    }
+
+    const Tensor<T>& backward_derived(const Tensor<T>& dy) {
+        bool dh_used = false, dx_used = false;
+        with_chosen([&](auto& b) { b.backward(dy, dh_, dh_used, dx_, dx_used, input_grad_); });
+        if (!input_grad_) return empty_;
+        if (chosen_kind() != detail::BranchKind::copy && dh_used) {
+            base_.set_input_grad(true);
+            const Tensor<T>& d = base_.backward(dh_);
+            if (!dx_used) return d;
+            dx_.matrix() += d.matrix();
+        }
+        return dx_;
+    }
+
+    [[nodiscard]] Shape last_input_shape() const { return last_x_shape_; }
+
+    void reset_alpha(Rng& rng) {
+        // DARTS: alpha = 1e-3 N(0, 1), so every candidate starts with (almost) equal weight.
+        init::normal(alpha.value, rng, 0.0, 1e-3);
+    }
+
+    std::size_t base_count_ = 0;
+    Inner base_;
+    std::tuple<typename detail::branch_for<Inner, Cands>::type...> branches_;
+    search::GateConfig gates_cfg_;
+    search::GateState<T> gates_;
+    std::optional<std::vector<T>> fixed_noise_;
+    Rng rng_{0x5ea4c4};
+    std::optional<std::size_t> chosen_;
+    std::array<const Tensor<T>*, candidates> outs_{};
+    const Tensor<T>* derived_out_ = nullptr;
+    Shape last_x_shape_;
+    Tensor<T> y_, scaled_, dh_, dx_, empty_;
+};
+
+/// Injection policy: search over the candidate policies for the module (see SearchModule).
+template <class... Cands>
+struct Search {
+    static constexpr PolicyKind policy_kind = PolicyKind::inject;
+    static constexpr const char* name() { return "Search"; }
+    template <class Inner>
+    using module = SearchModule<Inner, Cands...>;
+};
+
+}  // namespace patchwork
