@@ -164,6 +164,40 @@ TEST_CASE("search: alpha gradients through Gumbel-softmax with fixed noise, soft
     }
 }
 
+TEST_CASE("search: an architecture-only backward gives the same alpha and input gradients and no weight gradients") {
+    pw::Tune<Block64, BlockCands> m(Linear64(4, 5), LayerNorm64(5), Relu64{});
+    randomize(m, 31);
+    const auto x = random_tensor(pw::Shape{3, 4}, 32);
+    const pw::Tensor<double> y = m.forward(x);
+    const auto r = random_tensor(y.shape(), 33);
+    pw::zero_grad(m);
+    m.forward(x);
+    const pw::Tensor<double> dx_full = m.backward(r);
+    const auto alpha_full = m.inner().alpha.grad;
+    pw::zero_grad(m);
+    {
+        const pw::GradientRoles only(search::architecture_only);
+        m.forward(x);
+        const pw::Tensor<double> dx = m.backward(r);
+        for (std::size_t i = 0; i < dx.size(); ++i) CHECK(dx[i] == dx_full[i]);
+    }
+    for (std::size_t j = 0; j < alpha_full.size(); ++j) CHECK(m.inner().alpha.grad[j] == alpha_full[j]);
+    std::size_t nonzero = 0;
+    m.visit([&](auto& p) {
+        if (p.trainable() && p.role() != pw::Role::architecture)
+            for (std::size_t i = 0; i < p.grad.size(); ++i) nonzero += p.grad[i] != 0.0;
+    });
+    CHECK(nonzero == 0);
+    // The scope ends: weight gradients come back.
+    m.forward(x);
+    m.backward(r);
+    m.visit([&](auto& p) {
+        if (p.trainable() && p.role() != pw::Role::architecture)
+            for (std::size_t i = 0; i < p.grad.size(); ++i) nonzero += p.grad[i] != 0.0;
+    });
+    CHECK(nonzero > 0);
+}
+
 TEST_CASE("search: the penalty's value and its exact alpha gradient") {
     using Model = pw::Sequential<pw::Tune<Linear64, LinearCands>, Relu64, pw::Tune<Block64, BlockCands>>;
     Model model(pw::Tune<Linear64, LinearCands>(4, 6), Relu64{},

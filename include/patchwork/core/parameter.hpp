@@ -46,6 +46,32 @@ enum class Role {
     return r == Role::adapter || r == Role::lora || r == Role::scale_shift || r == Role::architecture;
 }
 
+namespace detail {
+/// Bit r set: parameters of Role r accumulate gradients in backward (see GradientRoles).
+inline unsigned& gradient_role_mask() noexcept {
+    thread_local unsigned mask = ~0u;
+    return mask;
+}
+}  // namespace detail
+
+/// While alive, backward passes on this thread accumulate gradients only into
+/// trainable parameters whose role is in `roles` (a bit set, bit r for Role r);
+/// the others skip their gradient work, weight-gradient GEMMs included. Input
+/// gradients still flow. Architecture search's alpha step uses
+/// `GradientRoles only_architecture{1u << unsigned(Role::architecture)}`.
+class GradientRoles {
+public:
+    explicit GradientRoles(unsigned roles) noexcept : saved_(detail::gradient_role_mask()) {
+        detail::gradient_role_mask() = roles;
+    }
+    ~GradientRoles() { detail::gradient_role_mask() = saved_; }
+    GradientRoles(const GradientRoles&) = delete;
+    GradientRoles& operator=(const GradientRoles&) = delete;
+
+private:
+    unsigned saved_;
+};
+
 /// Owner task of a shared parameter (multi-task models give patches a task id >= 0).
 inline constexpr int shared_task = -1;
 
@@ -72,6 +98,12 @@ public:
     void set_task(int task) noexcept { task_ = task; }
     [[nodiscard]] std::size_t size() const noexcept { return value.size(); }
     [[nodiscard]] bool trainable() const noexcept { return trainable_; }
+    /// Trainable, and its role accumulates gradients in the current backward
+    /// (always, unless a GradientRoles scope narrows it). Modules test this
+    /// before any gradient work.
+    [[nodiscard]] bool wants_grad() const noexcept {
+        return trainable_ && ((detail::gradient_role_mask() >> static_cast<unsigned>(role_)) & 1u) != 0;
+    }
 
     /// Allocates a zeroed gradient when made trainable; frees it when frozen.
     void set_trainable(bool on) {

@@ -73,11 +73,11 @@ public:
     const Tensor<T>& backward(const Tensor<T>& dy) {
         check_same_shape(dy, xhat_.shape(), path_, "layernorm output gradient");
         const std::size_t n = dy.rows(), d = features_;
-        if (scale.trainable()) {
+        if (scale.wants_grad()) {
             auto gs = scale.grad.vector();
             gs += (dy.matrix().array() * xhat_.matrix().array()).colwise().sum().matrix().transpose();
         }
-        if (shift.trainable()) shift.grad.vector() += dy.matrix().colwise().sum().transpose();
+        if (shift.wants_grad()) shift.grad.vector() += dy.matrix().colwise().sum().transpose();
         if (!input_grad_) {
             dx_.resize(Shape{});
             return dx_;

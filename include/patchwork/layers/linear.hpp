@@ -71,8 +71,8 @@ public:
         check_same_shape(dy, y_.shape(), path_, "linear output gradient");
         const Tensor<T>& x = last_input();
         const auto g = dy.matrix();
-        if (weight.trainable()) ops::gemm_tn(g, x.matrix(), weight.grad.matrix(), T(1), T(1));
-        if (has_bias_ && bias.trainable()) bias.grad.vector() += g.colwise().sum().transpose();
+        if (weight.wants_grad()) ops::gemm_tn(g, x.matrix(), weight.grad.matrix(), T(1), T(1));
+        if (has_bias_ && bias.wants_grad()) bias.grad.vector() += g.colwise().sum().transpose();
         if (!input_grad_) {
             dx_.resize(Shape{});
             return dx_;

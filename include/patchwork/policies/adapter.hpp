@@ -115,16 +115,16 @@ public:
         using T = Scalar;
         check_same_shape(dy, y_.shape(), path_, "adapter output gradient");
         const auto g = dy.matrix();
-        if (up_weight.trainable()) ops::gemm_tn(g, a_.matrix(), up_weight.grad.matrix(), T(1), T(1));
-        if (up_bias.trainable()) up_bias.grad.vector() += g.colwise().sum().transpose();
+        if (up_weight.wants_grad()) ops::gemm_tn(g, a_.matrix(), up_weight.grad.matrix(), T(1), T(1));
+        if (up_bias.wants_grad()) up_bias.grad.vector() += g.colwise().sum().transpose();
 
         const bool through_inner = input_grad_ || any_trainable(inner_);
-        if (through_inner || down_weight.trainable() || down_bias.trainable()) {
+        if (through_inner || down_weight.wants_grad() || down_bias.wants_grad()) {
             dz_.resize(z_.shape());
             ops::gemm_nn(g, up_weight.value.matrix(), dz_.matrix(), T(1), T(0));  // g U
             for (std::size_t i = 0, n = dz_.size(); i < n; ++i) dz_[i] = Function::grad(dz_[i], z_[i], a_[i]);
-            if (down_weight.trainable()) ops::gemm_tn(dz_.matrix(), h_.get(y_.shape(), path_, "wrapped module's output").matrix(), down_weight.grad.matrix(), T(1), T(1));
-            if (down_bias.trainable()) down_bias.grad.vector() += dz_.matrix().colwise().sum().transpose();
+            if (down_weight.wants_grad()) ops::gemm_tn(dz_.matrix(), h_.get(y_.shape(), path_, "wrapped module's output").matrix(), down_weight.grad.matrix(), T(1), T(1));
+            if (down_bias.wants_grad()) down_bias.grad.vector() += dz_.matrix().colwise().sum().transpose();
         }
         if (!through_inner) return empty_;
 

@@ -134,12 +134,12 @@ public:
                                        "before training"));
         check_same_shape(dy, y_.shape(), path_, "lora output gradient");
         const auto g = dy.matrix();
-        if (b.trainable()) ops::gemm_tn(g, u_.matrix(), b.grad.matrix(), scale_, T(1));
-        const bool need_gb = a.trainable() || input_grad_;
+        if (b.wants_grad()) ops::gemm_tn(g, u_.matrix(), b.grad.matrix(), scale_, T(1));
+        const bool need_gb = a.wants_grad() || input_grad_;
         if (need_gb) {
             gb_.resize(u_.shape());
             ops::gemm_nn(g, b.value.matrix(), gb_.matrix(), T(1), T(0));  // g B
-            if (a.trainable()) ops::gemm_tn(gb_.matrix(), inner_.last_input().matrix(), a.grad.matrix(), scale_, T(1));
+            if (a.wants_grad()) ops::gemm_tn(gb_.matrix(), inner_.last_input().matrix(), a.grad.matrix(), scale_, T(1));
         }
         inner_.set_input_grad(input_grad_);
         const Tensor<T>& base_dx = inner_.backward(dy);

@@ -87,9 +87,9 @@ public:
     const Tensor<Scalar>& backward(const Tensor<Scalar>& dy) {
         using T = Scalar;
         check_same_shape(dy, y_.shape(), path_, "scale_shift output gradient");
-        if (scale.trainable())
+        if (scale.wants_grad())
             scale.grad.vector() += (dy.matrix().array() * h_.get(y_.shape(), path_, "wrapped module's output").matrix().array()).colwise().sum().matrix().transpose();
-        if (shift.trainable()) shift.grad.vector() += dy.matrix().colwise().sum().transpose();
+        if (shift.wants_grad()) shift.grad.vector() += dy.matrix().colwise().sum().transpose();
         if (!input_grad_ && !any_trainable(inner_)) return empty_;
 
         dh_.resize(dy.shape());

@@ -176,10 +176,10 @@ public:
     // dB += s g^T u; dA += s (g B)^T x; dL/dh += g; dL/dx += s (g B) A.
     void backward(const Tensor<T>& g, Tensor<T>& dh, bool& dh_used, Tensor<T>& dx, bool& dx_used, bool need_dx) {
         const Tensor<T>& x = x_.get(g.shape().with_back(a.value.shape()[1]), "", "LoRA branch input");
-        if (b.trainable()) ops::gemm_tn(g.matrix(), u_.matrix(), b.grad.matrix(), scale_, T(1));
+        if (b.wants_grad()) ops::gemm_tn(g.matrix(), u_.matrix(), b.grad.matrix(), scale_, T(1));
         gb_.resize(g.shape().with_back(P::rank));
         ops::gemm_nn(g.matrix(), b.value.matrix(), gb_.matrix(), T(1), T(0));
-        if (a.trainable()) ops::gemm_tn(gb_.matrix(), x.matrix(), a.grad.matrix(), scale_, T(1));
+        if (a.wants_grad()) ops::gemm_tn(gb_.matrix(), x.matrix(), a.grad.matrix(), scale_, T(1));
         if (!need_dx) return;
         FrozenBranch<Inner, P>::accumulate(dh, dh_used, g);
         if (!dx_used) {
@@ -352,7 +352,7 @@ public:
         if (derived()) return;
         if (gates_.soft.size() != candidates)
             throw Error(detail::concat(detail::display_path(path_), ": gate gradient before any forward"));
-        if (alpha.trainable()) gates_.backward(dgate.data(), alpha.grad.data());
+        if (alpha.wants_grad()) gates_.backward(dgate.data(), alpha.grad.data());
     }
 
     // ---- parameter counts and names ----------------------------------------
@@ -455,7 +455,7 @@ public:
         std::array<T, candidates> dgate{};
         const auto g = dy.matrix();
         for (std::size_t j = 0; j < candidates; ++j) dgate[j] = (g.array() * outs_[j]->matrix().array()).sum();
-        if (alpha.trainable()) gates_.backward(dgate.data(), alpha.grad.data());
+        if (alpha.wants_grad()) gates_.backward(dgate.data(), alpha.grad.data());
 
         bool dh_used = false, dx_used = false;
         std::size_t k = 0;

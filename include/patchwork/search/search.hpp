@@ -55,6 +55,9 @@ void for_each_searched(M& model, F&& f) {
     });
 }
 
+/// The role set of the alpha step (see GradientRoles).
+inline constexpr unsigned architecture_only = 1u << static_cast<unsigned>(Role::architecture);
+
 /// Number of searched modules.
 template <class M>
 [[nodiscard]] std::size_t count_searched(M& model) {
@@ -255,7 +258,8 @@ inline void write_csv_row(std::ostream& os, const GateSnapshot& s) {
 
 /// First-order DARTS. Each step: (every alpha_every steps, after alpha_warmup)
 /// an alpha step on the next validation batch (task loss + penalty, Adam on
-/// alpha only, alpha-gradient clipping), then a weight step on the next
+/// alpha only, alpha-gradient clipping; its backward computes no weight
+/// gradients, under GradientRoles(architecture_only)), then a weight step on the next
 /// training batch with `weight_opt`. `step_fn(model, batch)` runs the forward,
 /// the loss and the backward and returns the loss value; the loop zeroes
 /// gradients, adds the penalty and steps the optimisers.
@@ -313,8 +317,12 @@ SearchResult run(M& model, WeightOpt& weight_opt, Train& train, Val& val, StepFn
                     val_i = 0;
                 }
                 zero_grad(model);
-                res.last_val_loss = step_fn(model, val.batch(val_i++));
-                res.last_penalty = penalty(model, opt.penalty, step);
+                {
+                    // Only alpha learns here: every weight-gradient computation is skipped.
+                    const GradientRoles only_alpha(architecture_only);
+                    res.last_val_loss = step_fn(model, val.batch(val_i++));
+                    res.last_penalty = penalty(model, opt.penalty, step);
+                }
                 if (opt.alpha_clip > 0) clip_grad_norm(alphas, opt.alpha_clip);
                 alpha_opt.step();
                 ++res.alpha_steps;
@@ -455,14 +463,16 @@ inline std::string tidy(std::string s) {
 }
 }  // namespace detail_search
 
-/// Derives the scheme: every searched module keeps its argmax candidate (of
-/// softmax(alpha)), the others are freed. Returns the report, including the
-/// fixed type that computes the same model (when the model's type can say it:
-/// a Repeat of identical searched blocks cannot hold different choices).
+namespace detail_search {
 template <class M>
-DeriveReport derive(M& model) {
+DeriveReport derive_with(M& model, const std::vector<std::size_t>* given) {
     DeriveReport r;
     std::vector<std::string> chosen;
+    const std::size_t n = count_searched(model);
+    if (given && given->size() != n)
+        throw ConfigError(detail::concat("search::derive: ", given->size(), " choices given for ", n,
+                                         " searched modules"));
+    std::size_t i = 0;
     for_each_searched(model, [&](auto& m) {
         using Mod = std::remove_cvref_t<decltype(m)>;
         if (m.derived()) throw Error(detail::concat(detail::display_path(m.path()), ": already derived"));
@@ -472,22 +482,53 @@ DeriveReport derive(M& model) {
         d.labels.assign(l.begin(), l.end());
         d.probabilities = m.probabilities();
         const std::size_t k =
-            std::size_t(std::max_element(d.probabilities.begin(), d.probabilities.end()) - d.probabilities.begin());
+            given ? (*given)[i]
+                  : std::size_t(std::max_element(d.probabilities.begin(), d.probabilities.end()) -
+                                d.probabilities.begin());
+        ++i;
+        m.derive(k);  // checks k
         d.chosen = d.labels[k];
         chosen.push_back(d.chosen);
-        m.derive(k);
         d.trainable = trainable_count(m);
         r.modules.push_back(std::move(d));
     });
     r.trainable = trainable_count(model);
     r.full = full_parameters(model);
     bool ok = false;
-    std::string t = detail_search::replace_searches(type_name<M>(), chosen, ok);
-    if (ok) r.fixed_type = detail_search::tidy(t);
+    std::string t = replace_searches(type_name<M>(), chosen, ok);
+    if (ok) r.fixed_type = tidy(t);
     else
         r.fixed_type_note = "no single fixed type: searched modules share a type (a Repeat) but chose differently; "
                             "the choices are listed above";
     return r;
+}
+}  // namespace detail_search
+
+/// Derives the scheme: every searched module keeps its argmax candidate (of
+/// softmax(alpha)), the others are freed. Returns the report, including the
+/// fixed type that computes the same model (when the model's type can say it:
+/// a Repeat of identical searched blocks cannot hold different choices).
+template <class M>
+DeriveReport derive(M& model) {
+    return detail_search::derive_with(model, nullptr);
+}
+
+/// Derives a given scheme: choices[i] is the candidate kept by the i-th searched
+/// module (visiting order). Hand-crafted schemes and baselines use this.
+template <class M>
+DeriveReport derive(M& model, const std::vector<std::size_t>& choices) {
+    return detail_search::derive_with(model, &choices);
+}
+
+/// The current argmax scheme (visiting order), without deriving.
+template <class M>
+[[nodiscard]] std::vector<std::size_t> argmax_scheme(M& model) {
+    std::vector<std::size_t> out;
+    for_each_searched(model, [&](auto& m) {
+        const auto p = m.probabilities();
+        out.push_back(std::size_t(std::max_element(p.begin(), p.end()) - p.begin()));
+    });
+    return out;
 }
 
 /// Copies every parameter value of `from` into `to`, in visiting order, after
