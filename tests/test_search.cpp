@@ -384,3 +384,20 @@ TEST_CASE("search: the DARTS loop moves alpha, logs gates to CSV, is reproducibl
     CHECK(r3.stopped_early);
     CHECK(r3.steps < 200);
 }
+
+TEST_CASE("search: a Repeat whose searched blocks choose differently has no single fixed type") {
+    using Block = pw::Tune<Linear64, pw::Search<pw::Frozen, pw::Adapter<2>>>;
+    pw::Repeat<Block> stack(3, Block(4, 4));
+    const auto report = search::derive(stack, {0, 1, 0});
+    CHECK(report.fixed_type.empty());
+    CHECK(report.fixed_type_note.find("no single fixed type") != std::string::npos);
+    REQUIRE(report.modules.size() == 3);
+    CHECK(report.modules[1].chosen == "Adapter<2>");
+    CHECK(report.modules[1].module == "block1");
+    pw::Repeat<Block> same(2, Block(4, 4));
+    const auto r2 = search::derive(same, {1, 1});
+    CHECK(r2.fixed_type.find("Repeat<Tune<BasicLinear<double>, Adapter<2>>>") != std::string::npos);
+    CHECK_THROWS_WITH_AS(search::derive(same, {1, 1}), doctest::Contains("already derived"), pw::Error);
+    pw::Repeat<Block> wrong(2, Block(4, 4));
+    CHECK_THROWS_WITH_AS(search::derive(wrong, {1}), doctest::Contains("1 choices given for 2"), pw::ConfigError);
+}

@@ -467,7 +467,7 @@ namespace detail_search {
 template <class M>
 DeriveReport derive_with(M& model, const std::vector<std::size_t>* given) {
     DeriveReport r;
-    std::vector<std::string> chosen;
+    std::vector<std::string> chosen, types;
     const std::size_t n = count_searched(model);
     if (given && given->size() != n)
         throw ConfigError(detail::concat("search::derive: ", given->size(), " choices given for ", n,
@@ -489,6 +489,7 @@ DeriveReport derive_with(M& model, const std::vector<std::size_t>* given) {
         m.derive(k);  // checks k
         d.chosen = d.labels[k];
         chosen.push_back(d.chosen);
+        types.push_back(type_name<Mod>());
         d.trainable = trainable_count(m);
         r.modules.push_back(std::move(d));
     });
@@ -496,10 +497,25 @@ DeriveReport derive_with(M& model, const std::vector<std::size_t>* given) {
     r.full = full_parameters(model);
     bool ok = false;
     std::string t = replace_searches(type_name<M>(), chosen, ok);
+    if (!ok) {
+        // A Repeat holds N searched blocks under one type: runs of consecutive
+        // modules of one type stand for one Search<...> in the type's spelling,
+        // which can be fixed only when the whole run chose the same.
+        std::vector<std::string> runs;
+        bool same = true;
+        for (std::size_t k = 0; k < chosen.size(); ++k) {
+            if (k > 0 && types[k] == types[k - 1]) {
+                same = same && chosen[k] == chosen[k - 1];
+                continue;
+            }
+            runs.push_back(chosen[k]);
+        }
+        if (same) t = replace_searches(type_name<M>(), runs, ok);
+    }
     if (ok) r.fixed_type = tidy(t);
     else
-        r.fixed_type_note = "no single fixed type: searched modules share a type (a Repeat) but chose differently; "
-                            "the choices are listed above";
+        r.fixed_type_note = "no single fixed type: searched modules that share one type (the blocks of a Repeat) "
+                            "chose differently; the choices are listed above";
     return r;
 }
 }  // namespace detail_search
