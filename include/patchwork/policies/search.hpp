@@ -502,9 +502,22 @@ public:
         if (chosen_kind() != detail::BranchKind::copy) base_.visit(f);
         visit_chosen(f);
     }
+    /// The base, then each candidate's own module (an injection candidate's patch,
+    /// a selection candidate's copy), so for_each_module reaches them all (for
+    /// example to switch batch-norm layers between training and inference).
     template <class F>
     void visit_children(F&& f) {
         f(base_);
+        std::apply(
+            [&](auto&... b) {
+                (
+                    [&] {
+                        if constexpr (requires { b.module(); }) f(b.module());
+                        else if constexpr (requires { b.head(); }) f(b.head());
+                    }(),
+                    ...);
+            },
+            branches_);
     }
 
     /// Searching: the base keeps the module's names, candidate k's parameters
