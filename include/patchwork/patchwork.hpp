@@ -46,3 +46,4 @@
 
 #include "patchwork/io/dataset.hpp"
 #include "patchwork/io/idx.hpp"
+#include "patchwork/io/safetensors.hpp"
