@@ -14,9 +14,12 @@
 #include "patchwork/core/xtensor.hpp"
 
 #include "patchwork/layers/activation.hpp"
+#include "patchwork/layers/batch_norm.hpp"
+#include "patchwork/layers/conv2d.hpp"
 #include "patchwork/layers/identity.hpp"
 #include "patchwork/layers/layer_norm.hpp"
 #include "patchwork/layers/linear.hpp"
+#include "patchwork/layers/pool.hpp"
 
 #include "patchwork/compose/cascade.hpp"
 #include "patchwork/compose/repeat.hpp"
@@ -24,6 +27,7 @@
 
 #include "patchwork/policies/adapter.hpp"
 #include "patchwork/policies/bias_only.hpp"
+#include "patchwork/policies/depthwise_patch.hpp"
 #include "patchwork/policies/fine_tune.hpp"
 #include "patchwork/policies/frozen.hpp"
 #include "patchwork/policies/lora.hpp"

@@ -1,0 +1,405 @@
+#pragma once
+// Conv2d over NHWC tensors: x [N, H, W, C_in] -> y [N, Ho, Wo, C_out], with a
+// square kernel k, stride s, zero padding p and G groups:
+//   Ho = (H + 2p - k) / s + 1   (likewise Wo)
+//   y[n,oy,ox,co] = b[co] + sum_{ky,kx,j} W[co,ky,kx,j] x[n, oy s - p + ky, ox s - p + kx, g(co) Cg + j]
+// where Cg = C_in / G, g(co) = co / (C_out / G) is the group of output channel
+// co, and taps outside the image read zero. The weight is stored as
+// [C_out, k, k, C_in / G] (channels last, like the activations), so row co of
+// its [C_out, k k Cg] matrix view is one filter.
+//
+// Channels last makes the matrix view of an output [N Ho Wo, C_out]: per-channel
+// patches written for Linear outputs (ScaleShift, Adapter, BiasOnly) apply to a
+// convolution per pixel without change, and out_features() is C_out.
+//
+// Dense and grouped convolutions (G < C_in) run as im2col + GEMM. The patch
+// matrix X_col has one row per output pixel (P = N Ho Wo rows) and its columns
+// ordered (group, ky, kx, j), so group g owns the contiguous column block
+// [g K, (g + 1) K), K = k k Cg:
+//   Y[:, group g] = X_col[:, block g] W_g^T          (W_g: the group's [C_out/G, K] rows)
+// Backward, with dY = dL/dy viewed as [P, C_out]:
+//   dW_g += dY[:, group g]^T X_col[:, block g]       (the weight-gradient GEMM)
+//   db   += 1^T dY
+//   dX_col[:, block g] = dY[:, group g] W_g,  and dx is dX_col scattered back
+//   (col2im: every patch entry adds into the input pixel it was copied from).
+// A 1x1 convolution with stride 1 and no padding needs no im2col: X_col is x's
+// own matrix view and dX_col is dx.
+//
+// Depthwise convolutions (G = C_in > 1, or a DepthwiseConv2d, so every filter
+// sees one input channel; C_out = m C_in with channel multiplier m) skip the GEMM, which would have
+// K = k k rows per group, and loop directly:
+//   y[p, co] = b[co] + sum_t x[q(p,t), co / m] Wt[t, co]
+//   dWt[t, co] += sum_p dY[p, co] x[q(p,t), co / m]
+//   dx[q(p,t), co / m] += dY[p, co] Wt[t, co]
+// with t = ky k + kx the tap, q(p,t) the input pixel tap t of output pixel p
+// reads, and Wt the weight transposed to [k k, C_out] so that the inner loops
+// run over contiguous channels. Depthwise filters carry Role::depthwise (the
+// "depthwise patch" of K for the price of 1 re-learns exactly these); every
+// other convolution weight carries Role::weight.
+//
+// As for Linear, the layer keeps a pointer to its input: x must stay alive and
+// unchanged until the matching backward. A frozen weight skips its gradient
+// work; a switched-off input gradient skips dX_col and col2im.
+#include <algorithm>
+#include <cstddef>
+#include <string>
+
+#include "patchwork/core/module.hpp"
+#include "patchwork/ops/gemm.hpp"
+
+namespace patchwork {
+
+/// Options of a convolution: `Conv2d(16, 32, 3, {.stride = 2, .padding = 1})`.
+struct Conv2dOptions {
+    std::size_t stride = 1;
+    std::size_t padding = 0;  ///< zeros added on every side
+    std::size_t groups = 1;   ///< groups = in_channels: depthwise
+    bool bias = true;
+};
+
+namespace detail {
+
+/// A square sliding window (convolution kernel or pooling window).
+struct SlidingWindow {
+    std::size_t kernel = 1, stride = 1, padding = 0;
+
+    [[nodiscard]] bool fits(std::size_t in) const noexcept { return in + 2 * padding >= kernel; }
+    [[nodiscard]] std::size_t out(std::size_t in) const noexcept { return (in + 2 * padding - kernel) / stride + 1; }
+    /// The smallest input extent the window fits in.
+    [[nodiscard]] std::size_t min_in() const noexcept { return kernel > 2 * padding ? kernel - 2 * padding : 1; }
+};
+
+/// Where a window slides over one NHWC input: sizes in and out, and the walk
+/// from an output pixel to the input pixels its taps read.
+struct SpatialGeometry {
+    std::size_t batch = 0, h = 0, w = 0, ho = 0, wo = 0;
+    SlidingWindow window;
+
+    SpatialGeometry() = default;
+    SpatialGeometry(const Shape& in, const SlidingWindow& win)
+        : batch(in[0]), h(in[1]), w(in[2]), ho(win.out(in[1])), wo(win.out(in[2])), window(win) {}
+
+    [[nodiscard]] std::size_t in_pixels() const noexcept { return batch * h * w; }
+    [[nodiscard]] std::size_t out_pixels() const noexcept { return batch * ho * wo; }
+    [[nodiscard]] std::size_t taps() const noexcept { return window.kernel * window.kernel; }
+
+    /// f(t, q) for every tap t = ky k + kx of output pixel p (row of [N Ho Wo, C])
+    /// that lands inside the image; q is the input pixel (row of [N H W, C]).
+    /// Taps in the padding are skipped: they read zero.
+    template <class F>
+    void for_each_tap(std::size_t p, F&& f) const {
+        const std::size_t ox = p % wo, oy = (p / wo) % ho, b = p / (wo * ho);
+        const std::size_t k = window.kernel;
+        for (std::size_t ky = 0; ky < k; ++ky) {
+            const std::ptrdiff_t iy = std::ptrdiff_t(oy * window.stride + ky) - std::ptrdiff_t(window.padding);
+            if (iy < 0 || iy >= std::ptrdiff_t(h)) continue;
+            for (std::size_t kx = 0; kx < k; ++kx) {
+                const std::ptrdiff_t ix = std::ptrdiff_t(ox * window.stride + kx) - std::ptrdiff_t(window.padding);
+                if (ix < 0 || ix >= std::ptrdiff_t(w)) continue;
+                f(ky * k + kx, (b * h + std::size_t(iy)) * w + std::size_t(ix));
+            }
+        }
+    }
+};
+
+/// Check that x is a non-empty NHWC tensor with `channels` channels that the window fits in.
+template <class T>
+void check_nhwc(const Tensor<T>& x, std::size_t channels, const SlidingWindow& win, const std::string& path,
+                const char* what) {
+    if (x.rank() == 4 && x.dim(3) == channels && !x.empty() && win.fits(x.dim(1)) && win.fits(x.dim(2))) return;
+    const Shape expected = x.rank() == 4 ? Shape{std::max<std::size_t>(x.dim(0), 1), std::max(x.dim(1), win.min_in()),
+                                                 std::max(x.dim(2), win.min_in()), channels}
+                                         : Shape{std::max<std::size_t>(x.rank() ? x.dim(0) : 1, 1), win.min_in(),
+                                                 win.min_in(), channels};
+    throw_shape_error(path, what, expected, x.shape());
+}
+
+}  // namespace detail
+
+template <class T>
+class BasicConv2d : public ModuleBase {
+public:
+    using Scalar = T;
+    static constexpr const char* kind() { return "conv"; }
+    /// A Conv2d may be depthwise (groups = in_channels), decided at run time;
+    /// BasicDepthwiseConv2d states it in its type.
+    static constexpr unsigned roles = role_bit(Role::weight) | role_bit(Role::depthwise) | role_bit(Role::bias);
+    static constexpr bool fixed_width = true;  ///< out_features() = out_channels
+
+    BasicConv2d(std::size_t in_channels, std::size_t out_channels, std::size_t kernel, Conv2dOptions options = {})
+        : BasicConv2d(in_channels, out_channels, kernel, options, options.groups == in_channels && in_channels > 1) {}
+
+protected:
+    /// `depthwise_filters`: one filter per input channel (requires groups = in_channels).
+    BasicConv2d(std::size_t in_channels, std::size_t out_channels, std::size_t kernel, Conv2dOptions options,
+                bool depthwise_filters)
+        : in_(in_channels), out_(out_channels), options_(validated(in_channels, out_channels, kernel, options)),
+          window_{kernel, options.stride, options.padding}, depthwise_(depthwise_filters),
+          weight("weight", depthwise_filters ? Role::depthwise : Role::weight,
+                 Shape{out_channels, kernel, kernel, in_channels / options.groups}),
+          bias("bias", Role::bias, Shape{options.bias ? out_channels : 0}) {
+        if (!options_.bias) bias.set_trainable(false);
+        reset_parameters(default_rng());
+    }
+
+private:
+    std::size_t in_, out_;
+    Conv2dOptions options_;
+    detail::SlidingWindow window_;
+    bool depthwise_;
+
+public:
+    Parameter<T> weight;  ///< [C_out, k, k, C_in / groups]
+    Parameter<T> bias;    ///< [C_out], or empty when built without bias
+
+    [[nodiscard]] std::size_t in_channels() const noexcept { return in_; }
+    [[nodiscard]] std::size_t out_channels() const noexcept { return out_; }
+    [[nodiscard]] std::size_t out_features() const noexcept { return out_; }
+    [[nodiscard]] std::size_t kernel_size() const noexcept { return window_.kernel; }
+    [[nodiscard]] std::size_t stride() const noexcept { return window_.stride; }
+    [[nodiscard]] std::size_t padding() const noexcept { return window_.padding; }
+    [[nodiscard]] std::size_t groups() const noexcept { return options_.groups; }
+    [[nodiscard]] bool has_bias() const noexcept { return options_.bias; }
+    /// Every filter sees one input channel (groups = in_channels > 1, or built
+    /// as a DepthwiseConv2d). A single-channel dense convolution (a stem on
+    /// grayscale images) is not depthwise: its filters keep Role::weight.
+    [[nodiscard]] bool depthwise() const noexcept { return depthwise_; }
+
+    void reset_parameters(Rng& rng) {
+        // Kaiming-uniform with gain 1 over the filter's fan-in, as for Linear.
+        init::kaiming_uniform(weight.value, rng, geo_taps() * (in_ / options_.groups), 1.0);
+        if (options_.bias) bias.value.zero();
+    }
+
+    const Tensor<T>& forward(const Tensor<T>& x) {
+        detail::check_nhwc(x, in_, window_, path_, "conv input (NHWC)");
+        x_ = x;
+        geo_ = detail::SpatialGeometry(x.shape(), window_);
+        y_.resize(Shape{geo_.batch, geo_.ho, geo_.wo, out_});
+        if (depthwise()) {
+            depthwise_forward(x);
+        } else {
+            const Tensor<T>& cols = pointwise() ? x : im2col(x);
+            for_each_group([&](auto&& col_block, auto&& w_rows, auto&& y_cols) {
+                ops::gemm_nt(col_block, w_rows, y_cols, T(1), T(0));
+            }, cols.matrix(), y_.matrix());
+        }
+        if (options_.bias) y_.matrix().rowwise() += bias.value.vector().transpose();
+        return y_;
+    }
+
+    const Tensor<T>& backward(const Tensor<T>& dy) {
+        check_same_shape(dy, y_.shape(), path_, "conv output gradient");
+        const Tensor<T>& x = x_.get(input_shape(), path_, "conv input");
+        if (options_.bias && bias.wants_grad()) bias.grad.vector() += dy.matrix().colwise().sum().transpose();
+        if (depthwise()) return depthwise_backward(x, dy);
+
+        const Tensor<T>& cols = pointwise() ? x : cols_;
+        if (weight.wants_grad()) {
+            // dW_g += dY_g^T X_col_g, into the [C_out, K] view of the gradient.
+            const std::size_t kg = group_cols(), cog = out_ / options_.groups;
+            MatrixMap<T> dw(weight.grad.data(), Eigen::Index(out_), Eigen::Index(kg));
+            const auto c = cols.matrix();
+            const auto g = dy.matrix();
+            for (std::size_t gi = 0; gi < options_.groups; ++gi)
+                ops::gemm_tn(g.middleCols(Eigen::Index(gi * cog), Eigen::Index(cog)),
+                             c.middleCols(Eigen::Index(gi * kg), Eigen::Index(kg)),
+                             dw.middleRows(Eigen::Index(gi * cog), Eigen::Index(cog)), T(1), T(1));
+        }
+        if (!input_grad_) return empty_;
+        dx_.resize(x.shape());
+        Tensor<T>& dcols = pointwise() ? dx_ : dcols_;
+        if (!pointwise()) dcols_.resize(cols_.shape());
+        const std::size_t kg = group_cols(), cog = out_ / options_.groups;
+        const ConstMatrixMap<T> w(weight.value.data(), Eigen::Index(out_), Eigen::Index(kg));
+        auto dc = dcols.matrix();
+        const auto g = dy.matrix();
+        for (std::size_t gi = 0; gi < options_.groups; ++gi)
+            ops::gemm_nn(g.middleCols(Eigen::Index(gi * cog), Eigen::Index(cog)),
+                         w.middleRows(Eigen::Index(gi * cog), Eigen::Index(cog)),
+                         dc.middleCols(Eigen::Index(gi * kg), Eigen::Index(kg)), T(1), T(0));
+        if (!pointwise()) col2im(dcols_, dx_);
+        return dx_;
+    }
+
+    template <class F>
+    void visit(F&& f) {
+        f(weight);
+        if (options_.bias) f(bias);
+    }
+
+    void set_path(const std::string& p) {
+        path_ = p;
+        weight.set_prefix(p);
+        bias.set_prefix(p);
+    }
+
+private:
+    static Conv2dOptions validated(std::size_t in, std::size_t out, std::size_t kernel, const Conv2dOptions& o) {
+        if (in == 0 || out == 0 || kernel == 0 || o.stride == 0 || o.groups == 0)
+            throw ConfigError(detail::concat("conv: channels, kernel, stride and groups must be positive, got in=", in,
+                                             " out=", out, " kernel=", kernel, " stride=", o.stride,
+                                             " groups=", o.groups));
+        if (in % o.groups != 0 || out % o.groups != 0)
+            throw ConfigError(detail::concat("conv: groups=", o.groups, " must divide in_channels=", in,
+                                             " and out_channels=", out));
+        return o;
+    }
+
+    [[nodiscard]] bool pointwise() const noexcept {
+        return window_.kernel == 1 && window_.stride == 1 && window_.padding == 0;
+    }
+    /// K: columns of X_col per group, k k C_in / groups.
+    [[nodiscard]] std::size_t group_cols() const noexcept { return geo_taps() * (in_ / options_.groups); }
+    [[nodiscard]] std::size_t geo_taps() const noexcept { return window_.kernel * window_.kernel; }
+    [[nodiscard]] Shape input_shape() const { return Shape{geo_.batch, geo_.h, geo_.w, in_}; }
+
+    /// f(X_col block, W rows, Y columns) for each group g.
+    template <class F, class Cols, class Out>
+    void for_each_group(F&& f, const Cols& cols, Out&& y) const {
+        const std::size_t kg = group_cols(), cog = out_ / options_.groups;
+        const ConstMatrixMap<T> w(weight.value.data(), Eigen::Index(out_), Eigen::Index(kg));
+        if (options_.groups == 1) {
+            f(cols, w, y);
+            return;
+        }
+        for (std::size_t gi = 0; gi < options_.groups; ++gi)
+            f(cols.middleCols(Eigen::Index(gi * kg), Eigen::Index(kg)),
+              w.middleRows(Eigen::Index(gi * cog), Eigen::Index(cog)),
+              y.middleCols(Eigen::Index(gi * cog), Eigen::Index(cog)));
+    }
+
+    /// X_col [P, G K], columns (group, tap, channel in group); padding taps stay zero.
+    const Tensor<T>& im2col(const Tensor<T>& x) {
+        const std::size_t groups = options_.groups, cg = in_ / groups, kg = group_cols(), width = groups * kg;
+        cols_.resize(Shape{geo_.out_pixels(), width});
+        for_rows(geo_.out_pixels(), width, [&](std::size_t p) {
+            T* row = cols_.data() + p * width;
+            std::fill(row, row + width, T(0));
+            geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
+                const T* src = x.data() + q * in_;
+                for (std::size_t gi = 0; gi < groups; ++gi)
+                    std::copy(src + gi * cg, src + (gi + 1) * cg, row + gi * kg + t * cg);
+            });
+        });
+        return cols_;
+    }
+
+    /// dx += the rows of dX_col scattered back to the pixels they were copied
+    /// from. One image per task: windows overlap only within an image.
+    void col2im(const Tensor<T>& dcols, Tensor<T>& dx) const {
+        const std::size_t groups = options_.groups, cg = in_ / groups, kg = group_cols(), width = groups * kg;
+        const std::size_t per_image = geo_.ho * geo_.wo;
+        dx.zero();
+        for_rows(geo_.batch, per_image * width, [&](std::size_t b) {
+            for (std::size_t p = b * per_image; p < (b + 1) * per_image; ++p) {
+                const T* row = dcols.data() + p * width;
+                geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
+                    T* dst = dx.data() + q * in_;
+                    for (std::size_t gi = 0; gi < groups; ++gi) {
+                        const T* src = row + gi * kg + t * cg;
+                        for (std::size_t j = 0; j < cg; ++j) dst[gi * cg + j] += src[j];
+                    }
+                });
+            }
+        });
+    }
+
+    /// Wt [k k, C_out]: the weight transposed so that channel loops are contiguous.
+    void transpose_depthwise_weight() {
+        const std::size_t taps = geo_taps();
+        wt_.resize(Shape{taps, out_});
+        for (std::size_t co = 0; co < out_; ++co)
+            for (std::size_t t = 0; t < taps; ++t) wt_[t * out_ + co] = weight.value[co * taps + t];
+    }
+
+    /// f(co, ci) for every output channel co and its input channel ci = co / m,
+    /// without a division per element (m = 1 is a plain, vectorisable loop).
+    template <class F>
+    void for_channels(std::size_t m, F&& f) const {
+        if (m == 1) {
+            for (std::size_t c = 0; c < in_; ++c) f(c, c);
+            return;
+        }
+        for (std::size_t ci = 0, co = 0; ci < in_; ++ci)
+            for (std::size_t j = 0; j < m; ++j, ++co) f(co, ci);
+    }
+
+    void depthwise_forward(const Tensor<T>& x) {
+        transpose_depthwise_weight();
+        const std::size_t m = out_ / in_;
+        for_rows(geo_.out_pixels(), geo_taps() * out_, [&](std::size_t p) {
+            T* __restrict y = y_.data() + p * out_;
+            std::fill(y, y + out_, T(0));
+            geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
+                const T* __restrict xr = x.data() + q * in_;
+                const T* __restrict w = wt_.data() + t * out_;
+                for_channels(m, [&](std::size_t co, std::size_t ci) { y[co] += xr[ci] * w[co]; });
+            });
+        });
+    }
+
+    const Tensor<T>& depthwise_backward(const Tensor<T>& x, const Tensor<T>& dy) {
+        const std::size_t m = out_ / in_, taps = geo_taps();
+        if (weight.wants_grad()) {
+            // Accumulated over all pixels in the transposed layout, then added once.
+            dwt_.resize(wt_.shape());
+            dwt_.zero();
+            for (std::size_t p = 0, n = geo_.out_pixels(); p < n; ++p) {
+                const T* __restrict g = dy.data() + p * out_;
+                geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
+                    const T* __restrict xr = x.data() + q * in_;
+                    T* __restrict dw = dwt_.data() + t * out_;
+                    for_channels(m, [&](std::size_t co, std::size_t ci) { dw[co] += g[co] * xr[ci]; });
+                });
+            }
+            for (std::size_t co = 0; co < out_; ++co)
+                for (std::size_t t = 0; t < taps; ++t) weight.grad[co * taps + t] += dwt_[t * out_ + co];
+        }
+        if (!input_grad_) return empty_;
+        dx_.resize(x.shape());
+        dx_.zero();
+        const std::size_t per_image = geo_.ho * geo_.wo;
+        for_rows(geo_.batch, per_image * taps * out_, [&](std::size_t b) {
+            for (std::size_t p = b * per_image; p < (b + 1) * per_image; ++p) {
+                const T* __restrict g = dy.data() + p * out_;
+                geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
+                    T* __restrict dx = dx_.data() + q * in_;
+                    const T* __restrict w = wt_.data() + t * out_;
+                    for_channels(m, [&](std::size_t co, std::size_t ci) { dx[ci] += g[co] * w[co]; });
+                });
+            }
+        });
+        return dx_;
+    }
+
+    Saved<T> x_;  ///< the last forward's input (not owned)
+    detail::SpatialGeometry geo_;
+    Tensor<T> y_, dx_, cols_, dcols_, wt_, dwt_, empty_;
+};
+
+/// A depthwise convolution: groups = channels, one k x k filter per channel
+/// (times `multiplier` output channels per input channel). Its filters carry
+/// Role::depthwise, which DepthwisePatch trains.
+template <class T>
+class BasicDepthwiseConv2d : public BasicConv2d<T> {
+public:
+    static constexpr const char* kind() { return "depthwiseconv"; }
+    static constexpr unsigned roles = role_bit(Role::depthwise) | role_bit(Role::bias);
+
+    /// `options.groups` is ignored: it is always `channels`.
+    BasicDepthwiseConv2d(std::size_t channels, std::size_t kernel, Conv2dOptions options = {},
+                         std::size_t multiplier = 1)
+        : BasicConv2d<T>(channels, channels * multiplier, kernel, with_groups(options, channels), true) {}
+
+private:
+    static Conv2dOptions with_groups(Conv2dOptions o, std::size_t channels) {
+        o.groups = channels;
+        return o;
+    }
+};
+
+using Conv2d = BasicConv2d<float>;
+using DepthwiseConv2d = BasicDepthwiseConv2d<float>;
+
+}  // namespace patchwork
