@@ -73,6 +73,10 @@ TEST_CASE("linear: backward reads the forward's input in place, and refuses a ch
     CHECK(lin.weight.grad[0] == doctest::Approx(5));
     CHECK(lin.weight.grad[2] == doctest::Approx(9));
 
+    lin.set_input_grad(false);  // no input gradient: an empty tensor, and the weight gradient still accumulates
+    CHECK(lin.backward(dy).empty());
+    CHECK(lin.weight.grad[0] == doctest::Approx(10));
+    lin.set_input_grad(true);
     pw::Linear copy = lin;  // a copy has seen no forward: it must not read lin's input
     CHECK_THROWS_WITH_AS(copy.backward(dy), doctest::Contains("has not seen"), pw::Error);
     pw::Relu relu;

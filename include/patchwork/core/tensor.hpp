@@ -90,6 +90,11 @@ public:
     }
     void fill(T v) noexcept { std::fill(data_.begin(), data_.end(), v); }
     void zero() noexcept { fill(T(0)); }
+    /// No elements (empty() is true), keeping the allocation for the next resize.
+    void clear() noexcept {
+        data_.clear();
+        shape_ = Shape{};
+    }
     /// Release the memory (a frozen parameter's gradient, a freed candidate).
     void release() noexcept {
         std::vector<T, Eigen::aligned_allocator<T>>().swap(data_);

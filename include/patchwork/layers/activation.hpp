@@ -84,7 +84,7 @@ public:
     const Tensor<T>& backward(const Tensor<T>& dy) {
         check_same_shape(dy, y_.shape(), path_, "activation output gradient");
         if (!input_grad_) {
-            dx_.resize(Shape{});
+            dx_.clear();
             return dx_;
         }
         dx_.resize(dy.shape());

@@ -79,7 +79,7 @@ public:
         }
         if (shift.wants_grad()) shift.grad.vector() += dy.matrix().colwise().sum().transpose();
         if (!input_grad_) {
-            dx_.resize(Shape{});
+            dx_.clear();
             return dx_;
         }
         dx_.resize(dy.shape());

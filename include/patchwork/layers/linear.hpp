@@ -74,7 +74,7 @@ public:
         if (weight.wants_grad()) ops::gemm_tn(g, x.matrix(), weight.grad.matrix(), T(1), T(1));
         if (has_bias_ && bias.wants_grad()) bias.grad.vector() += g.colwise().sum().transpose();
         if (!input_grad_) {
-            dx_.resize(Shape{});
+            dx_.clear();
             return dx_;
         }
         dx_.resize(x.shape());
