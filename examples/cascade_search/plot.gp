@@ -42,7 +42,7 @@ set multiplot layout 2,3 title sprintf('softmax(alpha) during the search, lambda
 set xlabel 'search step'
 set ylabel 'gate'
 set yrange [0:1]
-set key top left
+set key inside top right
 names = 'enhancer.block0 enhancer.linear1 recogniser.block0 recogniser.linear1 understander.block0 understander.linear1'
 do for [m = 0:5] {
     set title word(names, m + 1)
