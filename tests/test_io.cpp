@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "temp_dir.hpp"
 #include "patchwork/io/dataset.hpp"
 #include "patchwork/io/idx.hpp"
 
@@ -22,23 +23,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-/// A fresh directory under the system temp dir, removed with its contents.
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::random_device rd;
-        const auto stamp = std::chrono::steady_clock::now().time_since_epoch().count();
-        path = fs::temp_directory_path() /
-               ("patchwork_test_io_" + std::to_string(stamp) + "_" + std::to_string(rd()));
-        fs::create_directories(path);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(path, ec);
-    }
-    fs::path operator/(const std::string& name) const { return path / name; }
+struct TempDir : patchwork::testing::TempDir {
+    TempDir() : patchwork::testing::TempDir("patchwork_test_io") {}
 };
 
 using Bytes = std::vector<std::uint8_t>;

@@ -19,6 +19,7 @@
 #include "patchwork/layers/linear.hpp"
 #include "patchwork/policies/adapter.hpp"
 #include "patchwork/policies/tune.hpp"
+#include "temp_dir.hpp"
 #include "patchwork/io/safetensors.hpp"
 
 namespace pw = patchwork;
@@ -26,30 +27,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-/// A fresh directory under the system temp dir, removed with its contents.
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        std::random_device rd;
-        const auto stamp = std::chrono::steady_clock::now().time_since_epoch().count();
-        path = fs::temp_directory_path() /
-               ("patchwork_test_safetensors_" + std::to_string(stamp) + "_" + std::to_string(rd()));
-        fs::create_directories(path);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    ~TempDir() {
-        std::error_code ec;
-        fs::permissions(path, fs::perms::owner_all, fs::perm_options::add, ec);
-        fs::remove_all(path, ec);
-    }
-    fs::path operator/(const std::string& name) const { return path / name; }
-    /// Names of the files in the directory (to find leftover temporary files).
-    [[nodiscard]] std::set<std::string> listing() const {
-        std::set<std::string> names;
-        for (const auto& e : fs::directory_iterator(path)) names.insert(e.path().filename().string());
-        return names;
-    }
+struct TempDir : patchwork::testing::TempDir {
+    TempDir() : patchwork::testing::TempDir("patchwork_test_safetensors") {}
 };
 
 using Bytes = std::vector<std::uint8_t>;

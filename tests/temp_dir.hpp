@@ -1,0 +1,38 @@
+#pragma once
+// A fresh directory under the system temp dir for tests that write files,
+// removed with its contents when the object goes out of scope.
+#include <chrono>
+#include <filesystem>
+#include <random>
+#include <set>
+#include <string>
+#include <system_error>
+
+namespace patchwork::testing {
+
+/// A fresh directory under the system temp dir, removed with its contents.
+struct TempDir {
+    std::filesystem::path path;
+    explicit TempDir(const std::string& prefix = "patchwork_test") {
+        std::random_device rd;
+        const auto stamp = std::chrono::steady_clock::now().time_since_epoch().count();
+        path = std::filesystem::temp_directory_path() /
+               (prefix + "_" + std::to_string(stamp) + "_" + std::to_string(rd()));
+        std::filesystem::create_directories(path);
+    }
+    TempDir(const TempDir&) = delete;
+    TempDir& operator=(const TempDir&) = delete;
+    ~TempDir() {
+        std::error_code ec;
+        std::filesystem::remove_all(path, ec);
+    }
+    std::filesystem::path operator/(const std::string& name) const { return path / name; }
+    /// The names of the files in the directory.
+    [[nodiscard]] std::set<std::string> listing() const {
+        std::set<std::string> names;
+        for (const auto& e : std::filesystem::directory_iterator(path)) names.insert(e.path().filename().string());
+        return names;
+    }
+};
+
+}  // namespace patchwork::testing
