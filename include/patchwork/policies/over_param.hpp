@@ -307,7 +307,7 @@ public:
         inner_.set_input_grad(input_grad_);
         const Tensor<T>& dx = inner_.backward(dy);  // checks dy; db and dX = dY W
         bool any = false;
-        for (std::size_t j = 0; j < depth; ++j) any = any || param(j, task_).trainable();
+        for (std::size_t j = 0; j < depth; ++j) any = any || param(j, task_).wants_grad();
         if (!any) return dx;
         const Tensor<T>& x = inner_.last_input();
         dw_.resize(Shape{inner_.out_features(), inner_.in_features()});
@@ -466,13 +466,13 @@ private:
     void factor_grads(std::size_t t, const DP& dp) {
         using T = Scalar;
         const std::size_t last = depth - 1;
-        if (chain_param<Flip>(last, t).trainable())
+        if (chain_param<Flip>(last, t).wants_grad())
             with_prefix<Flip>(prefix_, last, t, [&](const auto& left) {
                 ops::gemm_tn(left, dp, chain_grad<Flip>(last, t), T(1), T(1));  // dG_K = P_{K-1}^T dP
             });
         const auto earlier_trains = [&](std::size_t j) {  // any of G_0 .. G_{j-1} trainable
             for (std::size_t i = 0; i < j; ++i)
-                if (chain_param<Flip>(i, t).trainable()) return true;
+                if (chain_param<Flip>(i, t).wants_grad()) return true;
             return false;
         };
         if (!earlier_trains(last)) return;
@@ -480,7 +480,7 @@ private:
         e_.resize(Shape{a, width_});
         ops::gemm_nt(dp, chain<Flip>(last, t), e_.matrix(), T(1), T(0));  // E = dP G_K^T
         for (std::size_t j = last - 1; j >= 1; --j) {
-            if (chain_param<Flip>(j, t).trainable())
+            if (chain_param<Flip>(j, t).wants_grad())
                 with_prefix<Flip>(prefix_, j, t, [&](const auto& left) {
                     ops::gemm_tn(left, e_.matrix(), chain_grad<Flip>(j, t), T(1), T(1));  // dG_j = P_{j-1}^T E
                 });
