@@ -25,6 +25,9 @@
 #include "patchwork/compose/repeat.hpp"
 #include "patchwork/compose/sequential.hpp"
 
+#include "patchwork/multitask/multitask.hpp"
+#include "patchwork/multitask/train.hpp"
+
 #include "patchwork/policies/adapter.hpp"
 #include "patchwork/policies/bias_only.hpp"
 #include "patchwork/policies/depthwise_patch.hpp"
