@@ -76,6 +76,15 @@ inline patchwork::Tensor<float> random_tensor(const patchwork::Shape& shape, std
     return t;
 }
 
+/// The comma-separated items of `s`, empty items dropped.
+inline std::vector<std::string> split(const std::string& s) {
+    std::vector<std::string> out;
+    std::stringstream ss(s);
+    for (std::string item; std::getline(ss, item, ',');)
+        if (!item.empty()) out.push_back(item);
+    return out;
+}
+
 /// Quantile q in [0, 1] of the values (sorted copy, nearest rank).
 inline double quantile(std::vector<double> v, double q) {
     if (v.empty()) return 0;

@@ -32,14 +32,6 @@ struct Options {
     double min_time = 2.0;
 };
 
-std::vector<std::string> split(const std::string& s) {
-    std::vector<std::string> out;
-    std::stringstream ss(s);
-    for (std::string item; std::getline(ss, item, ',');)
-        if (!item.empty()) out.push_back(item);
-    return out;
-}
-
 template <class Model>
 void measure(Model& model, std::string_view policy, std::size_t batch, const Options& o, int threads) {
     bench::TrainStep<Model> step(model, batch);
@@ -80,8 +72,8 @@ int main(int argc, char** argv) {
         if (k == "--threads") setenv("BENCH_THREADS", v.c_str(), 1);
         else if (k == "--batches") {
             o.batches.clear();
-            for (const auto& b : split(v)) o.batches.push_back(std::size_t(std::stoul(b)));
-        } else if (k == "--policies") o.policies = split(v);
+            for (const auto& b : bench::split(v)) o.batches.push_back(std::size_t(std::stoul(b)));
+        } else if (k == "--policies") o.policies = bench::split(v);
         else if (k == "--warmup") o.warmup = std::stoi(v);
         else if (k == "--steps") o.steps = std::stoi(v);
         else if (k == "--min-time") o.min_time = std::stod(v);

@@ -23,14 +23,6 @@ namespace {
 
 namespace pw = patchwork;
 
-std::vector<std::string> split(const std::string& s) {
-    std::vector<std::string> out;
-    std::stringstream ss(s);
-    for (std::string item; std::getline(ss, item, ',');)
-        if (!item.empty()) out.push_back(item);
-    return out;
-}
-
 template <class Model>
 void phases(Model& model, std::string_view policy, std::size_t batch, int steps) {
     // The same data and optimiser as TrainStep, driven phase by phase.
@@ -91,8 +83,8 @@ int main(int argc, char** argv) {
         const std::string k = argv[i], v = argv[i + 1];
         if (k == "--batches") {
             batches.clear();
-            for (const auto& b : split(v)) batches.push_back(std::size_t(std::stoul(b)));
-        } else if (k == "--policies") policies = split(v);
+            for (const auto& b : bench::split(v)) batches.push_back(std::size_t(std::stoul(b)));
+        } else if (k == "--policies") policies = bench::split(v);
         else if (k == "--steps") steps = std::stoi(v);
         else {
             std::cerr << "usage: step_phases [--batches 64,1024] [--policies adapter,lora,finetune] [--steps 200]\n";

@@ -1,12 +1,17 @@
 #pragma once
-// A fresh directory under the system temp dir for tests that write files,
-// removed with its contents when the object goes out of scope.
+// Helpers of the tests that write and read files: a fresh directory under the
+// system temp dir, removed with its contents when the object goes out of scope,
+// and CHECK_IO_ERROR, which checks that an IoError names the file and the problem.
 #include <chrono>
 #include <filesystem>
 #include <random>
 #include <set>
 #include <string>
 #include <system_error>
+
+#include <doctest/doctest.h>
+
+#include "patchwork/core/error.hpp"
 
 namespace patchwork::testing {
 
@@ -35,4 +40,24 @@ struct TempDir {
     }
 };
 
+/// The message of the IoError `f` throws (other exceptions propagate).
+template <class F>
+std::string io_error(F&& f) {
+    try {
+        f();
+    } catch (const IoError& e) {
+        return e.what();
+    }
+    return "(no IoError thrown)";
+}
+
 }  // namespace patchwork::testing
+
+// The message must name the file and say what is wrong.
+#define CHECK_IO_ERROR(expr, path, word)                                            \
+    do {                                                                            \
+        const std::string msg_ = patchwork::testing::io_error([&] { (void)(expr); }); \
+        INFO("message: ", msg_);                                                    \
+        CHECK(msg_.find((path).string()) != std::string::npos);                     \
+        CHECK(msg_.find(word) != std::string::npos);                                \
+    } while (0)

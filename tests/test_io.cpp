@@ -62,27 +62,7 @@ Bytes read_all(const fs::path& path) {
     return Bytes(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
 }
 
-/// The message of the IoError `f` throws (other exceptions propagate).
-template <class F>
-std::string io_error(F&& f) {
-    try {
-        f();
-    } catch (const pw::IoError& e) {
-        return e.what();
-    }
-    return "(no IoError thrown)";
-}
-
 }  // namespace
-
-// The message must name the file and say what is wrong.
-#define CHECK_IO_ERROR(expr, path, word)                                  \
-    do {                                                                  \
-        const std::string msg_ = io_error([&] { (void)(expr); });         \
-        INFO("message: ", msg_);                                          \
-        CHECK(msg_.find((path).string()) != std::string::npos);           \
-        CHECK(msg_.find(word) != std::string::npos);                      \
-    } while (0)
 
 TEST_CASE("idx: plain and gzip files round-trip") {
     TempDir dir;

@@ -68,32 +68,12 @@ Bytes f32_bytes(std::initializer_list<float> values) {
     return out;
 }
 
-/// The message of the IoError `f` throws (other exceptions propagate).
-template <class F>
-std::string io_error(F&& f) {
-    try {
-        f();
-    } catch (const pw::IoError& e) {
-        return e.what();
-    }
-    return "(no IoError thrown)";
-}
-
 template <class T>
 bool same_values(const pw::Tensor<T>& a, const pw::Tensor<T>& b) {
     return a.shape() == b.shape() && std::equal(a.begin(), a.end(), b.begin());
 }
 
 }  // namespace
-
-// The message must name the file and say what is wrong.
-#define CHECK_IO_ERROR(expr, path, word)                                  \
-    do {                                                                  \
-        const std::string msg_ = io_error([&] { (void)(expr); });         \
-        INFO("message: ", msg_);                                          \
-        CHECK(msg_.find((path).string()) != std::string::npos);           \
-        CHECK(msg_.find(word) != std::string::npos);                      \
-    } while (0)
 
 TEST_CASE("safetensors: float and double tensors round-trip exactly, with metadata") {
     TempDir dir;
@@ -567,7 +547,7 @@ TEST_CASE("safetensors: base and patch files split a model, and loading checks n
         scramble(narrow, 13);
         std::vector<pw::Tensor<float>> before;
         narrow.visit([&](auto& p) { before.push_back(p.value); });
-        const std::string msg = io_error([&] { pw::load_patch(narrow, patch); });
+        const std::string msg = patchwork::testing::io_error([&] { pw::load_patch(narrow, patch); });
         INFO("message: ", msg);
         CHECK(msg.find(patch.string()) != std::string::npos);
         CHECK(msg.find("shape mismatch") != std::string::npos);
