@@ -12,6 +12,7 @@ Policies:
     lora      peft LoraConfig(r=8, lora_alpha=16, target the two body Linears,
               modules_to_save=["head"]): LoRA factors and head train, the rest frozen
     finetune  everything trains
+    head      body frozen, only the head trains
 One step = zero_grad, forward, cross-entropy (mean over the batch), backward,
 AdamW step (lr 1e-3, weight decay 0.01). Input: a pool of 16384 random samples
 with random labels in memory, cycled batch by batch (no data loading).
@@ -38,6 +39,9 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--steps", type=int, default=200, help="timed steps at batch 64 (fewer for larger batches)")
     p.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps per configuration at least")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: the same steps on the GPU (benchmarks/gpu/step_gpu is the patchwork side); "
+                        "each timed step ends with torch.cuda.synchronize()")
     p.add_argument("--gemm", action="store_true",
                    help="also time torch.mm (PyTorch's BLAS) at the GEMM-peak sizes of bench_layers "
                         "and at the first layer's forward shape")
@@ -93,6 +97,11 @@ class Model(nn.Module):
 def build(policy):
     if policy == "finetune":
         return Model()
+    if policy == "head":  # body frozen, only the head trains (the GPU comparison's second policy)
+        m = Model()
+        for p in m.body.parameters():
+            p.requires_grad_(False)
+        return m
     if policy == "adapter":
         m = Model(adapter=True)
         for p in m.body.parameters():
@@ -114,7 +123,7 @@ def quantile(values, q):
 
 def measure(policy, batch):
     torch.manual_seed(0)
-    model = build(policy)
+    model = build(policy).to(args.device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
@@ -124,8 +133,9 @@ def measure(policy, batch):
     # batch (which drives gradients and Adam's second moments into denormals).
     nb = max(1, POOL_SAMPLES // batch)
     gen = torch.Generator().manual_seed(1)
-    xs = torch.randn(nb, batch, IN, generator=gen)
-    ys = torch.randint(0, OUT, (nb, batch), generator=gen)
+    xs = torch.randn(nb, batch, IN, generator=gen).to(args.device)
+    ys = torch.randint(0, OUT, (nb, batch), generator=gen).to(args.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     loss_fn = nn.CrossEntropyLoss()
     it = [0]
     last = [0.0]
@@ -141,14 +151,17 @@ def measure(policy, batch):
 
     for _ in range(args.warmup):
         step()
+    sync()
     times = []
     steps = max(20, args.steps * 64 // batch)
     start = time.perf_counter()
     while len(times) < steps or (time.perf_counter() - start < args.min_time and len(times) < 50 * steps):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    print(f"STEP impl=torch policy={policy} batch={batch} median_ms={statistics.median(times):.4f} "
+    impl = "torch-cuda" if args.device == "cuda" else "torch"
+    print(f"STEP impl={impl} policy={policy} batch={batch} median_ms={statistics.median(times):.4f} "
           f"p10_ms={quantile(times, 0.1):.4f} p90_ms={quantile(times, 0.9):.4f} steps={len(times)} "
           f"trainable={trainable} threads={args.threads} loss={float(last[0]):.4f}",
           flush=True)

@@ -14,8 +14,9 @@ namespace patchwork::detail {
 /// `has_trainable(i)`: child i holds a trainable parameter.
 /// `set_input_grad(i, on)`: tell child i whether its input gradient is needed.
 /// `backward(i, dy)`: run child i's backward, returning its input gradient.
-template <class T, class HasTrainable, class SetInputGrad, class Backward>
-const Tensor<T>& chain_backward(std::size_t n, bool want_input_grad, const Tensor<T>& dy, const Tensor<T>& empty,
+template <class T, class D, class HasTrainable, class SetInputGrad, class Backward>
+const Tensor<T, D>& chain_backward(std::size_t n, bool want_input_grad, const Tensor<T, D>& dy,
+                                   const Tensor<T, D>& empty,
                                 HasTrainable&& has_trainable, SetInputGrad&& set_input_grad, Backward&& backward) {
     std::size_t stop = 0;
     if (!want_input_grad) {
@@ -26,7 +27,7 @@ const Tensor<T>& chain_backward(std::size_t n, bool want_input_grad, const Tenso
                 break;
             }
     }
-    const Tensor<T>* g = &dy;
+    const Tensor<T, D>* g = &dy;
     for (std::size_t i = n; i-- > stop;) {
         set_input_grad(i, want_input_grad || i > stop);
         g = &backward(i, *g);

@@ -22,6 +22,10 @@ public:
     using Scalar = typename std::tuple_element_t<0, std::tuple<Ms...>>::Scalar;
     static_assert((std::is_same_v<typename Ms::Scalar, Scalar> && ...),
                   "patchwork::Sequential: every module must use the same scalar type (all float or all double)");
+    using Device = device_of_t<std::tuple_element_t<0, std::tuple<Ms...>>>;
+    static_assert((std::is_same_v<device_of_t<Ms>, Device> && ...),
+                  "patchwork::Sequential: every module must run on the same device (all Cpu or all Cuda)");
+    using TensorType = Tensor<Scalar, Device>;
     static_assert((Module<Ms> && ...), "patchwork::Sequential: every element must satisfy patchwork::Module");
 
     static constexpr const char* kind() { return "block"; }
@@ -45,13 +49,13 @@ public:
         return w;
     }
 
-    const Tensor<Scalar>& forward(const Tensor<Scalar>& x) {
-        const Tensor<Scalar>* cur = &x;
+    const TensorType& forward(const TensorType& x) {
+        const TensorType* cur = &x;
         std::apply([&](auto&... c) { ((cur = &c.forward(*cur)), ...); }, children_);
         return *cur;
     }
 
-    const Tensor<Scalar>& backward(const Tensor<Scalar>& dy) {
+    const TensorType& backward(const TensorType& dy) {
         return detail::chain_backward<Scalar>(
             size(), input_grad_, dy, empty_,
             [&](std::size_t i) {
@@ -60,8 +64,8 @@ public:
                 return t;
             },
             [&](std::size_t i, bool on) { with_child(i, [&](auto& c) { c.set_input_grad(on); }); },
-            [&](std::size_t i, const Tensor<Scalar>& g) -> const Tensor<Scalar>& {
-                const Tensor<Scalar>* out = nullptr;
+            [&](std::size_t i, const TensorType& g) -> const TensorType& {
+                const TensorType* out = nullptr;
                 with_child(i, [&](auto& c) { out = &c.backward(g); });
                 return *out;
             });
@@ -104,7 +108,7 @@ private:
     }
 
     std::tuple<Ms...> children_;
-    Tensor<Scalar> empty_;
+    TensorType empty_;
 };
 
 }  // namespace patchwork

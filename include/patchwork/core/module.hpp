@@ -25,17 +25,37 @@
 namespace patchwork {
 
 /// A visitor used only to state the Module concept.
-template <class T>
+template <class T, class D = Cpu>
 struct ParameterVisitorArchetype {
-    void operator()(Parameter<T>&) const {}
+    void operator()(Parameter<T, D>&) const {}
 };
 
+namespace detail {
 template <class M>
-concept Module = requires(M& m, const M& cm, const Tensor<typename M::Scalar>& t, const std::string& s) {
+struct device_of {
+    using type = Cpu;
+};
+template <class M>
+    requires requires { typename M::Device; }
+struct device_of<M> {
+    using type = typename M::Device;
+};
+}  // namespace detail
+
+/// The device a module runs on: its `Device` member type, Cpu when it has none.
+template <class M>
+using device_of_t = typename detail::device_of<M>::type;
+
+/// The tensor type a module takes and returns.
+template <class M>
+using tensor_of_t = Tensor<typename M::Scalar, device_of_t<M>>;
+
+template <class M>
+concept Module = requires(M& m, const M& cm, const tensor_of_t<M>& t, const std::string& s) {
     typename M::Scalar;
-    { m.forward(t) } -> std::convertible_to<const Tensor<typename M::Scalar>&>;
-    { m.backward(t) } -> std::convertible_to<const Tensor<typename M::Scalar>&>;
-    m.visit(ParameterVisitorArchetype<typename M::Scalar>{});
+    { m.forward(t) } -> std::convertible_to<const tensor_of_t<M>&>;
+    { m.backward(t) } -> std::convertible_to<const tensor_of_t<M>&>;
+    m.visit(ParameterVisitorArchetype<typename M::Scalar, device_of_t<M>>{});
     m.set_path(s);
     { cm.path() } -> std::convertible_to<const std::string&>;
     { cm.out_features() } -> std::convertible_to<std::size_t>;
@@ -69,7 +89,7 @@ protected:
 /// backward (its input, or a wrapped module's output). Copying or moving the
 /// module does not carry it over: the copy has seen no forward yet, and a
 /// backward before one reports that instead of reading another module's buffer.
-template <class T>
+template <class T, class D = Cpu>
 class Saved {
 public:
     Saved() = default;
@@ -78,13 +98,13 @@ public:
         ptr_ = nullptr;
         return *this;
     }
-    Saved& operator=(const Tensor<T>& t) noexcept {
+    Saved& operator=(const Tensor<T, D>& t) noexcept {
         ptr_ = &t;
         return *this;
     }
     [[nodiscard]] explicit operator bool() const noexcept { return ptr_ != nullptr; }
     /// The saved tensor, checked: it exists and still has the shape forward saw.
-    [[nodiscard]] const Tensor<T>& get(const Shape& expected, const std::string& path, const char* what) const {
+    [[nodiscard]] const Tensor<T, D>& get(const Shape& expected, const std::string& path, const char* what) const {
         if (ptr_ == nullptr || !(ptr_->shape() == expected))
             throw Error(detail::concat(detail::display_path(path), ": backward needs the ", what,
                                        " of the last forward, which ",
@@ -94,11 +114,11 @@ public:
                                        " (keep a module's input alive and unchanged until its backward)"));
         return *ptr_;
     }
-    [[nodiscard]] const Tensor<T>& operator*() const noexcept { return *ptr_; }
-    [[nodiscard]] const Tensor<T>* operator->() const noexcept { return ptr_; }
+    [[nodiscard]] const Tensor<T, D>& operator*() const noexcept { return *ptr_; }
+    [[nodiscard]] const Tensor<T, D>* operator->() const noexcept { return ptr_; }
 
 private:
-    const Tensor<T>* ptr_ = nullptr;
+    const Tensor<T, D>* ptr_ = nullptr;
 };
 
 /// Calls f(module) on `m` and on every module inside it, depth first, parents
@@ -163,7 +183,7 @@ template <class M>
 /// Pointers to every trainable parameter, in visiting order (for optimisers).
 template <class M>
 [[nodiscard]] auto trainable_parameters(M& m) {
-    std::vector<Parameter<typename M::Scalar>*> out;
+    std::vector<Parameter<typename M::Scalar, device_of_t<M>>*> out;
     m.visit([&](auto& p) {
         if (p.trainable()) out.push_back(&p);
     });

@@ -75,10 +75,12 @@ private:
 /// Owner task of a shared parameter (multi-task models give patches a task id >= 0).
 inline constexpr int shared_task = -1;
 
-template <class T>
+/// A parameter's value and gradient live on Device (Cpu, or Cuda with the CUDA backend).
+template <class T, class D = Cpu>
 class Parameter {
 public:
     using Scalar = T;
+    using Device = D;
 
     Parameter() = default;
     Parameter(std::string leaf, Role role, const Shape& shape, bool trainable = true, int task = shared_task)
@@ -86,8 +88,8 @@ public:
         set_trainable(trainable);
     }
 
-    Tensor<T> value;
-    Tensor<T> grad;  ///< empty unless trainable
+    Tensor<T, D> value;
+    Tensor<T, D> grad;  ///< empty unless trainable
 
     /// Full dotted path, e.g. "stage0.linear2.weight".
     [[nodiscard]] const std::string& name() const noexcept { return name_; }
@@ -109,12 +111,12 @@ public:
     void set_trainable(bool on) {
         trainable_ = on;
         if (on) {
-            if (!(grad.shape() == value.shape())) grad = Tensor<T>(value.shape());
+            if (!(grad.shape() == value.shape())) grad = Tensor<T, D>(value.shape());
         } else {
             grad.release();
         }
     }
-    void zero_grad() noexcept {
+    void zero_grad() {
         if (trainable_) grad.zero();
     }
 

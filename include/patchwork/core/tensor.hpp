@@ -19,7 +19,9 @@
 
 namespace patchwork {
 
-/// Device tags. Cuda tensors are provided by the CUDA backend.
+/// Device tags. Tensor<T, Cuda> is defined by the CUDA backend
+/// (patchwork/cuda/tensor.hpp); modules whose Device is Cuda run their
+/// forward and backward on the GPU.
 struct Cpu {};
 struct Cuda {};
 
@@ -126,15 +128,15 @@ private:
 }
 
 /// Check that `t` is at least a matrix whose last dimension is `cols`.
-template <class T>
-void check_cols(const Tensor<T>& t, std::size_t cols, const std::string& path, const char* what) {
+template <class T, class D>
+void check_cols(const Tensor<T, D>& t, std::size_t cols, const std::string& path, const char* what) {
     if (t.rank() < 1 || t.cols() != cols || t.empty())
         throw_shape_error(path, what, t.rank() ? t.shape().with_back(cols) : Shape{0, cols}, t.shape());
 }
 
 /// Check that two tensors have equal shapes.
-template <class T>
-void check_same_shape(const Tensor<T>& a, const Shape& expected, const std::string& path, const char* what) {
+template <class T, class D>
+void check_same_shape(const Tensor<T, D>& a, const Shape& expected, const std::string& path, const char* what) {
     if (!(a.shape() == expected)) throw_shape_error(path, what, expected, a.shape());
 }
 

@@ -8,11 +8,16 @@
 // The module keeps its output and a pointer to its input: the input must stay
 // alive and unchanged until the matching backward (the usual saved-tensor
 // contract; inside a model the input is the previous module's output buffer).
+//
+// Device = Cuda applies the same functor's math in a kernel (kernels/ops.cuh
+// holds a device version of each value/grad pair, checked against these).
 #include <cmath>
 #include <numbers>
 #include <string>
+#include <type_traits>
 
 #include "patchwork/core/module.hpp"
+#include "patchwork/ops/cuda_ops.hpp"
 
 namespace patchwork {
 
@@ -54,10 +59,11 @@ struct Tanh {
 
 }  // namespace activation
 
-template <class T, class Fn>
+template <class T, class Fn, class D = Cpu>
 class BasicActivation : public ModuleBase {
 public:
     using Scalar = T;
+    using Device = D;
     using Function = Fn;
     static constexpr const char* kind() { return Fn::name; }
     static constexpr unsigned roles = 0;
@@ -69,10 +75,35 @@ public:
     void visit(F&&) noexcept {}
     void set_path(const std::string& p) { path_ = p; }
 
-    const Tensor<T>& forward(const Tensor<T>& x) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x) {
         if (x.empty()) throw_shape_error(path_, "activation input", Shape{1}, x.shape());
         x_ = x;
         y_.resize(x.shape());
+        if constexpr (std::is_same_v<D, Cuda>) {
+            cuda::activation_forward<Fn>(x, y_, path_);
+            return y_;
+        } else {
+            return cpu_forward(x);
+        }
+    }
+
+    const Tensor<T, D>& backward(const Tensor<T, D>& dy) {
+        check_same_shape(dy, y_.shape(), path_, "activation output gradient");
+        if (!input_grad_) {
+            dx_.clear();
+            return dx_;
+        }
+        dx_.resize(dy.shape());
+        if constexpr (std::is_same_v<D, Cuda>) {
+            cuda::activation_backward<Fn>(dy, x_.get(y_.shape(), path_, "activation input"), y_, dx_, path_);
+            return dx_;
+        } else {
+            return cpu_backward(dy);
+        }
+    }
+
+private:
+    const Tensor<T>& cpu_forward(const Tensor<T>& x) {
         const T* __restrict in = x.data();
         T* __restrict out = y_.data();
         for_range(x.size(), [&](std::size_t b, std::size_t e) {
@@ -81,13 +112,7 @@ public:
         return y_;
     }
 
-    const Tensor<T>& backward(const Tensor<T>& dy) {
-        check_same_shape(dy, y_.shape(), path_, "activation output gradient");
-        if (!input_grad_) {
-            dx_.clear();
-            return dx_;
-        }
-        dx_.resize(dy.shape());
+    const Tensor<T>& cpu_backward(const Tensor<T>& dy) {
         const T* __restrict x = x_.get(y_.shape(), path_, "activation input").data();
         const T* __restrict y = y_.data();
         const T* __restrict g = dy.data();
@@ -98,17 +123,16 @@ public:
         return dx_;
     }
 
-private:
-    Saved<T> x_;  ///< the last forward's input (not owned)
-    Tensor<T> y_, dx_;
+    Saved<T, D> x_;  ///< the last forward's input (not owned)
+    Tensor<T, D> y_, dx_;
 };
 
-template <class T>
-using BasicRelu = BasicActivation<T, activation::Relu>;
-template <class T>
-using BasicGelu = BasicActivation<T, activation::Gelu>;
-template <class T>
-using BasicTanh = BasicActivation<T, activation::Tanh>;
+template <class T, class D = Cpu>
+using BasicRelu = BasicActivation<T, activation::Relu, D>;
+template <class T, class D = Cpu>
+using BasicGelu = BasicActivation<T, activation::Gelu, D>;
+template <class T, class D = Cpu>
+using BasicTanh = BasicActivation<T, activation::Tanh, D>;
 
 using Relu = BasicRelu<float>;
 using Gelu = BasicGelu<float>;

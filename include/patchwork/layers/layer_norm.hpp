@@ -10,17 +10,23 @@
 //   because sum_i (x_i - mu) = 0):
 //   dL/dx_j = s gh_j - s/D sum_i gh_i - s xh_j / D sum_i gh_i xh_i
 //           = s (gh_j - mean(gh) - xh_j mean(gh * xh)).
+//
+// Device = Cuda computes the same formulas in kernels, one block per row
+// (cuda::layer_norm_forward / layer_norm_backward).
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "patchwork/core/module.hpp"
+#include "patchwork/ops/cuda_ops.hpp"
 
 namespace patchwork {
 
-template <class T>
+template <class T, class D = Cpu>
 class BasicLayerNorm : public ModuleBase {
 public:
     using Scalar = T;
+    using Device = D;
     static constexpr const char* kind() { return "layernorm"; }
     static constexpr unsigned roles = role_bit(Role::norm_scale) | role_bit(Role::norm_shift);
     static constexpr bool fixed_width = true;
@@ -38,8 +44,8 @@ private:
     double eps_;
 
 public:
-    Parameter<T> scale;  ///< gamma, [D]
-    Parameter<T> shift;  ///< beta, [D]
+    Parameter<T, D> scale;  ///< gamma, [D]
+    Parameter<T, D> shift;  ///< beta, [D]
 
     [[nodiscard]] std::size_t out_features() const noexcept { return features_; }
     [[nodiscard]] double eps() const noexcept { return eps_; }
@@ -49,12 +55,48 @@ public:
         shift.value.zero();
     }
 
-    const Tensor<T>& forward(const Tensor<T>& x) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x) {
         check_cols(x, features_, path_, "layernorm input");
-        const std::size_t n = x.rows(), d = features_;
         xhat_.resize(x.shape());
         y_.resize(x.shape());
-        inv_std_.resize(Shape{n});
+        inv_std_.resize(Shape{x.rows()});
+        if constexpr (std::is_same_v<D, Cuda>) {
+            cuda::layer_norm_forward(x, scale.value, shift.value, eps_, xhat_, inv_std_, y_, path_);
+            return y_;
+        } else {
+            return cpu_forward(x);
+        }
+    }
+
+    const Tensor<T, D>& backward(const Tensor<T, D>& dy) {
+        check_same_shape(dy, xhat_.shape(), path_, "layernorm output gradient");
+        if constexpr (std::is_same_v<D, Cuda>) {
+            if (input_grad_) dx_.resize(dy.shape());
+            else dx_.clear();
+            cuda::layer_norm_backward(dy, xhat_, inv_std_, scale.value, scale.wants_grad() ? &scale.grad : nullptr,
+                                      shift.wants_grad() ? &shift.grad : nullptr, input_grad_ ? &dx_ : nullptr,
+                                      path_);
+            return dx_;
+        } else {
+            return cpu_backward(dy);
+        }
+    }
+
+    template <class F>
+    void visit(F&& f) {
+        f(scale);
+        f(shift);
+    }
+
+    void set_path(const std::string& p) {
+        path_ = p;
+        scale.set_prefix(p);
+        shift.set_prefix(p);
+    }
+
+private:
+    const Tensor<T>& cpu_forward(const Tensor<T>& x) {
+        const std::size_t n = x.rows(), d = features_;
         const RowMap gamma(scale.value.data(), Eigen::Index(d)), beta(shift.value.data(), Eigen::Index(d));
         // Per row: Eigen's vectorised (pairwise) reductions, rows split across threads.
         for_rows(n, d, [&](std::size_t r) {
@@ -70,8 +112,7 @@ public:
         return y_;
     }
 
-    const Tensor<T>& backward(const Tensor<T>& dy) {
-        check_same_shape(dy, xhat_.shape(), path_, "layernorm output gradient");
+    const Tensor<T>& cpu_backward(const Tensor<T>& dy) {
         const std::size_t n = dy.rows(), d = features_;
         if (scale.wants_grad()) {
             auto gs = scale.grad.vector();
@@ -94,22 +135,9 @@ public:
         return dx_;
     }
 
-    template <class F>
-    void visit(F&& f) {
-        f(scale);
-        f(shift);
-    }
-
-    void set_path(const std::string& p) {
-        path_ = p;
-        scale.set_prefix(p);
-        shift.set_prefix(p);
-    }
-
-private:
     using RowMap = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
     using OutMap = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
-    Tensor<T> xhat_, y_, dx_, inv_std_;
+    Tensor<T, D> xhat_, y_, dx_, inv_std_;
 };
 
 using LayerNorm = BasicLayerNorm<float>;

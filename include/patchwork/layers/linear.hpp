@@ -12,18 +12,24 @@
 // The layer keeps a pointer to its input rather than a copy: x must stay alive
 // and unchanged until the matching backward (inside a model it is the previous
 // module's output buffer, which only that module's next forward rewrites).
+//
+// Device = Cuda runs the same three products with cuBLAS (cuda::gemm) and the
+// bias terms with kernels (cuda::add_row_vector, cuda::add_column_sums).
 #include <cstddef>
 #include <string>
+#include <type_traits>
 
 #include "patchwork/core/module.hpp"
+#include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/ops/gemm.hpp"
 
 namespace patchwork {
 
-template <class T>
+template <class T, class D = Cpu>
 class BasicLinear : public ModuleBase {
 public:
     using Scalar = T;
+    using Device = D;
     static constexpr const char* kind() { return "linear"; }
     static constexpr unsigned roles = role_bit(Role::weight) | role_bit(Role::bias);
     static constexpr bool fixed_width = true;  ///< output width is known (out_features)
@@ -44,8 +50,8 @@ private:
     bool has_bias_;
 
 public:
-    Parameter<T> weight;  ///< [out, in]
-    Parameter<T> bias;    ///< [out], or empty when built without bias
+    Parameter<T, D> weight;  ///< [out, in]
+    Parameter<T, D> bias;    ///< [out], or empty when built without bias
 
     [[nodiscard]] bool has_bias() const noexcept { return has_bias_; }
     [[nodiscard]] std::size_t in_features() const noexcept { return in_; }
@@ -53,38 +59,58 @@ public:
 
     void reset_parameters(Rng& rng) {
         // Kaiming-uniform with gain 1 (variance 1/fan_in), as is usual for linear layers.
-        init::kaiming_uniform(weight.value, rng, in_, 1.0);
+        if constexpr (std::is_same_v<D, Cpu>) {
+            init::kaiming_uniform(weight.value, rng, in_, 1.0);
+        } else {  // the same draws as on the CPU, then copied to the device
+            Tensor<T> w(weight.value.shape());
+            init::kaiming_uniform(w, rng, in_, 1.0);
+            copy(w, weight.value);
+        }
         if (has_bias_) bias.value.zero();
     }
 
-    const Tensor<T>& forward(const Tensor<T>& x) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x) {
         check_cols(x, in_, path_, "linear input");
         x_ = x;
         y_.resize(x.shape().with_back(out_));
-        auto y = y_.matrix();
-        ops::gemm_nt(x.matrix(), weight.value.matrix(), y, T(1), T(0));
-        if (has_bias_) y.rowwise() += bias.value.vector().transpose();
+        if constexpr (std::is_same_v<D, Cuda>) {
+            cuda::gemm(false, true, T(1), x, weight.value, T(0), y_, path_);
+            if (has_bias_) cuda::add_row_vector(y_, bias.value, path_);
+        } else {
+            auto y = y_.matrix();
+            ops::gemm_nt(x.matrix(), weight.value.matrix(), y, T(1), T(0));
+            if (has_bias_) y.rowwise() += bias.value.vector().transpose();
+        }
         return y_;
     }
 
-    const Tensor<T>& backward(const Tensor<T>& dy) {
+    const Tensor<T, D>& backward(const Tensor<T, D>& dy) {
         check_same_shape(dy, y_.shape(), path_, "linear output gradient");
-        const Tensor<T>& x = last_input();
-        const auto g = dy.matrix();
-        if (weight.wants_grad()) ops::gemm_tn(g, x.matrix(), weight.grad.matrix(), T(1), T(1));
-        if (has_bias_ && bias.wants_grad()) bias.grad.vector() += g.colwise().sum().transpose();
+        const Tensor<T, D>& x = last_input();
+        if constexpr (std::is_same_v<D, Cuda>) {
+            if (weight.wants_grad()) cuda::gemm(true, false, T(1), dy, x, T(1), weight.grad, path_);
+            if (has_bias_ && bias.wants_grad()) cuda::add_column_sums(dy, bias.grad, path_);
+        } else {
+            const auto g = dy.matrix();
+            if (weight.wants_grad()) ops::gemm_tn(g, x.matrix(), weight.grad.matrix(), T(1), T(1));
+            if (has_bias_ && bias.wants_grad()) bias.grad.vector() += g.colwise().sum().transpose();
+        }
         if (!input_grad_) {
             dx_.clear();
             return dx_;
         }
         dx_.resize(x.shape());
-        auto dx = dx_.matrix();
-        ops::gemm_nn(g, weight.value.matrix(), dx, T(1), T(0));
+        if constexpr (std::is_same_v<D, Cuda>) {
+            cuda::gemm(false, false, T(1), dy, weight.value, T(0), dx_, path_);
+        } else {
+            auto dx = dx_.matrix();
+            ops::gemm_nn(dy.matrix(), weight.value.matrix(), dx, T(1), T(0));
+        }
         return dx_;
     }
 
     /// The input seen by the last forward (policies such as LoRA reuse it).
-    [[nodiscard]] const Tensor<T>& last_input() const {
+    [[nodiscard]] const Tensor<T, D>& last_input() const {
         return x_.get(y_.shape().with_back(in_), path_, "linear input");
     }
 
@@ -101,8 +127,8 @@ public:
     }
 
 private:
-    Saved<T> x_;  ///< the last forward's input (not owned)
-    Tensor<T> y_, dx_;
+    Saved<T, D> x_;  ///< the last forward's input (not owned)
+    Tensor<T, D> y_, dx_;
 };
 
 using Linear = BasicLinear<float>;

@@ -62,11 +62,16 @@ class Tune : public ModuleBase {
                   "patchwork::Tune<M, Policies...>: every policy must be a patchwork policy (Frozen, FineTune, "
                   "BiasOnly, NormPatch, Adapter<r>, LoRA<r>, ScaleShift, ...)");
     static_assert((detail::policy_ok<M, Policies>() && ...), "patchwork::Tune: a policy does not apply to this module");
+    static_assert(std::is_same_v<device_of_t<M>, Cpu> || (!InjectionPolicy<Policies> && ...),
+                  "patchwork::Tune: a module on Device = Cuda takes only selection policies (Frozen, FineTune, "
+                  "BiasOnly, NormPatch); adapters, scale-shift and LoRA on the GPU are the fused kernels of "
+                  "patchwork/kernels/");
 
 public:
     using Base = M;
     using Inner = typename detail::wrap<M, Policies...>::type;
     using Scalar = typename M::Scalar;
+    using Device = device_of_t<M>;
     static constexpr const char* kind() { return M::kind(); }
     static constexpr unsigned roles = M::roles;
     static constexpr bool fixed_width = Inner::fixed_width;
@@ -87,8 +92,8 @@ public:
     [[nodiscard]] decltype(auto) base() noexcept { return base_module(inner_); }
 
     [[nodiscard]] std::size_t out_features() const { return inner_.out_features(); }
-    const Tensor<Scalar>& forward(const Tensor<Scalar>& x) { return inner_.forward(x); }
-    const Tensor<Scalar>& backward(const Tensor<Scalar>& dy) {
+    const Tensor<Scalar, Device>& forward(const Tensor<Scalar, Device>& x) { return inner_.forward(x); }
+    const Tensor<Scalar, Device>& backward(const Tensor<Scalar, Device>& dy) {
         inner_.set_input_grad(input_grad_);
         return inner_.backward(dy);
     }
@@ -110,7 +115,7 @@ public:
 
 private:
     void apply_selection() {
-        inner_.visit([](Parameter<Scalar>& p) {
+        inner_.visit([](Parameter<Scalar, Device>& p) {
             if (is_injected(p.role()) || p.policy_decided()) return;
             p.set_trainable((detail::selects<Policies>(p.role()) || ...));
             p.mark_policy_decided();

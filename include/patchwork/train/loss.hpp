@@ -27,11 +27,36 @@
 namespace patchwork {
 
 /// A loss value and its gradient with respect to the tensor the loss was computed from.
-template <class T>
+template <class T, class D = Cpu>
 struct Loss {
     T value{};
-    Tensor<T> grad{};  ///< dL/d(input), same shape as the input
+    Tensor<T, D> grad{};  ///< dL/d(input), same shape as the input, on the input's device
 };
+
+/// Softmax cross-entropy of device logits: the same loss as below, computed
+/// by a kernel (one block per row). Labels are checked on the host, then
+/// copied to the device; the value comes back to the host (one synchronisation).
+/// Defined in kernels/ops.cuh.
+template <class T>
+[[nodiscard]] Loss<T, Cuda> cross_entropy(const Tensor<T, Cuda>& logits, std::span<const int> labels);
+
+namespace detail {
+/// The checks every cross-entropy runs before computing (host side, any device).
+template <class T, class D>
+void check_cross_entropy(const Tensor<T, D>& logits, std::span<const int> labels) {
+    if (logits.rank() < 1 || logits.empty())
+        throw ShapeError(concat("cross_entropy: logits must be a non-empty [N, C] tensor, got ", logits.shape()));
+    const std::size_t n = logits.rows();
+    const std::size_t c = logits.cols();
+    if (labels.size() != n)
+        throw ShapeError(concat("cross_entropy: ", labels.size(), " labels for ", n, " rows of logits ",
+                                logits.shape()));
+    for (std::size_t r = 0; r < n; ++r)
+        if (labels[r] < 0 || std::size_t(labels[r]) >= c)
+            throw ConfigError(concat("cross_entropy: label ", labels[r], " at row ", r, " is outside [0, ", c,
+                                     ") for logits ", logits.shape()));
+}
+}  // namespace detail
 
 /// Mean softmax cross-entropy of `logits` (rows = samples, last dimension = classes)
 /// against one integer class label per row.
@@ -39,18 +64,9 @@ struct Loss {
 /// ConfigError when a label lies outside [0, classes).
 template <class T>
 [[nodiscard]] Loss<T> cross_entropy(const Tensor<T>& logits, std::span<const int> labels) {
-    if (logits.rank() < 1 || logits.empty())
-        throw ShapeError(detail::concat("cross_entropy: logits must be a non-empty [N, C] tensor, got ",
-                                        logits.shape()));
+    detail::check_cross_entropy(logits, labels);
     const std::size_t n = logits.rows();
     const std::size_t c = logits.cols();
-    if (labels.size() != n)
-        throw ShapeError(detail::concat("cross_entropy: ", labels.size(), " labels for ", n, " rows of logits ",
-                                        logits.shape()));
-    for (std::size_t r = 0; r < n; ++r)
-        if (labels[r] < 0 || std::size_t(labels[r]) >= c)
-            throw ConfigError(detail::concat("cross_entropy: label ", labels[r], " at row ", r,
-                                             " is outside [0, ", c, ") for logits ", logits.shape()));
 
     Loss<T> out{T(0), Tensor<T>(logits.shape())};
     const T inv_n = T(1) / T(n);

@@ -32,6 +32,7 @@
 #include <concepts>
 #include <cstddef>
 #include <limits>
+#include <type_traits>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -39,6 +40,7 @@
 #include "patchwork/core/error.hpp"
 #include "patchwork/core/parameter.hpp"
 #include "patchwork/core/tensor.hpp"
+#include "patchwork/ops/cuda_ops.hpp"
 
 namespace patchwork {
 
@@ -69,9 +71,9 @@ struct AdamWOptions {
 };
 
 /// A set of parameters sharing one set of options; `options.lr` is the base rate.
-template <class T, class Options>
+template <class T, class Options, class D = Cpu>
 struct ParamGroup {
-    std::vector<Parameter<T>*> params{};
+    std::vector<Parameter<T, D>*> params{};
     Options options{};
 };
 
@@ -123,10 +125,10 @@ void validate(const O& o, const char* who, std::size_t group) {
 }
 
 /// Allocate a zeroed state tensor on first use; afterwards check it still fits the parameter.
-template <class T>
-Tensor<T>& state_tensor(Tensor<T>& s, const Parameter<T>& p, const char* who) {
+template <class T, class D>
+Tensor<T, D>& state_tensor(Tensor<T, D>& s, const Parameter<T, D>& p, const char* who) {
     if (s.empty()) {
-        s = Tensor<T>(p.value.shape());
+        s = Tensor<T, D>(p.value.shape());
     } else if (s.size() != p.value.size()) {
         throw ShapeError(concat(who, ": parameter ", display_path(p.name()), " changed from ", s.shape(), " to ",
                                 p.value.shape(), " after its optimiser state was created"));
@@ -136,19 +138,20 @@ Tensor<T>& state_tensor(Tensor<T>& s, const Parameter<T>& p, const char* who) {
 
 /// Groups, learning-rate factor, validation and the step loop shared by every
 /// optimiser. Derived supplies `name`, `State` and
-/// `static void update(Parameter<T>&, State&, const Options&, double lr)`.
-template <class T, class Options, class State, class Derived>
+/// `static void update(Parameter<T, D>&, State&, const Options&, double lr)`.
+template <class T, class D, class Options, class State, class Derived>
 class OptimizerBase {
 public:
     using Scalar = T;
-    using Group = ParamGroup<T, Options>;
+    using Device = D;
+    using Group = ParamGroup<T, Options, D>;
 
     /// Add parameters with their own options. Null pointers, and a parameter
     /// already held by this optimiser, are ConfigErrors.
-    void add_group(std::vector<Parameter<T>*> params, Options options) {
+    void add_group(std::vector<Parameter<T, D>*> params, Options options) {
         const std::size_t g = groups_.size();
         validate(options, Derived::name, g);
-        std::unordered_set<const Parameter<T>*> seen;
+        std::unordered_set<const Parameter<T, D>*> seen;
         for (const auto& group : groups_) seen.insert(group.params.begin(), group.params.end());
         for (std::size_t i = 0; i < params.size(); ++i) {
             if (params[i] == nullptr)
@@ -199,7 +202,7 @@ public:
             const auto& group = groups_[gi];
             const double lr = group.options.lr * factor_;
             for (std::size_t i = 0; i < group.params.size(); ++i) {
-                Parameter<T>& p = *group.params[i];
+                Parameter<T, D>& p = *group.params[i];
                 if (!p.trainable()) continue;
                 if (p.grad.size() != p.value.size())
                     throw ShapeError(concat(Derived::name, ": parameter ", display_path(p.name()), " has value ",
@@ -221,7 +224,7 @@ public:
     }
 
 protected:
-    OptimizerBase(std::vector<Parameter<T>*> params, Options options) { add_group(std::move(params), options); }
+    OptimizerBase(std::vector<Parameter<T, D>*> params, Options options) { add_group(std::move(params), options); }
 
 private:
     void check_group(std::size_t group) const {
@@ -239,35 +242,45 @@ private:
 }  // namespace detail
 
 /// Per-parameter state of SGD: the momentum buffer (empty until the first step, or when mu = 0).
-template <class T>
+template <class T, class D = Cpu>
 struct SGDState {
-    Tensor<T> momentum;
+    Tensor<T, D> momentum;
     [[nodiscard]] std::size_t size() const noexcept { return momentum.size(); }
 };
 
 /// Per-parameter state of Adam and AdamW: first and second moments and the step count t.
-template <class T>
+template <class T, class D = Cpu>
 struct AdamState {
-    Tensor<T> m, v;
+    Tensor<T, D> m, v;
     std::size_t t = 0;
     [[nodiscard]] std::size_t size() const noexcept { return m.size() + v.size(); }
 };
 
 /// Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
-template <class T>
-class BasicSGD : public detail::OptimizerBase<T, SGDOptions, SGDState<T>, BasicSGD<T>> {
-    using Base = detail::OptimizerBase<T, SGDOptions, SGDState<T>, BasicSGD<T>>;
+template <class T, class D = Cpu>
+class BasicSGD : public detail::OptimizerBase<T, D, SGDOptions, SGDState<T, D>, BasicSGD<T, D>> {
+    using Base = detail::OptimizerBase<T, D, SGDOptions, SGDState<T, D>, BasicSGD<T, D>>;
     friend Base;
 
 public:
     static constexpr const char* name = "SGD";
     using Options = SGDOptions;
 
-    explicit BasicSGD(std::vector<Parameter<T>*> params, SGDOptions options = {})
+    explicit BasicSGD(std::vector<Parameter<T, D>*> params, SGDOptions options = {})
         : Base(std::move(params), options) {}
 
 private:
-    static void update(Parameter<T>& p, SGDState<T>& s, const SGDOptions& o, double lr) {
+    static void update(Parameter<T, D>& p, SGDState<T, D>& s, const SGDOptions& o, double lr) {
+        if constexpr (std::is_same_v<D, Cuda>) {
+            const bool first = s.momentum.empty();
+            if (o.momentum != 0) detail::state_tensor(s.momentum, p, name);
+            cuda::sgd_update(p.value, p.grad, s.momentum, first, lr, o.momentum, o.weight_decay, o.nesterov,
+                             p.name());
+        } else {
+            cpu_update(p, s, o, lr);
+        }
+    }
+    static void cpu_update(Parameter<T>& p, SGDState<T>& s, const SGDOptions& o, double lr) {
         auto w = p.value.vector().array();
         const auto g = p.grad.vector().array();
         const T step = T(lr), wd = T(o.weight_decay), mu = T(o.momentum);
@@ -295,7 +308,7 @@ namespace detail {
 
 /// The Adam update; `decoupled` selects AdamW's weight decay instead of L2.
 template <bool decoupled, class T, class O>
-void adam_update(Parameter<T>& p, AdamState<T>& s, const O& o, double lr, const char* who) {
+void adam_update_cpu(Parameter<T>& p, AdamState<T>& s, const O& o, double lr, const char* who) {
     auto w = p.value.vector().array();
     const auto g = p.grad.vector().array();
     auto m = state_tensor(s.m, p, who).vector().array();
@@ -317,42 +330,55 @@ void adam_update(Parameter<T>& p, AdamState<T>& s, const O& o, double lr, const 
     w -= step * m / (v.sqrt() / sqrt_bc2 + eps);
 }
 
+template <bool decoupled, class T, class D, class O>
+void adam_update(Parameter<T, D>& p, AdamState<T, D>& s, const O& o, double lr, const char* who) {
+    if constexpr (std::is_same_v<D, Cuda>) {
+        state_tensor(s.m, p, who);
+        state_tensor(s.v, p, who);
+        ++s.t;
+        cuda::adam_update(p.value, p.grad, s.m, s.v, s.t, lr, o.beta1, o.beta2, o.eps, o.weight_decay, decoupled,
+                          p.name());
+    } else {
+        adam_update_cpu<decoupled>(p, s, o, lr, who);
+    }
+}
+
 }  // namespace detail
 
 /// Adam with bias correction; weight decay is L2 added to the gradient.
-template <class T>
-class BasicAdam : public detail::OptimizerBase<T, AdamOptions, AdamState<T>, BasicAdam<T>> {
-    using Base = detail::OptimizerBase<T, AdamOptions, AdamState<T>, BasicAdam<T>>;
+template <class T, class D = Cpu>
+class BasicAdam : public detail::OptimizerBase<T, D, AdamOptions, AdamState<T, D>, BasicAdam<T, D>> {
+    using Base = detail::OptimizerBase<T, D, AdamOptions, AdamState<T, D>, BasicAdam<T, D>>;
     friend Base;
 
 public:
     static constexpr const char* name = "Adam";
     using Options = AdamOptions;
 
-    explicit BasicAdam(std::vector<Parameter<T>*> params, AdamOptions options = {})
+    explicit BasicAdam(std::vector<Parameter<T, D>*> params, AdamOptions options = {})
         : Base(std::move(params), options) {}
 
 private:
-    static void update(Parameter<T>& p, AdamState<T>& s, const AdamOptions& o, double lr) {
+    static void update(Parameter<T, D>& p, AdamState<T, D>& s, const AdamOptions& o, double lr) {
         detail::adam_update<false>(p, s, o, lr, name);
     }
 };
 
 /// AdamW: Adam with decoupled weight decay, p <- p (1 - lr wd) before each update.
-template <class T>
-class BasicAdamW : public detail::OptimizerBase<T, AdamWOptions, AdamState<T>, BasicAdamW<T>> {
-    using Base = detail::OptimizerBase<T, AdamWOptions, AdamState<T>, BasicAdamW<T>>;
+template <class T, class D = Cpu>
+class BasicAdamW : public detail::OptimizerBase<T, D, AdamWOptions, AdamState<T, D>, BasicAdamW<T, D>> {
+    using Base = detail::OptimizerBase<T, D, AdamWOptions, AdamState<T, D>, BasicAdamW<T, D>>;
     friend Base;
 
 public:
     static constexpr const char* name = "AdamW";
     using Options = AdamWOptions;
 
-    explicit BasicAdamW(std::vector<Parameter<T>*> params, AdamWOptions options = {})
+    explicit BasicAdamW(std::vector<Parameter<T, D>*> params, AdamWOptions options = {})
         : Base(std::move(params), options) {}
 
 private:
-    static void update(Parameter<T>& p, AdamState<T>& s, const AdamWOptions& o, double lr) {
+    static void update(Parameter<T, D>& p, AdamState<T, D>& s, const AdamWOptions& o, double lr) {
         detail::adam_update<true>(p, s, o, lr, name);
     }
 };

@@ -1,0 +1,163 @@
+// One training step of the benchmarks' example model on the GPU (the patchwork
+// side; `python3 benchmarks/torch_step.py --device cuda --policies finetune,head`
+// is the PyTorch side, same output format):
+//
+//   body = Linear(784, 256), LayerNorm(256), ReLU, Linear(256, 256), LayerNorm(256), ReLU
+//   head = Linear(256, 5)
+//   finetune   Tune<Body, FineTune> + head: everything trains
+//   head       Tune<Body, Frozen> + head: only the head trains (no backward through the body)
+//
+// One step = zero_grad, forward, softmax cross-entropy (its value comes back to
+// the host: one synchronisation, as loss.item() would), backward, AdamW
+// (lr 1e-3, weight decay 0.01). Inputs: a pool of 16384 random samples with
+// random labels already on the device, cycled batch by batch. Timing: CUDA
+// events around each step after --warmup steps; median, p10 and p90.
+//
+//   STEP impl=patchwork-cuda policy=<p> batch=<b> median_ms=<m> p10_ms=<a> p90_ms=<z> steps=<n> trainable=<t>
+//        threads=0 loss=<last>
+#include <algorithm>
+#include <cstdio>
+#include <iostream>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "patchwork/kernels/ops.cuh"
+#include "patchwork/patchwork.hpp"
+
+namespace pw = patchwork;
+using pw::Cuda;
+
+namespace {
+
+constexpr std::size_t kIn = 784, kHidden = 256, kClasses = 5, kPool = 16384;
+
+using Linear = pw::BasicLinear<float, Cuda>;
+using LayerNorm = pw::BasicLayerNorm<float, Cuda>;
+using Relu = pw::BasicRelu<float, Cuda>;
+using Body = pw::Sequential<Linear, LayerNorm, Relu, Linear, LayerNorm, Relu>;
+
+Body make_body() {
+    return Body(Linear(kIn, kHidden), LayerNorm(kHidden), Relu{}, Linear(kHidden, kHidden), LayerNorm(kHidden), Relu{});
+}
+
+double quantile(std::vector<double> v, double q) {
+    std::sort(v.begin(), v.end());
+    return v[std::min(v.size() - 1, std::size_t(q * double(v.size() - 1) + 0.5))];
+}
+
+struct Options {
+    std::vector<std::size_t> batches{64, 1024};
+    std::vector<std::string> policies{"finetune", "head"};
+    int warmup = 20;
+    int steps = 200;
+};
+
+template <class Model>
+void measure(Model& model, const std::string& policy, std::size_t batch, const Options& o) {
+    model.set_input_grad(false);
+    pw::BasicAdamW<float, Cuda> opt(pw::trainable_parameters(model), {.lr = 1e-3, .weight_decay = 0.01});
+    const std::size_t nb = std::max<std::size_t>(1, kPool / batch);
+    std::mt19937 rng(1);
+    std::normal_distribution<float> nd;
+    std::vector<pw::Tensor<float, Cuda>> xs;
+    std::vector<std::vector<int>> ys(nb, std::vector<int>(batch));
+    for (std::size_t b = 0; b < nb; ++b) {
+        pw::Tensor<float> x(pw::Shape{batch, kIn});
+        for (auto& v : x) v = nd(rng);
+        xs.emplace_back(x);
+        for (auto& y : ys[b]) y = int(rng() % kClasses);
+    }
+    std::size_t it = 0;
+    float loss = 0;
+    auto step = [&] {
+        const std::size_t i = it++ % nb;
+        opt.zero_grad();
+        const auto l = pw::cross_entropy(model.forward(xs[i]), std::span<const int>(ys[i]));
+        model.backward(l.grad);
+        opt.step();
+        loss = l.value;
+    };
+    for (int i = 0; i < o.warmup; ++i) step();
+    pw::cuda::synchronize();
+    cudaEvent_t a, b;
+    pw::cuda::check(cudaEventCreate(&a), "cudaEventCreate", "step_gpu");
+    pw::cuda::check(cudaEventCreate(&b), "cudaEventCreate", "step_gpu");
+    const cudaStream_t s = pw::cuda::context().stream();
+    std::vector<double> ms;
+    const std::size_t want = std::size_t(std::max(20, int(std::size_t(o.steps) * 64 / batch)));
+    while (ms.size() < want) {
+        pw::cuda::check(cudaEventRecord(a, s), "cudaEventRecord", "step_gpu");
+        step();
+        pw::cuda::check(cudaEventRecord(b, s), "cudaEventRecord", "step_gpu");
+        pw::cuda::check(cudaEventSynchronize(b), "cudaEventSynchronize", "step_gpu");
+        float t = 0;
+        pw::cuda::check(cudaEventElapsedTime(&t, a, b), "cudaEventElapsedTime", "step_gpu");
+        ms.push_back(t);
+    }
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    std::printf("STEP impl=patchwork-cuda policy=%s batch=%zu median_ms=%.4f p10_ms=%.4f p90_ms=%.4f steps=%zu "
+                "trainable=%zu threads=0 loss=%.4f\n",
+                policy.c_str(), batch, quantile(ms, 0.5), quantile(ms, 0.1), quantile(ms, 0.9), ms.size(),
+                pw::trainable_count(model), double(loss));
+    std::fflush(stdout);
+}
+
+std::vector<std::string> split(const std::string& s) {
+    std::vector<std::string> out;
+    std::size_t b = 0;
+    while (b <= s.size()) {
+        const std::size_t e = std::min(s.find(',', b), s.size());
+        if (e > b) out.push_back(s.substr(b, e - b));
+        b = e + 1;
+    }
+    return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+    Options o;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const std::string k = argv[i], v = argv[i + 1];
+        if (k == "--batches") {
+            o.batches.clear();
+            for (const auto& b : split(v)) o.batches.push_back(std::stoul(b));
+        } else if (k == "--policies") o.policies = split(v);
+        else if (k == "--warmup") o.warmup = std::stoi(v);
+        else if (k == "--steps") o.steps = std::stoi(v);
+        else {
+            std::cerr << "usage: step_gpu [--batches 64,1024] [--policies finetune,head] [--warmup 20] [--steps 200]\n";
+            return 2;
+        }
+    }
+    if (pw::cuda::device_count() == 0) {
+        std::cerr << "step_gpu: no CUDA device is available\n";
+        return 77;
+    }
+    cudaDeviceProp prop{};
+    pw::cuda::check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties", "step_gpu");
+    std::cerr << "# device " << prop.name << "\n";
+    for (const auto& policy : o.policies)
+        for (std::size_t batch : o.batches) {
+            pw::manual_seed(0);
+            if (policy == "finetune") {
+                pw::Sequential<pw::Tune<Body, pw::FineTune>, Linear> m(pw::Tune<Body, pw::FineTune>(make_body()),
+                                                                       Linear(kHidden, kClasses));
+                measure(m, policy, batch, o);
+            } else if (policy == "head") {
+                pw::Sequential<pw::Tune<Body, pw::Frozen>, Linear> m(pw::Tune<Body, pw::Frozen>(make_body()),
+                                                                     Linear(kHidden, kClasses));
+                measure(m, policy, batch, o);
+            } else {
+                std::cerr << "step_gpu: unknown policy '" << policy << "' (finetune, head)\n";
+                return 2;
+            }
+        }
+    return 0;
+} catch (const pw::Error& e) {
+    std::cerr << "step_gpu: " << e.what() << "\n";
+    return 1;
+}

@@ -1,0 +1,19 @@
+#pragma once
+// Everything of patchwork with the CUDA backend, for nvcc-compiled translation
+// units: the CPU library, device tensors and contexts, and the kernels behind
+// the Cuda modules (Linear, activations, LayerNorm, cross-entropy, SGD, Adam,
+// AdamW) and the fused kernels of patchwork/kernels/.
+//
+//     using Mlp = pw::Sequential<pw::BasicLinear<float, pw::Cuda>, pw::BasicRelu<float, pw::Cuda>,
+//                                pw::BasicLinear<float, pw::Cuda>>;
+#include "patchwork/patchwork.hpp"
+
+#include "patchwork/cuda/context.hpp"
+#include "patchwork/cuda/error.hpp"
+#include "patchwork/cuda/tensor.hpp"
+#include "patchwork/kernels/adapter.cuh"
+#include "patchwork/kernels/common.cuh"
+#include "patchwork/kernels/mix.cuh"
+#include "patchwork/kernels/multitask.cuh"
+#include "patchwork/kernels/ops.cuh"
+#include "patchwork/kernels/scale_shift.cuh"

@@ -1,0 +1,306 @@
+// The CUDA backend's device modules against the CPU backend: tensors and
+// copies, cuBLAS GEMMs, Linear, the activations, LayerNorm, softmax
+// cross-entropy, SGD / Adam / AdamW, and whole training steps of a Sequential
+// model. Shapes are random and mostly not multiples of any block size. Every
+// output buffer is poisoned (NaN) and recomputed, so an element a kernel fails
+// to write shows up. fp32 results must be within 1e-5 relative error (2-norm
+// over the tensor) of the CPU; double within 1e-12.
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+#include "patchwork/kernels/ops.cuh"
+#include "patchwork/patchwork.hpp"
+
+namespace pw = patchwork;
+using pw::Cpu;
+using pw::Cuda;
+using pw::Shape;
+using pw::Tensor;
+
+namespace {
+
+template <class T>
+Tensor<T> random_tensor(const Shape& s, std::mt19937& rng, double scale = 1.0) {
+    Tensor<T> t(s);
+    std::normal_distribution<double> nd(0.0, scale);
+    for (auto& v : t) v = T(nd(rng));
+    return t;
+}
+
+/// ||a - b|| / max(||a||, ||b||), and +inf when b has a NaN (an unwritten element).
+template <class T>
+double rel_error(const Tensor<T>& a, const Tensor<T>& b) {
+    REQUIRE(a.shape() == b.shape());
+    double d = 0, na = 0, nb = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        if (std::isnan(double(b[i])) || std::isnan(double(a[i]))) return INFINITY;
+        d += (double(a[i]) - double(b[i])) * (double(a[i]) - double(b[i]));
+        na += double(a[i]) * double(a[i]);
+        nb += double(b[i]) * double(b[i]);
+    }
+    const double s = std::max(std::sqrt(na), std::sqrt(nb));
+    return s == 0 ? 0.0 : std::sqrt(d) / s;
+}
+
+template <class T>
+constexpr double tolerance() {
+    return std::is_same_v<T, float> ? 1e-5 : 1e-12;
+}
+
+template <class T>
+void check_close(const Tensor<T>& cpu, const Tensor<T, Cuda>& dev, const char* what) {
+    INFO(what);
+    CHECK(rel_error(cpu, pw::to_host(dev)) < tolerance<T>());
+}
+
+/// Copy every parameter value of a CPU module into the same-structured device module.
+template <class C, class G>
+void copy_parameters(C& cpu, G& dev) {
+    std::vector<Tensor<typename C::Scalar>*> src;
+    cpu.visit([&](auto& p) { src.push_back(&p.value); });
+    std::size_t i = 0;
+    dev.visit([&](auto& p) {
+        REQUIRE(i < src.size());
+        pw::copy(*src[i++], p.value);
+    });
+    REQUIRE(i == src.size());
+}
+
+/// Compare every gradient of the two modules.
+template <class C, class G>
+void check_gradients(C& cpu, G& dev) {
+    std::vector<const pw::Parameter<typename C::Scalar>*> src;
+    cpu.visit([&](auto& p) { src.push_back(&p); });
+    std::size_t i = 0;
+    dev.visit([&](auto& p) {
+        const auto* c = src[i++];
+        REQUIRE(c->trainable() == p.trainable());
+        if (p.trainable()) check_close(c->grad, p.grad, p.name().c_str());
+    });
+}
+
+/// The module's forward once, then again into its poisoned output buffer.
+template <class M>
+const auto& poisoned_forward(M& m, const pw::tensor_of_t<M>& x) {
+    const_cast<pw::tensor_of_t<M>&>(m.forward(x)).poison();
+    return m.forward(x);
+}
+
+template <class C, class G>
+void compare_module(C& cpu, G& dev, const Shape& in_shape, std::mt19937& rng) {
+    using T = typename C::Scalar;
+    copy_parameters(cpu, dev);
+    const Tensor<T> x = random_tensor<T>(in_shape, rng);
+    const Tensor<T, Cuda> xd(x);
+    const Tensor<T>& y = cpu.forward(x);
+    const Tensor<T, Cuda>& yd = poisoned_forward(dev, xd);
+    check_close(y, yd, "forward");
+    const Tensor<T> g = random_tensor<T>(y.shape(), rng);
+    const Tensor<T, Cuda> gd(g);
+    pw::zero_grad(cpu);
+    pw::zero_grad(dev);
+    const Tensor<T>& dx = cpu.backward(g);
+    const_cast<Tensor<T, Cuda>&>(dev.backward(gd)).poison();
+    pw::zero_grad(dev);
+    dev.forward(xd);
+    const Tensor<T, Cuda>& dxd = dev.backward(gd);
+    check_close(dx, dxd, "input gradient");
+    check_gradients(cpu, dev);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("device tensors: copies, fill, resize and poison", T, float, double) {
+    std::mt19937 rng(1);
+    const Tensor<T> h = random_tensor<T>(Shape{3, 5, 7}, rng);
+    Tensor<T, Cuda> d(h);
+    CHECK(d.shape() == h.shape());
+    CHECK(rel_error(h, pw::to_host(d)) == 0.0);
+    Tensor<T, Cuda> e = d;  // deep copy
+    e.fill(T(2.5));
+    CHECK(rel_error(h, pw::to_host(d)) == 0.0);
+    for (T v : pw::to_host(e)) CHECK(v == T(2.5));
+    const T* before = e.data();
+    e.resize(Shape{4, 4});
+    CHECK(e.data() == before);  // fits: keeps the allocation
+    e.poison();
+    for (T v : pw::to_host(e)) CHECK(std::isnan(double(v)));
+    e.zero();
+    for (T v : pw::to_host(e)) CHECK(v == T(0));
+    CHECK_THROWS_AS(e.reshape(Shape{3, 3}), pw::ShapeError);
+}
+
+TEST_CASE_TEMPLATE("cuda::gemm matches Eigen for every transposition", T, float, double) {
+    std::mt19937 rng(2);
+    for (int trial = 0; trial < 6; ++trial) {
+        const std::size_t m = 1 + rng() % 130, n = 1 + rng() % 97, k = 1 + rng() % 300;
+        for (int ta = 0; ta < 2; ++ta)
+            for (int tb = 0; tb < 2; ++tb) {
+                const Tensor<T> a = random_tensor<T>(ta ? Shape{k, m} : Shape{m, k}, rng);
+                const Tensor<T> b = random_tensor<T>(tb ? Shape{n, k} : Shape{k, n}, rng);
+                Tensor<T> c = random_tensor<T>(Shape{m, n}, rng);
+                Tensor<T, Cuda> cd(c);
+                const T alpha = T(0.75), beta = T(0.5);
+                pw::cuda::gemm(bool(ta), bool(tb), alpha, Tensor<T, Cuda>(a), Tensor<T, Cuda>(b), beta, cd, "test");
+                if (ta && tb) c.matrix() = alpha * a.matrix().transpose() * b.matrix().transpose() + beta * c.matrix();
+                else if (ta) c.matrix() = alpha * a.matrix().transpose() * b.matrix() + beta * c.matrix();
+                else if (tb) c.matrix() = alpha * a.matrix() * b.matrix().transpose() + beta * c.matrix();
+                else c.matrix() = alpha * a.matrix() * b.matrix() + beta * c.matrix();
+                INFO("m=" << m << " n=" << n << " k=" << k << " ta=" << ta << " tb=" << tb);
+                CHECK(rel_error(c, pw::to_host(cd)) < tolerance<T>());
+            }
+    }
+    Tensor<T, Cuda> a(Shape{3, 4}), b(Shape{5, 6}), c(Shape{3, 6});
+    CHECK_THROWS_WITH_AS(pw::cuda::gemm(false, false, T(1), a, b, T(0), c, "stage0.linear1"),
+                         doctest::Contains("stage0.linear1: gemm shapes do not agree"), pw::ShapeError);
+}
+
+TEST_CASE_TEMPLATE("Linear on the device equals Linear on the CPU", T, float, double) {
+    std::mt19937 rng(3);
+    for (auto [n, in, out] : {std::array<std::size_t, 3>{1, 1, 1}, {7, 33, 5}, {129, 100, 257}, {64, 784, 256}}) {
+        pw::BasicLinear<T> cpu(in, out);
+        pw::BasicLinear<T, Cuda> dev(in, out);
+        cpu.bias.value = random_tensor<T>(Shape{out}, rng);
+        compare_module(cpu, dev, Shape{n, in}, rng);
+    }
+    // Leading dimensions are flattened, a frozen weight gets no gradient, no input gradient when off.
+    pw::BasicLinear<T> cpu(12, 9);
+    pw::BasicLinear<T, Cuda> dev(12, 9);
+    cpu.weight.set_trainable(false);
+    dev.weight.set_trainable(false);
+    compare_module(cpu, dev, Shape{2, 3, 12}, rng);
+    dev.set_input_grad(false);
+    const Tensor<T, Cuda> x(random_tensor<T>(Shape{4, 12}, rng));
+    dev.forward(x);
+    CHECK(dev.backward(Tensor<T, Cuda>(Shape{4, 9})).empty());
+    CHECK_THROWS_WITH_AS(dev.forward(Tensor<T, Cuda>(Shape{4, 11})), doctest::Contains("linear input"),
+                         pw::ShapeError);
+}
+
+TEST_CASE_TEMPLATE("activations on the device equal the CPU", T, float, double) {
+    std::mt19937 rng(4);
+    for (std::size_t n : {1, 1000, 70001}) {
+        {
+            pw::BasicRelu<T> c;
+            pw::BasicRelu<T, Cuda> d;
+            compare_module(c, d, Shape{n}, rng);
+        }
+        {
+            pw::BasicGelu<T> c;
+            pw::BasicGelu<T, Cuda> d;
+            compare_module(c, d, Shape{n, 1}, rng);
+        }
+        {
+            pw::BasicTanh<T> c;
+            pw::BasicTanh<T, Cuda> d;
+            compare_module(c, d, Shape{1, n}, rng);
+        }
+    }
+}
+
+TEST_CASE_TEMPLATE("LayerNorm on the device equals LayerNorm on the CPU", T, float, double) {
+    std::mt19937 rng(5);
+    for (auto [n, d] : {std::array<std::size_t, 2>{1, 1}, {3, 7}, {65, 33}, {17, 768}, {300, 1000}}) {
+        pw::BasicLayerNorm<T> cpu(d);
+        pw::BasicLayerNorm<T, Cuda> dev(d);
+        cpu.scale.value = random_tensor<T>(Shape{d}, rng);
+        cpu.shift.value = random_tensor<T>(Shape{d}, rng);
+        compare_module(cpu, dev, Shape{n, d}, rng);
+    }
+}
+
+TEST_CASE_TEMPLATE("cross_entropy on the device equals the CPU", T, float, double) {
+    std::mt19937 rng(6);
+    for (auto [n, c] : {std::array<std::size_t, 2>{1, 2}, {7, 10}, {257, 1000}}) {
+        const Tensor<T> z = random_tensor<T>(Shape{n, c}, rng, 3.0);
+        std::vector<int> labels(n);
+        for (auto& l : labels) l = int(rng() % c);
+        const auto lc = pw::cross_entropy(z, std::span<const int>(labels));
+        const auto ld = pw::cross_entropy(Tensor<T, Cuda>(z), std::span<const int>(labels));
+        CHECK(std::abs(double(lc.value) - double(ld.value)) <= tolerance<T>() * std::abs(double(lc.value)));
+        check_close(lc.grad, ld.grad, "cross-entropy gradient");
+    }
+    std::vector<int> bad{0, 11};
+    CHECK_THROWS_AS((void)pw::cross_entropy(Tensor<T, Cuda>(Shape{2, 10}), std::span<const int>(bad)),
+                    pw::ConfigError);
+}
+
+namespace {
+template <class OptC, class OptD, class Options>
+void compare_optimizer(Options options) {
+    using T = typename OptC::Scalar;
+    std::mt19937 rng(7);
+    pw::Parameter<T> pc("w", pw::Role::weight, Shape{1001});
+    pw::Parameter<T, Cuda> pd("w", pw::Role::weight, Shape{1001});
+    pc.value = random_tensor<T>(Shape{1001}, rng);
+    pw::copy(pc.value, pd.value);
+    OptC oc({&pc}, options);
+    OptD od({&pd}, options);
+    for (int step = 0; step < 5; ++step) {
+        pc.grad = random_tensor<T>(Shape{1001}, rng);
+        pw::copy(pc.grad, pd.grad);
+        oc.step();
+        od.step();
+        check_close(pc.value, pd.value, "parameter after the step");
+    }
+}
+}  // namespace
+
+TEST_CASE("SGD, Adam and AdamW on the device follow the CPU updates") {
+    compare_optimizer<pw::BasicSGD<float>, pw::BasicSGD<float, Cuda>>(pw::SGDOptions{.lr = 0.1, .weight_decay = 0.01});
+    compare_optimizer<pw::BasicSGD<float>, pw::BasicSGD<float, Cuda>>(
+        pw::SGDOptions{.lr = 0.1, .momentum = 0.9, .weight_decay = 0.01});
+    compare_optimizer<pw::BasicSGD<double>, pw::BasicSGD<double, Cuda>>(
+        pw::SGDOptions{.lr = 0.1, .momentum = 0.9, .nesterov = true});
+    compare_optimizer<pw::BasicAdam<float>, pw::BasicAdam<float, Cuda>>(pw::AdamOptions{.lr = 1e-2, .weight_decay = 1e-3});
+    compare_optimizer<pw::BasicAdamW<float>, pw::BasicAdamW<float, Cuda>>(pw::AdamWOptions{.lr = 1e-2});
+    compare_optimizer<pw::BasicAdamW<double>, pw::BasicAdamW<double, Cuda>>(pw::AdamWOptions{.lr = 1e-2});
+}
+
+TEST_CASE("training steps of a tuned Sequential model on the device follow the CPU") {
+    // A frozen first block and a fine-tuned head: the frozen prefix costs no backward on either device.
+    using CpuBody = pw::Tune<pw::Sequential<pw::BasicLinear<float>, pw::BasicLayerNorm<float>, pw::BasicGelu<float>>,
+                             pw::Frozen>;
+    using DevBody = pw::Tune<pw::Sequential<pw::BasicLinear<float, Cuda>, pw::BasicLayerNorm<float, Cuda>,
+                                            pw::BasicGelu<float, Cuda>>,
+                             pw::Frozen>;
+    using CpuModel = pw::Sequential<CpuBody, pw::Tune<pw::BasicLinear<float>, pw::BiasOnly>, pw::BasicRelu<float>,
+                                    pw::Tune<pw::BasicLinear<float>, pw::FineTune>>;
+    using DevModel = pw::Sequential<DevBody, pw::Tune<pw::BasicLinear<float, Cuda>, pw::BiasOnly>,
+                                    pw::BasicRelu<float, Cuda>, pw::Tune<pw::BasicLinear<float, Cuda>, pw::FineTune>>;
+    CpuModel cpu(CpuBody(pw::BasicLinear<float>(50, 64), pw::BasicLayerNorm<float>(64), pw::BasicGelu<float>{}),
+                 pw::Tune<pw::BasicLinear<float>, pw::BiasOnly>(64, 40), pw::BasicRelu<float>{},
+                 pw::Tune<pw::BasicLinear<float>, pw::FineTune>(40, 10));
+    DevModel dev(DevBody(pw::BasicLinear<float, Cuda>(50, 64), pw::BasicLayerNorm<float, Cuda>(64),
+                         pw::BasicGelu<float, Cuda>{}),
+                 pw::Tune<pw::BasicLinear<float, Cuda>, pw::BiasOnly>(64, 40), pw::BasicRelu<float, Cuda>{},
+                 pw::Tune<pw::BasicLinear<float, Cuda>, pw::FineTune>(40, 10));
+    copy_parameters(cpu, dev);
+    CHECK(pw::trainable_count(cpu) == pw::trainable_count(dev));
+    pw::BasicAdamW<float> oc(pw::trainable_parameters(cpu), {.lr = 1e-2});
+    pw::BasicAdamW<float, Cuda> od(pw::trainable_parameters(dev), {.lr = 1e-2});
+    std::mt19937 rng(8);
+    for (int step = 0; step < 4; ++step) {
+        const Tensor<float> x = random_tensor<float>(Shape{33, 50}, rng);
+        std::vector<int> y(33);
+        for (auto& l : y) l = int(rng() % 10);
+        oc.zero_grad();
+        od.zero_grad();
+        const auto lc = pw::cross_entropy(cpu.forward(x), std::span<const int>(y));
+        const auto ld = pw::cross_entropy(dev.forward(Tensor<float, Cuda>(x)), std::span<const int>(y));
+        CHECK(std::abs(lc.value - ld.value) <= 1e-5f * std::abs(lc.value));
+        cpu.backward(lc.grad);
+        dev.backward(ld.grad);
+        check_gradients(cpu, dev);
+        oc.step();
+        od.step();
+    }
+    std::vector<Tensor<float>> values;
+    cpu.visit([&](auto& p) { values.push_back(p.value); });
+    std::size_t i = 0;
+    dev.visit([&](auto& p) { check_close(values[i++], p.value, p.name().c_str()); });
+}
