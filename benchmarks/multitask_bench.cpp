@@ -3,12 +3,17 @@
 // Backbones (shared weights frozen, per-task banks as the Tune policies choose):
 //   mlp    Tune<Linear(784,256), LayerNorm(256), Relu, Linear(256,256), LayerNorm(256), Relu; NormPatch>,
 //          input [64, 784], heads Linear(256, 10)
+//   mlp-lora  Tune<Tune<Linear(784,256), LoRA<8>>, LayerNorm(256), Relu, Tune<Linear(256,256), LoRA<8>>,
+//             LayerNorm(256), Relu; Frozen>: the LoRA factors per task, input [64, 784], heads Linear(256, 10)
 //   conv   Tune<Conv2d(1,16,3,pad 1), BatchNorm2d(16), Relu, DepthwiseConv2d(16,3,pad 1), BatchNorm2d(16), Relu,
 //               Conv2d(16,32,1), BatchNorm2d(32), Relu, GlobalAvgPool; DepthwisePatch, NormPatch>,
 //          input [64, 28, 28, 1] (NHWC), heads Linear(32, 10)
 // 8 tasks (8 banks, 8 heads). Cases, each one forward + backward (after
 // zero_grad) of 64 rows in total:
 //   mixed    forward(x, task_ids) on 64 rows, row r of task r % 8, then backward
+//            (one backbone pass when the backbone supports it, see
+//            MultiTask::one_pass_supported; the path taken is printed)
+//   grouped  the same with set_one_pass(false): one backbone pass per task
 //   split    the same 64 rows, already grouped by task: 8 calls forward(x_k, k)
 //            + backward of 8 rows each
 //   single   forward(x, 0) on 64 rows of one task, then backward
@@ -17,7 +22,7 @@
 // warm-up), each step timed on its own with steady_clock; the median over all
 // steps of a case is reported, with p10 and p90, and the ratios of the medians.
 //
-// usage: multitask_bench [--backbones mlp,conv] [--steps N] [--rounds R]
+// usage: multitask_bench [--backbones mlp,mlp-lora,conv] [--steps N] [--rounds R]
 // Threads: BENCH_THREADS (default 2) for Eigen, OMP_NUM_THREADS for OpenMP.
 #include <algorithm>
 #include <chrono>
@@ -41,6 +46,9 @@ constexpr std::size_t kRows = 64, kTasks = 8, kPerTask = kRows / kTasks, kClasse
 
 using MlpBody = pw::Sequential<pw::Linear, pw::LayerNorm, pw::Relu, pw::Linear, pw::LayerNorm, pw::Relu>;
 using MlpModel = pw::MultiTask<pw::Tune<MlpBody, pw::NormPatch>, pw::Linear>;
+using LoraLinear = pw::Tune<pw::Linear, pw::LoRA<8>>;
+using LoraBody = pw::Sequential<LoraLinear, pw::LayerNorm, pw::Relu, LoraLinear, pw::LayerNorm, pw::Relu>;
+using LoraModel = pw::MultiTask<pw::Tune<LoraBody, pw::Frozen>, pw::Linear>;
 using ConvBody = pw::Sequential<pw::Conv2d, pw::BatchNorm2d, pw::Relu, pw::DepthwiseConv2d, pw::BatchNorm2d, pw::Relu,
                                 pw::Conv2d, pw::BatchNorm2d, pw::Relu, pw::GlobalAvgPool>;
 using ConvModel = pw::MultiTask<pw::Tune<ConvBody, pw::DepthwisePatch, pw::NormPatch>, pw::Linear>;
@@ -106,6 +114,13 @@ void run(const char* name, Model& model, const pw::Shape& row_shape, std::size_t
         model.forward(x, std::span<const int>(ids));
         model.backward(dy);
     };
+    auto grouped = [&] {
+        model.set_one_pass(false);
+        pw::zero_grad(model);
+        model.forward(x, std::span<const int>(ids));
+        model.backward(dy);
+        model.set_one_pass(true);
+    };
     auto split = [&] {
         pw::zero_grad(model);
         for (std::size_t k = 0; k < kTasks; ++k) {
@@ -126,10 +141,14 @@ void run(const char* name, Model& model, const pw::Shape& row_shape, std::size_t
     };
     std::vector<Case> cases;
     cases.push_back({"mixed", mixed, {}});
+    cases.push_back({"grouped", grouped, {}});
     cases.push_back({"split", split, {}});
     cases.push_back({"single", single, {}});
     for (auto& c : cases)
         for (int i = 0; i < 5; ++i) c.fn();
+    mixed();
+    std::printf("# backbone=%s mixed path=%s\n", name,
+                model.last_mixed_pass() == pw::MixedPass::one_pass ? "one_pass" : "grouped");
     for (std::size_t r = 0; r < rounds; ++r)
         for (auto& c : cases)
             for (std::size_t s = 0; s < steps; ++s) c.times.push_back(time_ms(c.fn));
@@ -139,17 +158,17 @@ void run(const char* name, Model& model, const pw::Shape& row_shape, std::size_t
                     name, c.name, kRows, c.name == std::string_view("single") ? std::size_t(1) : kTasks,
                     bench::median(c.times), bench::quantile(c.times, 0.1), bench::quantile(c.times, 0.9),
                     c.times.size());
-    const double m = bench::median(cases[0].times), sp = bench::median(cases[1].times),
-                 si = bench::median(cases[2].times);
-    std::printf("RATIO backbone=%s mixed/split=%.3f mixed/single=%.3f split/single=%.3f\n", name, m / sp, m / si,
-                sp / si);
+    const double m = bench::median(cases[0].times), gr = bench::median(cases[1].times),
+                 sp = bench::median(cases[2].times), si = bench::median(cases[3].times);
+    std::printf("RATIO backbone=%s mixed/grouped=%.3f mixed/split=%.3f mixed/single=%.3f split/single=%.3f\n", name,
+                m / gr, m / sp, m / si, sp / si);
     std::fflush(stdout);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    std::vector<std::string> backbones = {"mlp", "conv"};
+    std::vector<std::string> backbones = {"mlp", "mlp-lora", "conv"};
     std::size_t steps = 50, rounds = 5;
     for (int i = 1; i < argc; ++i) {
         const std::string_view a = argv[i];
@@ -166,7 +185,7 @@ int main(int argc, char** argv) {
         } else if (a == "--rounds") {
             rounds = std::stoul(argv[++i]);
         } else {
-            std::fprintf(stderr, "usage: multitask_bench [--backbones mlp,conv] [--steps N] [--rounds R]\n");
+            std::fprintf(stderr, "usage: multitask_bench [--backbones mlp,mlp-lora,conv] [--steps N] [--rounds R]\n");
             return 2;
         }
     }
@@ -179,6 +198,12 @@ int main(int argc, char** argv) {
                                                                     pw::Relu{})),
                            make_heads(256));
             run("mlp", model, pw::Shape{784}, steps, rounds);
+        } else if (b == "mlp-lora") {
+            LoraModel model(pw::Tune<LoraBody, pw::Frozen>(LoraBody(LoraLinear(784, 256), pw::LayerNorm(256),
+                                                                    pw::Relu{}, LoraLinear(256, 256),
+                                                                    pw::LayerNorm(256), pw::Relu{})),
+                            make_heads(256));
+            run("mlp-lora", model, pw::Shape{784}, steps, rounds);
         } else if (b == "conv") {
             ConvModel model(pw::Tune<ConvBody, pw::DepthwisePatch, pw::NormPatch>(ConvBody(
                                 pw::Conv2d(1, 16, 3, {.padding = 1}), pw::BatchNorm2d(16), pw::Relu{},
@@ -187,7 +212,7 @@ int main(int argc, char** argv) {
                             make_heads(32));
             run("conv", model, pw::Shape{28, 28, 1}, steps, rounds);
         } else {
-            std::fprintf(stderr, "multitask_bench: unknown backbone %s (mlp, conv)\n", b.c_str());
+            std::fprintf(stderr, "multitask_bench: unknown backbone %s (mlp, mlp-lora, conv)\n", b.c_str());
             return 2;
         }
     }

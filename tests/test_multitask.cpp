@@ -17,7 +17,11 @@
 #include "patchwork/layers/pool.hpp"
 #include "patchwork/multitask/multitask.hpp"
 #include "patchwork/multitask/train.hpp"
+#include "patchwork/policies/adapter.hpp"
+#include "patchwork/policies/bias_only.hpp"
 #include "patchwork/policies/depthwise_patch.hpp"
+#include "patchwork/policies/lora.hpp"
+#include "patchwork/policies/scale_shift.hpp"
 #include "patchwork/policies/fine_tune.hpp"
 #include "patchwork/policies/norm_patch.hpp"
 #include "patchwork/policies/tune.hpp"
@@ -418,4 +422,344 @@ TEST_CASE("multitask: clear errors") {
     m.forward(x, three);
     CHECK_THROWS_AS(m.backward(random_tensor({3, 5}, 2)), pw::ShapeError);
     CHECK_THROWS_AS((pw::MultiTask<MlpPatched, Linear64>(MlpPatched(mlp_body()), {})), pw::ConfigError);
+}
+
+// -- One-pass mixed batches ----------------------------------------------------
+
+namespace {
+
+constexpr unsigned role_bits(pw::Role r) { return pw::role_bit(r); }
+
+using ConvBiasBody = pw::Sequential<Conv64, Relu64, Depthwise64, Pool64>;
+using ConvBias = pw::Tune<ConvBiasBody, pw::BiasOnly>;  // conv biases per task
+using ScaleShiftLinear = pw::Tune<Linear64, pw::FineTune, pw::ScaleShift>;
+using ScaleShiftBody = pw::Sequential<ScaleShiftLinear, Relu64, ScaleShiftLinear>;
+using AdapterLinear = pw::Tune<Linear64, pw::FineTune, pw::Adapter<3>>;
+using GeluAdapterLinear = pw::Tune<Linear64, pw::FineTune, pw::Adapter<2, pw::AdapterActivation::gelu>>;
+using AdapterBody = pw::Sequential<AdapterLinear, LayerNorm64, Relu64, GeluAdapterLinear>;
+using AdapterConv = pw::Tune<Conv64, pw::Adapter<2>>;
+using ConvAdapterBody = pw::Sequential<AdapterConv, Relu64, Pool64>;
+using LoraLinear2 = pw::Tune<Linear64, pw::FineTune, pw::LoRA<2>>;
+using LoraLinear3 = pw::Tune<Linear64, pw::FineTune, pw::LoRA<3, 6>>;
+using LoraBody = pw::Sequential<LoraLinear2, Relu64, LoraLinear3>;
+
+ConvBiasBody conv_bias_body() {
+    return ConvBiasBody(Conv64(2, 3, 3, {.padding = 1}), Relu64{}, Depthwise64(3, 3, {.padding = 1}), Pool64{});
+}
+ScaleShiftBody scale_shift_body() { return ScaleShiftBody(ScaleShiftLinear(5, 7), Relu64{}, ScaleShiftLinear(7, 6)); }
+AdapterBody adapter_body() { return AdapterBody(AdapterLinear(5, 7), LayerNorm64(7), Relu64{}, GeluAdapterLinear(7, 6)); }
+ConvAdapterBody conv_adapter_body() { return ConvAdapterBody(AdapterConv(2, 4, 3, pw::Conv2dOptions{.padding = 1}), Relu64{}, Pool64{}); }
+LoraBody lora_body() { return LoraBody(LoraLinear2(5, 7), Relu64{}, LoraLinear3(7, 6, false)); }
+
+/// Makes every shared (non-bank) backbone parameter trainable, so that the
+/// comparison also covers gradients summed over all tasks' rows.
+template <class M>
+void train_shared(M& m, const std::string& prefix = "") {
+    m.visit([&](pw::Parameter<double>& p) {
+        if (p.task() == pw::shared_task && p.name().starts_with(prefix)) p.set_trainable(true);
+    });
+}
+
+pw::Tensor<double> take_rows(const pw::Tensor<double>& t, const std::vector<std::size_t>& rows) {
+    pw::Shape s = t.shape();
+    s[0] = rows.size();
+    pw::Tensor<double> out(s);
+    const std::size_t w = t.size() / t.dim(0);
+    for (std::size_t r = 0; r < rows.size(); ++r) std::copy_n(t.data() + rows[r] * w, w, out.data() + r * w);
+    return out;
+}
+void put_rows(const pw::Tensor<double>& src, const std::vector<std::size_t>& rows, pw::Tensor<double>& dst) {
+    const std::size_t w = dst.size() / dst.dim(0);
+    REQUIRE(src.size() == rows.size() * w);
+    for (std::size_t r = 0; r < rows.size(); ++r) std::copy_n(src.data() + r * w, w, dst.data() + rows[r] * w);
+}
+
+/// Runs the mixed batch (x, ids) forward and backward, then each task's rows
+/// alone (forward(x_k, k), backward), from the same parameters and running
+/// statistics, and checks: the one-pass path ran; outputs, input gradients,
+/// every parameter gradient and every running statistic agree within `tol`
+/// (relative); every parameter of a task absent from the batch has a zero gradient.
+template <class MT>
+void check_one_pass_equals_per_task(MT& m, const pw::Tensor<double>& x, const std::vector<int>& ids,
+                                    std::uint64_t seed, double tol = 1e-12) {
+    const bool input_grad = m.input_grad();
+    const std::size_t n = ids.size();
+    const int tasks = int(m.tasks());
+    REQUIRE(m.one_pass_supported());
+    std::vector<pw::Tensor<double>> stats_before;
+    for (int k = 0; k < tasks; ++k)
+        for (auto& p : m.statistics(k)) stats_before.push_back(p.value);
+
+    pw::zero_grad(m);
+    const pw::Tensor<double> y_mixed = m.forward(x, ids);
+    CHECK(m.last_mixed_pass() == pw::MixedPass::one_pass);
+    const auto dy = random_tensor(y_mixed.shape(), seed);
+    const pw::Tensor<double> dx_mixed = m.backward(dy);
+    std::vector<pw::Tensor<double>> g_mixed, stats_mixed;
+    m.visit([&](pw::Parameter<double>& p) { g_mixed.push_back(p.grad); });
+    for (int k = 0; k < tasks; ++k)
+        for (auto& p : m.statistics(k)) stats_mixed.push_back(p.value);
+
+    // Absent tasks: no gradient at all.
+    std::size_t i = 0;
+    m.visit([&](pw::Parameter<double>& p) {
+        const pw::Tensor<double>& g = g_mixed[i++];
+        if (p.task() >= 0 && std::find(ids.begin(), ids.end(), p.task()) == ids.end()) {
+            INFO(p.name());
+            CHECK(g.vector().norm() == 0.0);
+        }
+    });
+
+    // The per-task passes, from the same statistics.
+    i = 0;
+    for (int k = 0; k < tasks; ++k)
+        for (auto& p : m.statistics(k)) p.value = stats_before[i++];
+    pw::zero_grad(m);
+    pw::Tensor<double> y_split(y_mixed.shape()), dx_split(x.shape());
+    for (int k = 0; k < tasks; ++k) {
+        std::vector<std::size_t> rows;
+        for (std::size_t r = 0; r < n; ++r)
+            if (ids[r] == k) rows.push_back(r);
+        if (rows.empty()) continue;
+        const auto xk = take_rows(x, rows);  // alive until the backward (layers keep their input)
+        put_rows(m.forward(xk, k), rows, y_split);
+        CHECK(m.last_mixed_pass() == pw::MixedPass::none);
+        const pw::Tensor<double>& dxk = m.backward(take_rows(dy, rows));
+        if (input_grad) put_rows(dxk, rows, dx_split);
+        else CHECK(dxk.empty());
+    }
+    CHECK(pw::testing::relative_error(y_mixed, y_split) <= tol);
+    if (input_grad) CHECK(pw::testing::relative_error(dx_mixed, dx_split) <= tol);
+    else CHECK(dx_mixed.empty());
+    i = 0;
+    m.visit([&](pw::Parameter<double>& p) {
+        INFO(p.name());
+        CHECK(pw::testing::relative_error(g_mixed[i++], p.grad) <= tol);
+    });
+    i = 0;
+    for (int k = 0; k < tasks; ++k)
+        for (auto& p : m.statistics(k)) {
+            INFO(p.name());
+            CHECK(pw::testing::relative_error(stats_mixed[i++], p.value) <= tol);
+        }
+}
+
+// Four tasks: task 2 absent, task 1 on a single row, rows not grouped.
+const std::vector<int> mixed_ids{3, 0, 1, 3, 0, 3, 0};
+
+}  // namespace
+
+TEST_CASE("multitask one pass: NormPatch (BatchNorm2d) and DepthwisePatch equal the per-task passes") {
+    pw::MultiTask<ConvPatched, Linear64> m(ConvPatched(conv_body()), heads(4, 3, 2));
+    randomize(m, 41);
+    train_shared(m);  // the dense convolution learns from every task's rows
+    const auto x = random_tensor({7, 4, 4, 2}, 42);
+    SUBCASE("training mode: batch statistics per task, running statistics move per task") {
+        check_one_pass_equals_per_task(m, x, mixed_ids, 43);
+    }
+    SUBCASE("inference mode: each task's running statistics") {
+        pw::set_training(m, false);
+        check_one_pass_equals_per_task(m, x, mixed_ids, 44);
+    }
+    SUBCASE("statistics shared by all tasks") {
+        pw::MultiTask<ConvPatched, Linear64> shared_stats(ConvPatched(conv_body()), heads(4, 3, 2),
+                                                          pw::PerTaskTrainable{}, {.per_task_statistics = false});
+        randomize(shared_stats, 45);
+        auto& bn = shared_stats.backbone().inner().get<2>();
+        const pw::Tensor<double> mean0 = bn.running_mean, var0 = bn.running_var;
+        pw::zero_grad(shared_stats);
+        const pw::Tensor<double> y = shared_stats.forward(x, mixed_ids);
+        CHECK(shared_stats.last_mixed_pass() == pw::MixedPass::one_pass);
+        const pw::Tensor<double> mean_mixed = bn.running_mean, var_mixed = bn.running_var;
+        // Per-task passes in task order move the one set of statistics once per task.
+        bn.running_mean = mean0;
+        bn.running_var = var0;
+        for (int k : {0, 1, 3}) {
+            std::vector<std::size_t> rows;
+            for (std::size_t r = 0; r < mixed_ids.size(); ++r)
+                if (mixed_ids[r] == k) rows.push_back(r);
+            shared_stats.forward(take_rows(x, rows), k);
+        }
+        CHECK(pw::testing::relative_error(mean_mixed, bn.running_mean) <= 1e-12);
+        CHECK(pw::testing::relative_error(var_mixed, bn.running_var) <= 1e-12);
+    }
+}
+
+TEST_CASE("multitask one pass: BiasOnly on convolutions equals the per-task passes") {
+    pw::MultiTask<ConvBias, Linear64> m(ConvBias(conv_bias_body()), heads(4, 3, 2));
+    CHECK(m.slot_count() == 2);  // conv0.bias, depthwiseconv2.bias
+    randomize(m, 51);
+    train_shared(m);
+    check_one_pass_equals_per_task(m, random_tensor({7, 4, 4, 2}, 52), mixed_ids, 53);
+}
+
+TEST_CASE("multitask one pass: ScaleShift equals the per-task passes") {
+    pw::MultiTask<ScaleShiftBody, Linear64> m(scale_shift_body(), heads(4, 6, 3),
+                                              pw::PerTaskRoles{role_bits(pw::Role::scale_shift)});
+    CHECK(m.slot_count() == 4);
+    randomize(m, 61);
+    check_one_pass_equals_per_task(m, random_tensor({7, 5}, 62), mixed_ids, 63);
+}
+
+TEST_CASE("multitask one pass: Adapter equals the per-task passes") {
+    SUBCASE("on Linear layers (ReLU and GELU adapters), shared weights trainable") {
+        pw::MultiTask<AdapterBody, Linear64> m(adapter_body(), heads(4, 6, 3),
+                                               pw::PerTaskRoles{role_bits(pw::Role::adapter)});
+        CHECK(m.slot_count() == 8);
+        randomize(m, 71);
+        check_one_pass_equals_per_task(m, random_tensor({7, 5}, 72), mixed_ids, 73);
+    }
+    SUBCASE("on a convolution (several matrix rows per batch row)") {
+        pw::MultiTask<ConvAdapterBody, Linear64> m(conv_adapter_body(), heads(4, 4, 2));
+        CHECK(m.slot_count() == 4);
+        randomize(m, 74);
+        check_one_pass_equals_per_task(m, random_tensor({7, 3, 3, 2}, 75), mixed_ids, 76);
+    }
+}
+
+TEST_CASE("multitask one pass: LoRA equals the per-task passes") {
+    pw::MultiTask<LoraBody, Linear64> m(lora_body(), heads(4, 6, 3), pw::PerTaskRoles{role_bits(pw::Role::lora)});
+    CHECK(m.slot_count() == 4);
+    randomize(m, 81);
+    check_one_pass_equals_per_task(m, random_tensor({7, 5}, 82), mixed_ids, 83);
+    // A merged update cannot differ per row: the model falls back to one pass per task.
+    auto& lora0 = m.backbone().template get<0>().inner();
+    lora0.merge();
+    CHECK(!m.one_pass_supported());
+    m.forward(random_tensor({7, 5}, 84), mixed_ids);
+    CHECK(m.last_mixed_pass() == pw::MixedPass::grouped);
+    lora0.unmerge();
+    CHECK(m.one_pass_supported());
+}
+
+TEST_CASE("multitask one pass: per-task parameters below a patch, without an input gradient") {
+    // A scale-shift patch around a convolution and a batch norm whose scale and
+    // shift are per task too: with the input gradient off, the patch still has
+    // to run the backward of its inner block for the batch-norm banks.
+    using Block = pw::Tune<pw::Sequential<Conv64, BatchNorm64>, pw::NormPatch, pw::ScaleShift>;
+    using Body = pw::Sequential<Block, Relu64, Pool64>;
+    pw::MultiTask<Body, Linear64> m(Body(Block(pw::Sequential<Conv64, BatchNorm64>(Conv64(2, 3, 3, {.padding = 1}),
+                                                                                   BatchNorm64(3))),
+                                         Relu64{}, Pool64{}),
+                                    heads(4, 3, 2));
+    CHECK(m.slot_count() == 4);  // batchnorm scale, shift; scale_shift scale, shift
+    randomize(m, 111);
+    m.set_input_grad(false);
+    check_one_pass_equals_per_task(m, random_tensor({7, 4, 4, 2}, 112), mixed_ids, 113);
+    bool bn_bank_grad = false;
+    m.visit([&](pw::Parameter<double>& p) {
+        if (p.task() == 0 && p.name() == "task0.block0.batchnorm1.scale") bn_bank_grad = p.grad.vector().norm() > 0;
+    });
+    CHECK(bn_bank_grad);
+}
+
+TEST_CASE("multitask one pass: gradients by finite differences") {
+    SUBCASE("BatchNorm2d (training mode) and depthwise banks, shared convolution trainable") {
+        pw::MultiTask<ConvPatched, Linear64> m(ConvPatched(conv_body()), heads(3, 3, 2));
+        randomize(m, 91);
+        // (Not the depthwise bias: a training-mode batch norm right after it makes its gradient exactly zero.)
+        train_shared(m, "conv0");
+        MixedView<decltype(m)> view{m, {2, 0, 2, 2, 0}};
+        check_gradients(view, pw::Shape{5, 4, 4, 2}, 1e-6);
+        CHECK(m.last_mixed_pass() == pw::MixedPass::one_pass);
+    }
+    SUBCASE("BatchNorm2d in inference mode") {
+        pw::MultiTask<ConvPatched, Linear64> m(ConvPatched(conv_body()), heads(3, 3, 2));
+        randomize(m, 92);
+        pw::set_training(m, false);
+        MixedView<decltype(m)> view{m, {1, 0, 1, 2, 0}};
+        check_gradients(view, pw::Shape{5, 4, 4, 2}, 1e-6);
+        CHECK(m.last_mixed_pass() == pw::MixedPass::one_pass);
+    }
+    SUBCASE("convolution biases") {
+        pw::MultiTask<ConvBias, Linear64> m(ConvBias(conv_bias_body()), heads(3, 3, 2));
+        randomize(m, 93);
+        MixedView<decltype(m)> view{m, {1, 1, 0, 2}};
+        check_gradients(view, pw::Shape{4, 4, 4, 2}, 1e-6);
+        CHECK(m.last_mixed_pass() == pw::MixedPass::one_pass);
+    }
+    SUBCASE("scale-shift, adapter and LoRA banks with shared weights") {
+        pw::MultiTask<ScaleShiftBody, Linear64> ss(scale_shift_body(), heads(3, 6, 3),
+                                                   pw::PerTaskRoles{role_bits(pw::Role::scale_shift)});
+        randomize(ss, 94);
+        MixedView<decltype(ss)> ssv{ss, {2, 0, 2, 1, 0}};
+        check_gradients(ssv, pw::Shape{5, 5}, 1e-6);
+        CHECK(ss.last_mixed_pass() == pw::MixedPass::one_pass);
+
+        pw::MultiTask<AdapterBody, Linear64> ad(adapter_body(), heads(3, 6, 3),
+                                                pw::PerTaskRoles{role_bits(pw::Role::adapter)});
+        randomize(ad, 95);
+        MixedView<decltype(ad)> adv{ad, {0, 2, 2, 1, 0}};
+        check_gradients(adv, pw::Shape{5, 5}, 1e-6);
+        CHECK(ad.last_mixed_pass() == pw::MixedPass::one_pass);
+
+        pw::MultiTask<LoraBody, Linear64> lo(lora_body(), heads(3, 6, 3), pw::PerTaskRoles{role_bits(pw::Role::lora)});
+        randomize(lo, 96);
+        MixedView<decltype(lo)> lov{lo, {1, 1, 0, 2, 0}};
+        check_gradients(lov, pw::Shape{5, 5}, 1e-6);
+        CHECK(lo.last_mixed_pass() == pw::MixedPass::one_pass);
+    }
+}
+
+TEST_CASE("multitask one pass: which path runs") {
+    // LayerNorm applies its scale and shift to the whole batch: NormPatch banks
+    // on a LayerNorm fall back to one pass per task.
+    pw::MultiTask<MlpPatched, Linear64> ln(MlpPatched(mlp_body()), heads(2, 6, 4));
+    CHECK(!ln.one_pass_supported());
+    const std::vector<int> ids{1, 0, 1};
+    ln.forward(random_tensor({3, 5}, 1), ids);
+    CHECK(ln.last_mixed_pass() == pw::MixedPass::grouped);
+    ln.forward(random_tensor({3, 5}, 1), 0);
+    CHECK(ln.last_mixed_pass() == pw::MixedPass::none);
+
+    // The grouped path can be asked for, and gives the same result.
+    pw::MultiTask<ConvPatched, Linear64> m(ConvPatched(conv_body()), heads(2, 3, 2));
+    randomize(m, 101);
+    pw::set_training(m, false);  // leave the statistics alone
+    const auto x = random_tensor({3, 4, 4, 2}, 102);
+    const auto dy = random_tensor({3, 2}, 103);
+    pw::zero_grad(m);
+    const pw::Tensor<double> y1 = m.forward(x, ids);
+    CHECK(m.last_mixed_pass() == pw::MixedPass::one_pass);
+    const pw::Tensor<double> dx1 = m.backward(dy);
+    std::vector<pw::Tensor<double>> g1;
+    m.visit([&](pw::Parameter<double>& p) { g1.push_back(p.grad); });
+    m.set_one_pass(false);
+    pw::zero_grad(m);
+    const pw::Tensor<double> y2 = m.forward(x, ids);
+    CHECK(m.last_mixed_pass() == pw::MixedPass::grouped);
+    const pw::Tensor<double> dx2 = m.backward(dy);
+    CHECK(pw::testing::relative_error(y1, y2) <= 1e-12);
+    CHECK(pw::testing::relative_error(dx1, dx2) <= 1e-12);
+    std::size_t i = 0;
+    m.visit([&](pw::Parameter<double>& p) { CHECK(pw::testing::relative_error(g1[i++], p.grad) <= 1e-12); });
+    // After a one-pass step the slots hold the pre-trained values again and no gradient.
+    m.set_one_pass(true);
+    m.forward(x, ids);
+    m.backward(dy);
+    auto& dw = m.backbone().inner().get<1>();
+    CHECK(!dw.weight.trainable());
+    CHECK(dw.weight.grad.empty());
+}
+
+TEST_CASE("multitask one pass: clear errors") {
+    pw::MultiTask<ConvPatched, Linear64> m(ConvPatched(conv_body()), heads(2, 3, 2));
+    m.set_path("mt");
+    REQUIRE(m.one_pass_supported());
+    const auto x = random_tensor({3, 4, 4, 2}, 1);
+    const std::vector<int> two{0, 1};
+    CHECK_THROWS_WITH_AS(m.forward(x, two), doctest::Contains("mt: 2 task ids for a batch of 3 rows"),
+                         pw::ShapeError);
+    const std::vector<int> bad{0, -1, 1};
+    CHECK_THROWS_WITH_AS(m.forward(x, bad), doctest::Contains("mt: task id -1 at row 1 is out of range"),
+                         pw::ConfigError);
+    CHECK_THROWS_AS(m.backward(random_tensor({3, 2}, 2)), pw::Error);
+    const std::vector<int> ok{1, 0, 1};
+    m.forward(x, ok);
+    CHECK_THROWS_WITH_AS(m.backward(random_tensor({2, 2}, 2)), doctest::Contains("mt: multitask output gradient"),
+                         pw::ShapeError);
+    // A module's backward outside the mixed batch of its forward is refused.
+    auto& bn = m.backbone().inner().get<2>();
+    CHECK_THROWS_WITH_AS(bn.backward(random_tensor({3, 4, 4, 3}, 3)),
+                         doctest::Contains("batchnorm2: backward of a mixed-task forward"), pw::Error);
 }

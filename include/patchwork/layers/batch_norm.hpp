@@ -24,15 +24,37 @@
 //            = gamma_c s_c (g_mc - dbeta_c / M - xh_mc dgamma_c / M)
 // so the two column sums of the parameter gradients also give dx.
 //
+// The column sums are plain loops over rows in order (for each row, over the
+// channels), so a channel's statistics depend only on its rows' values and
+// order: the same rows give the same bits whether they are a whole batch or
+// one segment of a mixed batch.
+//
+// Mixed-task batches (multitask/mixed_batch.hpp). Every BatchNorm2d takes part
+// in a mixed batch, whether its parameters are per task or not: the rows of
+// task k (one contiguous segment S_k of M_k rows) are normalised as a batch of
+// task k alone would be, with task k's gamma^k, beta^k and running statistics
+// (those of the segment's task when the statistics are per task) and, in
+// training mode, with statistics over S_k only, which also update the
+// running statistics once per segment. Rows of different segments never
+// interact, so everything above holds per segment with M replaced by M_k and
+// the sums taken over S_k:
+//   dL/dgamma^k_c = sum_{m in S_k} g_mc xh_mc,   dL/dbeta^k_c = sum_{m in S_k} g_mc
+//   dL/dx_mc = gamma^k_c s^k_c (g_mc - dbeta^k_c / M_k - xh_mc dgamma^k_c / M_k)  (training)
+//   dL/dx_mc = g_mc gamma^k_c s^k_c                                            (inference)
+// where dbeta^k, dgamma^k are the segment's own column sums (a shared gamma,
+// beta receives the sum of all segments' sums).
+//
 // gamma and beta carry Role::norm_scale and Role::norm_shift (NormPatch trains
 // them); the running statistics are buffers, not parameters: no optimiser or
 // policy sees them. set_training(model, on) switches every BatchNorm2d inside
 // a model.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <string>
 
 #include "patchwork/core/module.hpp"
+#include "patchwork/multitask/mixed_batch.hpp"
 
 namespace patchwork {
 
@@ -101,59 +123,128 @@ public:
 
     const Tensor<T>& forward(const Tensor<T>& x) {
         check_cols(x, channels_, path_, "batchnorm input (channels last)");
-        const auto xm = x.matrix();
-        const T rows = T(x.rows());
+        const std::size_t C = channels_;
+        const MixedBatch<T>* mb = mixed_ = active_mixed_batch<T>();
         batch_stats_ = training_;
-        mean_.resize(Shape{channels_});
-        inv_std_.resize(Shape{channels_});
-        if (batch_stats_) {
-            mean_.vector() = xm.colwise().mean().transpose();
-            const auto var = ((xm.rowwise() - mean_.vector().transpose()).array().square().colwise().sum() / rows)
-                                 .transpose()
-                                 .eval();
-            inv_std_.vector().array() = (var + T(eps_)).rsqrt();
-            const T m = T(momentum_), unbias = rows > T(1) ? rows / (rows - T(1)) : T(1);
-            running_mean.vector() = (T(1) - m) * running_mean.vector() + m * mean_.vector();
-            running_var.vector().array() = (T(1) - m) * running_var.vector().array() + m * unbias * var;
-        } else {
-            mean_.vector() = running_mean.vector();
-            inv_std_.vector().array() = (running_var.vector().array() + T(eps_)).rsqrt();
-        }
+        const std::size_t segments = mb == nullptr ? 1 : mb->segments().size();
+        mean_.resize(Shape{segments, C});
+        inv_std_.resize(Shape{segments, C});
+        var_.resize(Shape{C});
         xhat_.resize(x.shape());
         y_.resize(x.shape());
-        const auto mu = mean_.vector().transpose().array();
-        const auto s = inv_std_.vector().transpose().array();
-        xhat_.matrix().array() = (xm.array().rowwise() - mu).rowwise() * s;
-        y_.matrix().array() = (xhat_.matrix().array().rowwise() * scale.value.vector().transpose().array()).rowwise() +
-                              shift.value.vector().transpose().array();
+        std::size_t si = 0;
+        for_each_segment(mb, x, path_, "batchnorm input", [&](int task, std::size_t r0, std::size_t n) {
+            T* __restrict mu = mean_.data() + si * C;
+            T* __restrict is = inv_std_.data() + si * C;
+            ++si;
+            Tensor<T>& rmean = mb == nullptr ? running_mean : mb->statistic(running_mean, task);
+            Tensor<T>& rvar = mb == nullptr ? running_var : mb->statistic(running_var, task);
+            const T* __restrict xs = x.data() + r0 * C;
+            if (batch_stats_) {
+                T* __restrict var = var_.data();
+                const T rows = T(n);
+                std::fill(mu, mu + C, T(0));
+                std::fill(var, var + C, T(0));
+                for (std::size_t m = 0; m < n; ++m)
+                    for (std::size_t c = 0; c < C; ++c) mu[c] += xs[m * C + c];
+                for (std::size_t c = 0; c < C; ++c) mu[c] /= rows;
+                for (std::size_t m = 0; m < n; ++m)
+                    for (std::size_t c = 0; c < C; ++c) {
+                        const T d = xs[m * C + c] - mu[c];
+                        var[c] += d * d;
+                    }
+                const T mom = T(momentum_), unbias = n > 1 ? rows / (rows - T(1)) : T(1);
+                for (std::size_t c = 0; c < C; ++c) {
+                    var[c] /= rows;
+                    is[c] = T(1) / std::sqrt(var[c] + T(eps_));
+                    rmean[c] = (T(1) - mom) * rmean[c] + mom * mu[c];
+                    rvar[c] = (T(1) - mom) * rvar[c] + mom * unbias * var[c];
+                }
+            } else {
+                for (std::size_t c = 0; c < C; ++c) {
+                    mu[c] = rmean[c];
+                    is[c] = T(1) / std::sqrt(rvar[c] + T(eps_));
+                }
+            }
+            const T* gamma = mixed_use(mb, scale, task).value.data();
+            const T* beta = mixed_use(mb, shift, task).value.data();
+            for_rows(n, C, [&](std::size_t i) {
+                const std::size_t off = (r0 + i) * C;
+                const T* __restrict xr = x.data() + off;
+                T* __restrict xh = xhat_.data() + off;
+                T* __restrict yr = y_.data() + off;
+                for (std::size_t c = 0; c < C; ++c) {
+                    xh[c] = (xr[c] - mu[c]) * is[c];
+                    yr[c] = xh[c] * gamma[c] + beta[c];
+                }
+            });
+        });
         return y_;
     }
 
     const Tensor<T>& backward(const Tensor<T>& dy) {
         check_same_shape(dy, xhat_.shape(), path_, "batchnorm output gradient");
-        const auto g = dy.matrix();
-        const bool need_sums = scale.wants_grad() || shift.wants_grad() || (input_grad_ && batch_stats_);
-        if (need_sums) {
-            sum_g_.resize(Shape{channels_});
-            sum_gx_.resize(Shape{channels_});
-            sum_g_.vector() = g.colwise().sum().transpose();
-            sum_gx_.vector() = (g.array() * xhat_.matrix().array()).colwise().sum().matrix().transpose();
-            if (scale.wants_grad()) scale.grad.vector() += sum_gx_.vector();
-            if (shift.wants_grad()) shift.grad.vector() += sum_g_.vector();
-        }
-        if (!input_grad_) return empty_;
-        dx_.resize(dy.shape());
-        const auto gs = (scale.value.vector().array() * inv_std_.vector().array()).transpose().eval();
-        if (batch_stats_) {
-            const T rows = T(dy.rows());
-            const auto mean_g = (sum_g_.vector().transpose().array() / rows).eval();
-            const auto mean_gx = (sum_gx_.vector().transpose().array() / rows).eval();
-            dx_.matrix().array() =
-                ((g.array().rowwise() - mean_g) - (xhat_.matrix().array().rowwise() * mean_gx)).rowwise() * gs;
-        } else {
-            dx_.matrix().array() = g.array().rowwise() * gs;
-        }
-        return dx_;
+        // Per segment (each task's rows of a mixed batch, else all rows): the column sums of the segment give
+        // dgamma, dbeta and, in training mode, dx = gamma s (g - dbeta / M_k - xh dgamma / M_k) (derivation at
+        // the top of this file).
+        const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
+        const std::size_t C = channels_;
+        sum_g_.resize(Shape{C});
+        sum_gx_.resize(Shape{C});
+        gs_.resize(Shape{C});
+        if (input_grad_) dx_.resize(dy.shape());
+        std::size_t si = 0;
+        for_each_segment(mb, dy, path_, "batchnorm output gradient", [&](int task, std::size_t r0, std::size_t n) {
+            const T* __restrict is = inv_std_.data() + si * C;
+            ++si;
+            Parameter<T>& gamma = mixed_use(mb, scale, task);
+            Parameter<T>& beta = mixed_use(mb, shift, task);
+            T* __restrict sg = sum_g_.data();
+            T* __restrict sgx = sum_gx_.data();
+            const bool need_sums = gamma.wants_grad() || beta.wants_grad() || (input_grad_ && batch_stats_);
+            if (need_sums) {
+                std::fill(sg, sg + C, T(0));
+                std::fill(sgx, sgx + C, T(0));
+                const T* __restrict g = dy.data() + r0 * C;
+                const T* __restrict xh = xhat_.data() + r0 * C;
+                for (std::size_t m = 0; m < n; ++m)
+                    for (std::size_t c = 0; c < C; ++c) {
+                        sg[c] += g[m * C + c];
+                        sgx[c] += g[m * C + c] * xh[m * C + c];
+                    }
+                if (gamma.wants_grad()) gamma.grad.vector() += sum_gx_.vector();
+                if (beta.wants_grad()) beta.grad.vector() += sum_g_.vector();
+            }
+            if (!input_grad_) return;
+            T* __restrict gs = gs_.data();
+            for (std::size_t c = 0; c < C; ++c) gs[c] = gamma.value[c] * is[c];
+            const bool batch = batch_stats_;
+            const T rows = T(n);
+            if (batch)
+                for (std::size_t c = 0; c < C; ++c) {
+                    sg[c] /= rows;   // mean_m g_mc
+                    sgx[c] /= rows;  // mean_m g_mc xh_mc
+                }
+            for_rows(n, C, [&](std::size_t i) {
+                const std::size_t off = (r0 + i) * C;
+                const T* __restrict g = dy.data() + off;
+                const T* __restrict xh = xhat_.data() + off;
+                T* __restrict d = dx_.data() + off;
+                if (batch)
+                    for (std::size_t c = 0; c < C; ++c) d[c] = ((g[c] - sg[c]) - xh[c] * sgx[c]) * gs[c];
+                else
+                    for (std::size_t c = 0; c < C; ++c) d[c] = g[c] * gs[c];
+            });
+        });
+        return input_grad_ ? dx_ : empty_;
+    }
+
+    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch);
+    /// the running statistics are taken per task too.
+    template <class F>
+    void visit_mixed(F&& f) {
+        f(scale);
+        f(shift);
     }
 
     template <class F>
@@ -170,7 +261,8 @@ public:
 
 private:
     bool batch_stats_ = true;  ///< whether the last forward used batch statistics
-    Tensor<T> mean_, inv_std_, xhat_, y_, dx_, sum_g_, sum_gx_, empty_;
+    const MixedBatch<T>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
+    Tensor<T> mean_, inv_std_, var_, xhat_, y_, dx_, sum_g_, sum_gx_, gs_, empty_;
 };
 
 using BatchNorm2d = BasicBatchNorm2d<float>;

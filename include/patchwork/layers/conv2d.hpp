@@ -37,6 +37,19 @@
 // "depthwise patch" of K for the price of 1 re-learns exactly these); every
 // other convolution weight carries Role::weight.
 //
+// Mixed-task batches (multitask/mixed_batch.hpp). The filters of a depthwise
+// convolution and the bias of any convolution may be per task: the images of
+// task k (a contiguous segment of the batch, pixels p in P_k) use task k's
+// Wt^k and b^k. A pixel reads only its own image, so the sums over pixels
+// above split by segment:
+//   y[p, co]      = b^k[co] + sum_t x[q(p,t), co / m] Wt^k[t, co]        (p in P_k)
+//   dWt^k[t, co] += sum_{p in P_k} dY[p, co] x[q(p,t), co / m]
+//   db^k         += sum_{p in P_k} dY[p, :]
+//   dx[q(p,t), co / m] += dY[p, co] Wt^k[t, co]                          (p in P_k)
+// (a parameter that is not per task receives every segment's sum). The
+// weight of a dense or grouped convolution is never per row (its GEMM runs
+// once over all pixels): a mixed batch in which it is per task throws.
+//
 // As for Linear, the layer keeps a pointer to its input: x must stay alive and
 // unchanged until the matching backward. A frozen weight skips its gradient
 // work; a switched-off input gradient skips dX_col and col2im.
@@ -45,6 +58,7 @@
 #include <string>
 
 #include "patchwork/core/module.hpp"
+#include "patchwork/multitask/mixed_batch.hpp"
 #include "patchwork/ops/gemm.hpp"
 
 namespace patchwork {
@@ -173,26 +187,46 @@ public:
 
     const Tensor<T>& forward(const Tensor<T>& x) {
         detail::check_nhwc(x, in_, window_, path_, "conv input (NHWC)");
+        if (!depthwise()) {
+            if (const MixedBatch<T>* any = active_mixed_batch<T>(); any != nullptr && any->per_task(weight))
+                throw Error(detail::concat(detail::display_path(path_),
+                                           ": the weight of a dense convolution cannot be per task in a one-pass "
+                                           "mixed-task batch (only depthwise filters and biases can)"));
+        }
+        const MixedBatch<T>* mb = mixed_ = depthwise() ? mixed_batch_for<T>(weight, bias) : mixed_batch_for<T>(bias);
         x_ = x;
         geo_ = detail::SpatialGeometry(x.shape(), window_);
         y_.resize(Shape{geo_.batch, geo_.ho, geo_.wo, out_});
         if (depthwise()) {
-            depthwise_forward(x);
+            depthwise_forward(x, mb);
         } else {
             const Tensor<T>& cols = pointwise() ? x : im2col(x);
             for_each_group([&](auto&& col_block, auto&& w_rows, auto&& y_cols) {
                 ops::gemm_nt(col_block, w_rows, y_cols, T(1), T(0));
             }, cols.matrix(), y_.matrix());
         }
-        if (options_.bias) y_.matrix().rowwise() += bias.value.vector().transpose();
+        if (options_.bias)
+            for_each_segment(mb, y_, path_, "conv output", [&](int task, std::size_t p0, std::size_t np) {
+                y_.matrix().middleRows(Eigen::Index(p0), Eigen::Index(np)).rowwise() +=
+                    mixed_use(mb, bias, task).value.vector().transpose();
+            });
         return y_;
     }
 
     const Tensor<T>& backward(const Tensor<T>& dy) {
         check_same_shape(dy, y_.shape(), path_, "conv output gradient");
         const Tensor<T>& x = x_.get(input_shape(), path_, "conv input");
-        if (options_.bias && bias.wants_grad()) bias.grad.vector() += dy.matrix().colwise().sum().transpose();
-        if (depthwise()) return depthwise_backward(x, dy);
+        // Bias and depthwise filter gradients per segment of a mixed batch (each task's pixels, with its own
+        // filters), one segment otherwise; derivation at the top of this file.
+        const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
+        if (options_.bias)
+            for_each_segment(mb, dy, path_, "conv output gradient", [&](int task, std::size_t p0, std::size_t np) {
+                Parameter<T>& b = mixed_use(mb, bias, task);
+                if (b.wants_grad())
+                    b.grad.vector() +=
+                        dy.matrix().middleRows(Eigen::Index(p0), Eigen::Index(np)).colwise().sum().transpose();
+            });
+        if (depthwise()) return depthwise_backward(x, dy, mb);
 
         const Tensor<T>& cols = pointwise() ? x : cols_;
         if (weight.wants_grad()) {
@@ -225,6 +259,14 @@ public:
     template <class F>
     void visit(F&& f) {
         f(weight);
+        if (options_.bias) f(bias);
+    }
+
+    /// f(p) for each parameter this module can take per row in a mixed-task
+    /// batch (see MixedBatch): the bias, and the filters of a depthwise convolution.
+    template <class F>
+    void visit_mixed(F&& f) {
+        if (depthwise()) f(weight);
         if (options_.bias) f(bias);
     }
 
@@ -305,12 +347,14 @@ private:
         });
     }
 
-    /// Wt [k k, C_out]: the weight transposed so that channel loops are contiguous.
-    void transpose_depthwise_weight() {
+    /// Rows [si k k, (si + 1) k k) of Wt [segments k k, C_out]: filters `w`
+    /// transposed so that channel loops are contiguous. Returns them.
+    const T* transpose_depthwise_weight(const Tensor<T>& w, std::size_t si) {
         const std::size_t taps = geo_taps();
-        wt_.resize(Shape{taps, out_});
+        T* wt = wt_.data() + si * taps * out_;
         for (std::size_t co = 0; co < out_; ++co)
-            for (std::size_t t = 0; t < taps; ++t) wt_[t * out_ + co] = weight.value[co * taps + t];
+            for (std::size_t t = 0; t < taps; ++t) wt[t * out_ + co] = w[co * taps + t];
+        return wt;
     }
 
     /// f(co, ci) for every output channel co and its input channel ci = co / m,
@@ -325,55 +369,72 @@ private:
             for (std::size_t j = 0; j < m; ++j, ++co) f(co, ci);
     }
 
-    void depthwise_forward(const Tensor<T>& x) {
-        transpose_depthwise_weight();
-        const std::size_t m = out_ / in_;
-        for_rows(geo_.out_pixels(), geo_taps() * out_, [&](std::size_t p) {
-            T* __restrict y = y_.data() + p * out_;
-            std::fill(y, y + out_, T(0));
-            geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
-                const T* __restrict xr = x.data() + q * in_;
-                const T* __restrict w = wt_.data() + t * out_;
-                for_channels(m, [&](std::size_t co, std::size_t ci) { y[co] += xr[ci] * w[co]; });
+    /// One segment of pixels per task in a mixed batch (each with its task's
+    /// filters, transposed into its own block of Wt), one segment otherwise.
+    void depthwise_forward(const Tensor<T>& x, const MixedBatch<T>* mb) {
+        const std::size_t m = out_ / in_, taps = geo_taps();
+        wt_.resize(Shape{(mb == nullptr ? 1 : mb->segments().size()) * taps, out_});
+        std::size_t si = 0;
+        for_each_segment(mb, y_, path_, "conv output", [&](int task, std::size_t p0, std::size_t np) {
+            const T* wt = transpose_depthwise_weight(mixed_use(mb, weight, task).value, si++);
+            for_rows(np, taps * out_, [&](std::size_t i) {
+                const std::size_t p = p0 + i;
+                T* __restrict y = y_.data() + p * out_;
+                std::fill(y, y + out_, T(0));
+                geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
+                    const T* __restrict xr = x.data() + q * in_;
+                    const T* __restrict w = wt + t * out_;
+                    for_channels(m, [&](std::size_t co, std::size_t ci) { y[co] += xr[ci] * w[co]; });
+                });
             });
         });
     }
 
-    const Tensor<T>& depthwise_backward(const Tensor<T>& x, const Tensor<T>& dy) {
-        const std::size_t m = out_ / in_, taps = geo_taps();
-        if (weight.wants_grad()) {
-            // Accumulated over all pixels in the transposed layout, then added once.
-            dwt_.resize(wt_.shape());
-            dwt_.zero();
-            for (std::size_t p = 0, n = geo_.out_pixels(); p < n; ++p) {
-                const T* __restrict g = dy.data() + p * out_;
-                geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
-                    const T* __restrict xr = x.data() + q * in_;
-                    T* __restrict dw = dwt_.data() + t * out_;
-                    for_channels(m, [&](std::size_t co, std::size_t ci) { dw[co] += g[co] * xr[ci]; });
-                });
-            }
-            for (std::size_t co = 0; co < out_; ++co)
-                for (std::size_t t = 0; t < taps; ++t) weight.grad[co * taps + t] += dwt_[t * out_ + co];
+    const Tensor<T>& depthwise_backward(const Tensor<T>& x, const Tensor<T>& dy, const MixedBatch<T>* mb) {
+        const std::size_t m = out_ / in_, taps = geo_taps(), per_image = geo_.ho * geo_.wo;
+        if (input_grad_) {
+            dx_.resize(x.shape());
+            dx_.zero();
         }
-        if (!input_grad_) return empty_;
-        dx_.resize(x.shape());
-        dx_.zero();
-        const std::size_t per_image = geo_.ho * geo_.wo;
-        for_rows(geo_.batch, per_image * taps * out_, [&](std::size_t b) {
-            for (std::size_t p = b * per_image; p < (b + 1) * per_image; ++p) {
-                const T* __restrict g = dy.data() + p * out_;
-                geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
-                    T* __restrict dx = dx_.data() + q * in_;
-                    const T* __restrict w = wt_.data() + t * out_;
-                    for_channels(m, [&](std::size_t co, std::size_t ci) { dx[ci] += g[co] * w[co]; });
-                });
+        std::size_t si = 0;
+        for_each_segment(mb, dy, path_, "conv output gradient", [&](int task, std::size_t p0, std::size_t np) {
+            const T* wt = wt_.data() + (si++) * taps * out_;
+            Parameter<T>& w = mixed_use(mb, weight, task);
+            if (w.wants_grad()) {
+                // Accumulated over the segment's pixels in the transposed layout, then added once.
+                dwt_.resize(Shape{taps, out_});
+                dwt_.zero();
+                for (std::size_t p = p0; p < p0 + np; ++p) {
+                    const T* __restrict g = dy.data() + p * out_;
+                    geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
+                        const T* __restrict xr = x.data() + q * in_;
+                        T* __restrict dw = dwt_.data() + t * out_;
+                        for_channels(m, [&](std::size_t co, std::size_t ci) { dw[co] += g[co] * xr[ci]; });
+                    });
+                }
+                for (std::size_t co = 0; co < out_; ++co)
+                    for (std::size_t t = 0; t < taps; ++t) w.grad[co * taps + t] += dwt_[t * out_ + co];
             }
+            if (!input_grad_) return;
+            // One image per task of the loop: windows overlap only within an image.
+            const std::size_t b0 = p0 / per_image;
+            for_rows(np / per_image, per_image * taps * out_, [&](std::size_t i) {
+                const std::size_t b = b0 + i;
+                for (std::size_t p = b * per_image; p < (b + 1) * per_image; ++p) {
+                    const T* __restrict g = dy.data() + p * out_;
+                    geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
+                        T* __restrict dx = dx_.data() + q * in_;
+                        const T* __restrict w = wt + t * out_;
+                        for_channels(m, [&](std::size_t co, std::size_t ci) { dx[ci] += g[co] * w[co]; });
+                    });
+                }
+            });
         });
-        return dx_;
+        return input_grad_ ? dx_ : empty_;
     }
 
     Saved<T> x_;  ///< the last forward's input (not owned)
+    const MixedBatch<T>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
     detail::SpatialGeometry geo_;
     Tensor<T> y_, dx_, cols_, dcols_, wt_, dwt_, empty_;
 };

@@ -23,21 +23,41 @@
 // Gradients. For a single-task batch the model is head_k(backbone(x; theta,
 // bank_k)); binding makes the slot *be* bank k's tensors, so the backbone's
 // own backward accumulates dL/dbank_k into bank k's grad and dL/dtheta into
-// the shared gradients, unchanged. For a mixed batch with rows grouped by task
-// (G_k = rows of task k), L = sum_k L_k(rows G_k) and, since the rows of
-// different groups never interact (a row's output depends only on its own
-// input, its task's bank and the shared weights; BatchNorm2d in training mode
-// takes its statistics over the group, exactly as the per-task pass would),
+// the shared gradients, unchanged. For a mixed batch (G_k = rows of task k),
+// L = sum_k L_k(rows G_k) and, since the rows of different tasks never
+// interact (a row's output depends only on its own input, its task's bank and
+// the shared weights; BatchNorm2d in training mode takes its statistics over
+// the task's rows, exactly as the per-task pass would),
 //   dL/dtheta = sum_k dL_k/dtheta,   dL/dbank_k = dL_k/dbank_k,
-//   dL/dx[G_k] = dL_k/dx[G_k],
-// which is what per-group backward passes accumulate.
+//   dL/dx[G_k] = dL_k/dx[G_k].
 //
-// Mixed batches are computed by grouping rows by task (gather, one forward
-// per task present, scatter), not in one fused pass. Layers keep only the
-// state of their last forward, so the backward of a mixed batch re-runs the
-// backbone forward of every group but the last one (restoring BatchNorm
-// running statistics afterwards, so they move once per forward as in the
-// per-task passes): a mixed step costs one extra backbone forward per group.
+// Mixed batches, one pass. forward(x, task_ids) sorts the rows by task (a
+// stable permutation, gathered once; each task's rows become one contiguous
+// segment, tasks ascending), makes a MixedBatch (multitask/mixed_batch.hpp)
+// active for the backbone's forward and for its backward, and runs the
+// backbone once over all rows. The slots stay unbound (pre-trained values, no
+// gradient); every module that holds a slot applies, segment by segment, the
+// bank parameter of that segment's task (MixedBatch::use) and accumulates the
+// segment's gradient into it, while shared computation runs once over the
+// whole batch and its gradients sum over all rows. Each present task's head
+// then runs on its segment of the features, and the outputs are scattered
+// back into row order (dx likewise in backward). Per module, each segment
+// computes what that task's pass alone computes, so the two terms above are
+// exactly what one backward accumulates (the per-module derivations are next
+// to their code: ScaleShift, Adapter, LoRA, BatchNorm2d, Conv2d).
+//
+// The one pass runs when every slot is listed by the module holding it as
+// one it applies per row (`visit_mixed`: the injected ScaleShift, Adapter and
+// LoRA parameters, BatchNorm2d scale and shift, depthwise convolution filters,
+// convolution biases) and every module with running statistics takes part
+// (BatchNorm2d); see one_pass_supported(). Otherwise, e.g. for LayerNorm or
+// Linear parameters per task, or with MultiTaskOptions::one_pass = false, the
+// rows are grouped by task (gather, one backbone forward per task present,
+// scatter), and since layers keep only the state of their last forward the
+// backward re-runs the backbone forward of every group but the last one
+// (restoring BatchNorm running statistics afterwards, so they move once per
+// forward as in the per-task passes). last_mixed_pass() says which path the
+// last mixed forward took.
 //
 // The model is neither copyable nor movable (slots are pointers into the
 // backbone); construct it in place.
@@ -54,6 +74,7 @@
 #include "patchwork/core/module.hpp"
 #include "patchwork/core/parameter.hpp"
 #include "patchwork/core/tensor.hpp"
+#include "patchwork/multitask/mixed_batch.hpp"
 
 namespace patchwork {
 
@@ -83,6 +104,16 @@ struct PerTaskRoles {
 struct MultiTaskOptions {
     /// Keep BatchNorm2d running statistics per task (the statistics are part of a task's patch).
     bool per_task_statistics = true;
+    /// Compute a mixed-task batch in one backbone pass when the backbone supports it
+    /// (see one_pass_supported()); false: always one backbone pass per task present.
+    bool one_pass = true;
+};
+
+/// How the last mixed-task forward was computed.
+enum class MixedPass {
+    none,      ///< the last forward was not a mixed one (or failed)
+    one_pass,  ///< one backbone pass over all rows, per-task parameters applied per row
+    grouped,   ///< one backbone pass per task present (rows gathered by task)
 };
 
 template <Module Backbone, Module Head>
@@ -99,7 +130,7 @@ public:
     /// One task per head. Bank k starts as a copy of the backbone's values.
     template <class Selector = PerTaskTrainable>
     MultiTask(Backbone backbone, std::vector<Head> heads, Selector per_task = {}, MultiTaskOptions options = {})
-        : backbone_(std::move(backbone)) {
+        : backbone_(std::move(backbone)), one_pass_(options.one_pass) {
         if (heads.empty()) throw ConfigError("multitask: at least one task (one head) is needed");
         backbone_.set_path("");
         backbone_.visit([&](Parameter<T>& p) {
@@ -190,6 +221,35 @@ public:
         return n;
     }
 
+    /// Whether forward(x, task_ids) may use the one-pass path (MultiTaskOptions::one_pass).
+    void set_one_pass(bool on) noexcept { one_pass_ = on; }
+    [[nodiscard]] bool one_pass() const noexcept { return one_pass_; }
+    /// True when the backbone can compute a mixed batch in one pass: every slot
+    /// is a parameter that the module holding it applies per row (it lists it
+    /// in `visit_mixed`: ScaleShift, Adapter, LoRA, BatchNorm2d, the filters of
+    /// depthwise convolutions, convolution biases), and every module with
+    /// running statistics splits its batch statistics by task (BatchNorm2d).
+    [[nodiscard]] bool one_pass_supported() {
+        std::vector<const Parameter<T>*> per_row;
+        bool statistics_ok = true;
+        for_each_module(backbone_, [&](auto& m) {
+            if constexpr (requires { m.visit_mixed([](Parameter<T>&) {}); }) {
+                m.visit_mixed([&](Parameter<T>& p) { per_row.push_back(&p); });
+            } else if constexpr (requires {
+                                     m.running_mean;
+                                     m.running_var;
+                                 }) {
+                statistics_ok = false;
+            }
+        });
+        if (!statistics_ok) return false;
+        for (const auto* slot : slots_)
+            if (std::find(per_row.begin(), per_row.end(), slot) == per_row.end()) return false;
+        return true;
+    }
+    /// How the last forward(x, task_ids) was computed (MixedPass::none after a single-task forward).
+    [[nodiscard]] MixedPass last_mixed_pass() const noexcept { return last_pass_; }
+
     // -- Module interface ------------------------------------------------------
 
     [[nodiscard]] std::size_t out_features() const { return heads_[std::size_t(active_)].out_features(); }
@@ -201,6 +261,7 @@ public:
     const Tensor<T>& forward(const Tensor<T>& x, int task) {
         check_task(task);
         state_ = State::none;
+        last_pass_ = MixedPass::none;
         const Tensor<T>* feat = nullptr;
         {
             Binding bind(*this, task);
@@ -215,9 +276,12 @@ public:
     }
 
     /// Forward of a mixed batch: row i of x belongs to task task_ids[i].
-    /// Equal row for row to the per-task passes (computed by grouping rows by task).
+    /// Equal row for row to the per-task passes; computed in one backbone pass
+    /// when one_pass() and one_pass_supported(), else one pass per task present
+    /// (last_mixed_pass() says which).
     const Tensor<T>& forward(const Tensor<T>& x, std::span<const int> task_ids) {
         state_ = State::none;
+        last_pass_ = MixedPass::none;
         if (x.rank() < 1 || x.empty())
             throw ShapeError(detail::concat(detail::display_path(path_), ": multitask input must be a non-empty batch, got ",
                                             x.shape()));
@@ -227,45 +291,9 @@ public:
                                             " task ids for a batch of ", n, " rows ", x.shape(),
                                             " (one task id per row)"));
         for (std::size_t i = 0; i < n; ++i) check_task(task_ids[i], i);
-
-        groups_.clear();
-        for (std::size_t k = 0; k < tasks(); ++k) {
-            Group g;
-            g.task = int(k);
-            for (std::size_t i = 0; i < n; ++i)
-                if (task_ids[i] == int(k)) g.rows.push_back(i);
-            if (!g.rows.empty()) groups_.push_back(std::move(g));
-        }
-        if (group_x_.size() < groups_.size()) {
-            group_x_.resize(groups_.size());
-            group_feat_.resize(groups_.size());
-        }
         x_shape_ = x.shape();
-        const std::size_t row = x.size() / n;
-        for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
-            const Group& g = groups_[gi];
-            gather(x, g.rows, row, group_x_[gi]);
-            {
-                Binding bind(*this, g.task);
-                group_feat_[gi] = backbone_.forward(group_x_[gi]);
-            }
-            Head& h = heads_[std::size_t(g.task)];
-            h.set_input_grad(true);
-            const Tensor<T>& yg = h.forward(group_feat_[gi]);
-            if (gi == 0) {
-                Shape s = yg.shape();
-                s[0] = n;
-                y_.resize(s);
-            } else if (yg.size() / g.rows.size() != y_.size() / n) {
-                throw ShapeError(detail::concat(detail::display_path(path_), ": a mixed batch needs heads of one "
-                                                "output width; task ", g.task, " gives ", yg.shape(), " for ",
-                                                g.rows.size(), " rows, task ", groups_[0].task, " rows of ",
-                                                y_.size() / n, " values"));
-            }
-            scatter(yg, g.rows, y_.size() / n, y_);
-        }
-        state_ = State::mixed;
-        return y_;
+        if (one_pass_ && one_pass_supported()) return forward_one_pass(x, task_ids);
+        return forward_grouped(x, task_ids);
     }
 
     /// Backward of the last forward (single-task or mixed).
@@ -282,6 +310,7 @@ public:
             return dx;
         }
         check_same_shape(dy, y_.shape(), path_, "multitask output gradient");
+        if (state_ == State::one_pass) return backward_one_pass(dy);
         const std::size_t n = x_shape_[0];
         const std::size_t out_row = y_.size() / n, in_row = x_shape_.numel() / n;
         if (input_grad_) {
@@ -351,7 +380,7 @@ public:
     }
 
 private:
-    enum class State { none, single, mixed };
+    enum class State { none, single, mixed, one_pass };
     struct Group {
         int task = 0;
         std::vector<std::size_t> rows;
@@ -369,6 +398,180 @@ private:
         MultiTask& m_;
         std::size_t k_;
     };
+
+    /// While alive: `ctx_` is this thread's active mixed batch, and each slot
+    /// reads as trainable when any task's bank of it is (so that modules which
+    /// skip a backward when nothing below them trains still run it); the slots
+    /// keep their pre-trained values and receive no gradient (the modules route
+    /// per-row work to the banks).
+    class OnePass {
+    public:
+        explicit OnePass(MultiTask& m) : m_(m), scope_(&m.ctx_) {
+            for (std::size_t i = 0; i < m_.slots_.size(); ++i) {
+                bool any = false;
+                for (auto& bank : m_.banks_) any = any || bank[i].trainable();
+                if (any) m_.slots_[i]->set_trainable(true);
+            }
+        }
+        ~OnePass() {
+            for (auto* s : m_.slots_) s->set_trainable(false);
+        }
+        OnePass(const OnePass&) = delete;
+        OnePass& operator=(const OnePass&) = delete;
+
+    private:
+        MultiTask& m_;
+        MixedBatchScope<T> scope_;
+    };
+
+    /// One backbone pass: rows sorted by task (a stable counting sort, so each
+    /// task's rows keep their order and form one segment, tasks ascending),
+    /// the backbone run once under the mixed batch, then each present task's
+    /// head on its segment of the features, scattered back into row order.
+    const Tensor<T>& forward_one_pass(const Tensor<T>& x, std::span<const int> task_ids) {
+        const std::size_t n = x.dim(0), K = tasks(), row = x.size() / n;
+        std::vector<std::size_t> start(K + 1, 0);
+        for (std::size_t i = 0; i < n; ++i) ++start[std::size_t(task_ids[i]) + 1];
+        for (std::size_t k = 0; k < K; ++k) start[k + 1] += start[k];
+        order_.resize(n);
+        {
+            std::vector<std::size_t> next(start.begin(), start.end() - 1);
+            for (std::size_t i = 0; i < n; ++i) order_[next[std::size_t(task_ids[i])]++] = i;
+        }
+        bool sorted = true;
+        for (std::size_t i = 0; i < n && sorted; ++i) sorted = order_[i] == i;
+
+        ctx_.reset(n, K);
+        for (std::size_t k = 0; k < K; ++k)
+            if (start[k + 1] > start[k]) ctx_.add_segment(int(k), start[k], start[k + 1]);
+        std::vector<Parameter<T>*> bank_of(K);
+        for (std::size_t i = 0; i < slots_.size(); ++i) {
+            for (std::size_t k = 0; k < K; ++k) bank_of[k] = &banks_[k][i];
+            ctx_.add_slot(slots_[i], bank_of);
+        }
+        std::vector<Tensor<T>*> stat_of(K);
+        for (std::size_t i = 0; i < stats_.size(); ++i) {
+            for (std::size_t k = 0; k < K; ++k) stat_of[k] = &bank_stats_[k][i].value;
+            ctx_.add_statistic(stats_[i], stat_of);
+        }
+
+        if (!sorted) gather(x, order_, row, xp_);
+        const Tensor<T>* feat = nullptr;
+        {
+            OnePass pass(*this);
+            feat = &backbone_.forward(sorted ? x : xp_);
+        }
+        feat_shape_ = feat->shape();
+        const auto segments = ctx_.segments();
+        if (group_feat_.size() < segments.size()) group_feat_.resize(segments.size());
+        const std::size_t feat_row = feat->size() / n;
+        for (std::size_t si = 0; si < segments.size(); ++si) {
+            const MixedSegment& seg = segments[si];
+            Shape fs = feat_shape_;
+            fs[0] = seg.size();
+            group_feat_[si].resize(fs);
+            std::copy_n(feat->data() + seg.begin * feat_row, seg.size() * feat_row, group_feat_[si].data());
+            Head& h = heads_[std::size_t(seg.task)];
+            h.set_input_grad(true);
+            const Tensor<T>& yg = h.forward(group_feat_[si]);
+            if (si == 0) {
+                Shape ys = yg.shape();
+                ys[0] = n;
+                y_.resize(ys);
+            } else if (yg.size() / seg.size() != y_.size() / n) {
+                throw_head_width(seg.task, yg.shape(), seg.size(), segments[0].task);
+            }
+            const std::size_t out_row = y_.size() / n;
+            for (std::size_t r = 0; r < seg.size(); ++r)
+                std::copy_n(yg.data() + r * out_row, out_row, y_.data() + order_[seg.begin + r] * out_row);
+        }
+        state_ = State::one_pass;
+        last_pass_ = MixedPass::one_pass;
+        return y_;
+    }
+
+    /// Backward of a one-pass forward: each head's backward on its segment's
+    /// rows of dy gives its segment of dL/dfeatures; one backbone backward
+    /// under the same mixed batch then accumulates every row's contribution
+    /// into its task's banks and the shared gradients; dx is scattered back
+    /// into row order. (Derivation: the one-pass forward computes, row for
+    /// row, what the per-task passes compute, so L = sum_k L_k(rows of task k)
+    /// and each module's per-segment backward is the per-task backward of that
+    /// segment; see the comment at the top of this file.)
+    const Tensor<T>& backward_one_pass(const Tensor<T>& dy) {
+        const std::size_t n = x_shape_[0], out_row = y_.size() / n, feat_row = feat_shape_.numel() / n;
+        dfeat_.resize(feat_shape_);
+        for (const MixedSegment& seg : ctx_.segments()) {
+            Shape gs = y_.shape();
+            gs[0] = seg.size();
+            group_dy_.resize(gs);
+            for (std::size_t r = 0; r < seg.size(); ++r)
+                std::copy_n(dy.data() + order_[seg.begin + r] * out_row, out_row, group_dy_.data() + r * out_row);
+            const Tensor<T>& dfg = heads_[std::size_t(seg.task)].backward(group_dy_);
+            std::copy_n(dfg.data(), seg.size() * feat_row, dfeat_.data() + seg.begin * feat_row);
+        }
+        backbone_.set_input_grad(input_grad_);
+        const Tensor<T>* dxp = nullptr;
+        {
+            OnePass pass(*this);
+            dxp = &backbone_.backward(dfeat_);
+        }
+        if (!input_grad_) {
+            dx_.clear();
+            return dx_;
+        }
+        dx_.resize(x_shape_);
+        const std::size_t in_row = x_shape_.numel() / n;
+        for (std::size_t i = 0; i < n; ++i)
+            std::copy_n(dxp->data() + i * in_row, in_row, dx_.data() + order_[i] * in_row);
+        return dx_;
+    }
+
+    /// Rows grouped by task: one backbone pass per task present.
+    const Tensor<T>& forward_grouped(const Tensor<T>& x, std::span<const int> task_ids) {
+        const std::size_t n = x.dim(0);
+        groups_.clear();
+        for (std::size_t k = 0; k < tasks(); ++k) {
+            Group g;
+            g.task = int(k);
+            for (std::size_t i = 0; i < n; ++i)
+                if (task_ids[i] == int(k)) g.rows.push_back(i);
+            if (!g.rows.empty()) groups_.push_back(std::move(g));
+        }
+        if (group_x_.size() < groups_.size()) {
+            group_x_.resize(groups_.size());
+            group_feat_.resize(groups_.size());
+        }
+        const std::size_t row = x.size() / n;
+        for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
+            const Group& g = groups_[gi];
+            gather(x, g.rows, row, group_x_[gi]);
+            {
+                Binding bind(*this, g.task);
+                group_feat_[gi] = backbone_.forward(group_x_[gi]);
+            }
+            Head& h = heads_[std::size_t(g.task)];
+            h.set_input_grad(true);
+            const Tensor<T>& yg = h.forward(group_feat_[gi]);
+            if (gi == 0) {
+                Shape s = yg.shape();
+                s[0] = n;
+                y_.resize(s);
+            } else if (yg.size() / g.rows.size() != y_.size() / n) {
+                throw_head_width(g.task, yg.shape(), g.rows.size(), groups_[0].task);
+            }
+            scatter(yg, g.rows, y_.size() / n, y_);
+        }
+        state_ = State::mixed;
+        last_pass_ = MixedPass::grouped;
+        return y_;
+    }
+
+    [[noreturn]] void throw_head_width(int task, const Shape& got, std::size_t rows, int first_task) const {
+        throw ShapeError(detail::concat(detail::display_path(path_), ": a mixed batch needs heads of one "
+                                        "output width; task ", task, " gives ", got, " for ", rows, " rows, task ",
+                                        first_task, " rows of ", y_.size() / x_shape_[0], " values"));
+    }
 
     void swap_bank(std::size_t k, bool bind) noexcept {
         auto& bank = banks_[k];
@@ -469,12 +672,20 @@ private:
     std::deque<Head> heads_;
     int active_ = 0;
 
+    bool one_pass_ = true;
     State state_ = State::none;
+    MixedPass last_pass_ = MixedPass::none;
     int last_task_ = 0;
     std::vector<Group> groups_;
     std::vector<Tensor<T>> group_x_, group_feat_, snapshot_;
     Tensor<T> group_dy_, y_, dx_;
     Shape x_shape_;
+    // One-pass state: the mixed batch (segments, slot and statistic banks),
+    // the row order (sorted row i is input row order_[i]) and buffers.
+    MixedBatch<T> ctx_;
+    std::vector<std::size_t> order_;
+    Tensor<T> xp_, dfeat_;
+    Shape feat_shape_;
 };
 
 }  // namespace patchwork

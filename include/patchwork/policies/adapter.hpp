@@ -19,6 +19,15 @@
 // M's backward runs only when M holds a trainable parameter or the input
 // gradient is wanted, and M computes its own input gradient only in the
 // latter case. Trainable parameters added: 2 d r + r + d.
+//
+// Mixed-task batches (multitask/mixed_batch.hpp). When any of D, b_d, U, b_u
+// is per task, the rows of task k (a contiguous segment S_k) use task k's
+// D^k, b_d^k, U^k, b_u^k; rows never interact, so with g_k, h_k, a_k, dz_k the
+// rows of segment S_k, every sum over rows above splits by segment:
+//   dU^k += g_k^T a_k,   db_u^k += 1^T g_k,   dz_k = (g_k U^k) * act'(z_k),
+//   dD^k += dz_k^T h_k,  db_d^k += 1^T dz_k,  dL/dh_k = g_k + dz_k D^k
+// (a parameter that is not per task is the same object for every segment,
+// so its gradient sums over all rows, as before).
 #include <concepts>
 #include <cstddef>
 #include <string>
@@ -27,6 +36,7 @@
 
 #include "patchwork/core/module.hpp"
 #include "patchwork/layers/activation.hpp"
+#include "patchwork/multitask/mixed_batch.hpp"
 #include "patchwork/ops/gemm.hpp"
 #include "patchwork/policies/policy.hpp"
 
@@ -100,39 +110,69 @@ public:
         h_ = h;  // the wrapped module's output buffer: valid until its next forward
         z_.resize(h.shape().with_back(Bottleneck));
         a_.resize(z_.shape());
-        auto z = z_.matrix();
-        ops::gemm_nt(h.matrix(), down_weight.value.matrix(), z, T(1), T(0));
-        z.rowwise() += down_bias.value.vector().transpose();
-        for (std::size_t i = 0, n = z_.size(); i < n; ++i) a_[i] = Function::value(z_[i]);
         y_ = h;
-        auto y = y_.matrix();
-        ops::gemm_nt(a_.matrix(), up_weight.value.matrix(), y, T(1), T(1));
-        y.rowwise() += up_bias.value.vector().transpose();
+        const MixedBatch<T>* mb = mixed_ = mixed_batch_for<T>(down_weight, down_bias, up_weight, up_bias);
+        for_each_segment(mb, h, path_, "adapter input", [&](int task, std::size_t r0, std::size_t n) {
+            const Eigen::Index first = Eigen::Index(r0), rows = Eigen::Index(n);
+            auto z = z_.matrix().middleRows(first, rows);
+            ops::gemm_nt(h.matrix().middleRows(first, rows), mixed_use(mb, down_weight, task).value.matrix(), z,
+                         T(1), T(0));
+            z.rowwise() += mixed_use(mb, down_bias, task).value.vector().transpose();
+            const std::size_t r = Bottleneck;
+            for (std::size_t i = r0 * r, end = (r0 + n) * r; i < end; ++i) a_[i] = Function::value(z_[i]);
+            auto y = y_.matrix().middleRows(first, rows);
+            ops::gemm_nt(a_.matrix().middleRows(first, rows), mixed_use(mb, up_weight, task).value.matrix(), y, T(1),
+                         T(1));
+            y.rowwise() += mixed_use(mb, up_bias, task).value.vector().transpose();
+        });
         return y_;
     }
 
     const Tensor<Scalar>& backward(const Tensor<Scalar>& dy) {
         using T = Scalar;
         check_same_shape(dy, y_.shape(), path_, "adapter output gradient");
-        const auto g = dy.matrix();
-        if (up_weight.wants_grad()) ops::gemm_tn(g, a_.matrix(), up_weight.grad.matrix(), T(1), T(1));
-        if (up_bias.wants_grad()) up_bias.grad.vector() += g.colwise().sum().transpose();
-
+        // Per segment of a mixed batch, with that segment's task's D, b_d, U, b_u (derivation at the top of
+        // this file); one segment of all rows otherwise.
+        const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
         const bool through_inner = input_grad_ || any_trainable(inner_);
-        if (through_inner || down_weight.wants_grad() || down_bias.wants_grad()) {
+        if (through_inner) dh_ = dy;
+        for_each_segment(mb, dy, path_, "adapter output gradient", [&](int task, std::size_t r0, std::size_t n) {
+            const Eigen::Index first = Eigen::Index(r0), rows = Eigen::Index(n);
+            Parameter<T>& dw = mixed_use(mb, down_weight, task);
+            Parameter<T>& db = mixed_use(mb, down_bias, task);
+            Parameter<T>& uw = mixed_use(mb, up_weight, task);
+            Parameter<T>& ub = mixed_use(mb, up_bias, task);
+            const auto g = dy.matrix().middleRows(first, rows);
+            if (uw.wants_grad()) ops::gemm_tn(g, a_.matrix().middleRows(first, rows), uw.grad.matrix(), T(1), T(1));
+            if (ub.wants_grad()) ub.grad.vector() += g.colwise().sum().transpose();
+            if (!(through_inner || dw.wants_grad() || db.wants_grad())) return;
             dz_.resize(z_.shape());
-            ops::gemm_nn(g, up_weight.value.matrix(), dz_.matrix(), T(1), T(0));  // g U
-            for (std::size_t i = 0, n = dz_.size(); i < n; ++i) dz_[i] = Function::grad(dz_[i], z_[i], a_[i]);
-            if (down_weight.wants_grad()) ops::gemm_tn(dz_.matrix(), h_.get(y_.shape(), path_, "wrapped module's output").matrix(), down_weight.grad.matrix(), T(1), T(1));
-            if (down_bias.wants_grad()) down_bias.grad.vector() += dz_.matrix().colwise().sum().transpose();
-        }
+            auto dz = dz_.matrix().middleRows(first, rows);
+            ops::gemm_nn(g, uw.value.matrix(), dz, T(1), T(0));  // g U
+            const std::size_t r = Bottleneck;
+            for (std::size_t i = r0 * r, end = (r0 + n) * r; i < end; ++i)
+                dz_[i] = Function::grad(dz_[i], z_[i], a_[i]);
+            if (dw.wants_grad())
+                ops::gemm_tn(dz,
+                             h_.get(y_.shape(), path_, "wrapped module's output").matrix().middleRows(first, rows),
+                             dw.grad.matrix(), T(1), T(1));
+            if (db.wants_grad()) db.grad.vector() += dz.colwise().sum().transpose();
+            if (through_inner)
+                ops::gemm_nn(dz, dw.value.matrix(), dh_.matrix().middleRows(first, rows), T(1), T(1));  // g + dz D
+        });
         if (!through_inner) return empty_;
-
-        dh_ = dy;
-        ops::gemm_nn(dz_.matrix(), down_weight.value.matrix(), dh_.matrix(), T(1), T(1));  // g + dz D
         inner_.set_input_grad(input_grad_);
         const Tensor<T>& dx = inner_.backward(dh_);
         return input_grad_ ? dx : empty_;
+    }
+
+    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch).
+    template <class F>
+    void visit_mixed(F&& f) {
+        f(down_weight);
+        f(down_bias);
+        f(up_weight);
+        f(up_bias);
     }
 
     /// f(wrapped module) (see for_each_module).
@@ -178,6 +218,7 @@ private:
     }
 
     Saved<Scalar> h_;  ///< the wrapped module's last output (owned by it)
+    const MixedBatch<Scalar>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
     Tensor<Scalar> z_, a_, y_, dz_, dh_, empty_;
 };
 

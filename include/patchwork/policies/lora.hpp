@@ -17,6 +17,19 @@
 // forward is a plain Linear (no extra cost at inference); unmerge() undoes it,
 // W <- W - s B A. Training needs the unmerged form: backward while merged
 // throws. Trainable parameters added: r (in + out).
+//
+// Mixed-task batches (multitask/mixed_batch.hpp). When A or B is per task,
+// the rows of task k (a contiguous segment S_k) use A^k, B^k: with x_k, g_k,
+// u_k = x_k A^k^T the rows of S_k,
+//   y_k = x_k W^T + b + s u_k B^k^T
+// and since rows never interact the sums over rows above split by segment:
+//   dB^k += s g_k^T u_k,   dA^k += s (g_k B^k)^T x_k,
+//   dL/dx_k = g_k W + s (g_k B^k) A^k
+// (the Linear's own part, g W and the gradients of W and b, runs once over
+// all rows). A merged update cannot be per row: a merged module does not
+// take part (visit_mixed lists nothing), so a multi-task model falls back to
+// one pass per task, and a mixed forward through a merged module whose
+// factors are per task throws.
 #include <concepts>
 #include <cstddef>
 #include <string>
@@ -25,6 +38,7 @@
 
 #include "patchwork/core/module.hpp"
 #include "patchwork/layers/linear.hpp"
+#include "patchwork/multitask/mixed_batch.hpp"
 #include "patchwork/ops/gemm.hpp"
 #include "patchwork/policies/policy.hpp"
 
@@ -116,13 +130,24 @@ public:
 
     const Tensor<Scalar>& forward(const Tensor<Scalar>& x) {
         using T = Scalar;
+        const MixedBatch<T>* mb = mixed_ = mixed_batch_for<T>(a, b);
+        if (merged_ && mb != nullptr)
+            throw Error(detail::concat(detail::display_path(path_),
+                                       ": a mixed-task batch needs the per-task LoRA factors unmerged; call "
+                                       "unmerge() first"));
         const Tensor<T>& base = inner_.forward(x);
         if (merged_) return base;
         const Tensor<T>& in = inner_.last_input();
         u_.resize(in.shape().with_back(Rank));
-        ops::gemm_nt(in.matrix(), a.value.matrix(), u_.matrix(), T(1), T(0));  // u = x A^T
         y_ = base;
-        ops::gemm_nt(u_.matrix(), b.value.matrix(), y_.matrix(), scale_, T(1));  // + s u B^T
+        for_each_segment(mb, in, path_, "lora input", [&](int task, std::size_t r0, std::size_t n) {
+            const Eigen::Index first = Eigen::Index(r0), rows = Eigen::Index(n);
+            auto u = u_.matrix().middleRows(first, rows);
+            ops::gemm_nt(in.matrix().middleRows(first, rows), mixed_use(mb, a, task).value.matrix(), u, T(1),
+                         T(0));  // u = x A^T
+            ops::gemm_nt(u, mixed_use(mb, b, task).value.matrix(), y_.matrix().middleRows(first, rows), scale_,
+                         T(1));  // + s u B^T
+        });
         return y_;
     }
 
@@ -133,20 +158,42 @@ public:
                                        ": LoRA backward while the update is merged into the weight; call unmerge() "
                                        "before training"));
         check_same_shape(dy, y_.shape(), path_, "lora output gradient");
-        const auto g = dy.matrix();
-        if (b.wants_grad()) ops::gemm_tn(g, u_.matrix(), b.grad.matrix(), scale_, T(1));
-        const bool need_gb = a.wants_grad() || input_grad_;
-        if (need_gb) {
-            gb_.resize(u_.shape());
-            ops::gemm_nn(g, b.value.matrix(), gb_.matrix(), T(1), T(0));  // g B
-            if (a.wants_grad()) ops::gemm_tn(gb_.matrix(), inner_.last_input().matrix(), a.grad.matrix(), scale_, T(1));
-        }
+        // Per segment of a mixed batch, with that segment's task's A, B (derivation at the top of this file);
+        // one segment of all rows otherwise.
+        const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
+        gb_.resize(u_.shape());
+        for_each_segment(mb, dy, path_, "lora output gradient", [&](int task, std::size_t r0, std::size_t n) {
+            const Eigen::Index first = Eigen::Index(r0), rows = Eigen::Index(n);
+            Parameter<T>& ap = mixed_use(mb, a, task);
+            Parameter<T>& bp = mixed_use(mb, b, task);
+            const auto g = dy.matrix().middleRows(first, rows);
+            if (bp.wants_grad()) ops::gemm_tn(g, u_.matrix().middleRows(first, rows), bp.grad.matrix(), scale_, T(1));
+            if (!(ap.wants_grad() || input_grad_)) return;
+            auto gb = gb_.matrix().middleRows(first, rows);
+            ops::gemm_nn(g, bp.value.matrix(), gb, T(1), T(0));  // g B
+            if (ap.wants_grad())
+                ops::gemm_tn(gb, inner_.last_input().matrix().middleRows(first, rows), ap.grad.matrix(), scale_,
+                             T(1));
+        });
         inner_.set_input_grad(input_grad_);
         const Tensor<T>& base_dx = inner_.backward(dy);
         if (!input_grad_) return empty_;
         dx_ = base_dx;
-        ops::gemm_nn(gb_.matrix(), a.value.matrix(), dx_.matrix(), scale_, T(1));  // + s (g B) A
+        for_each_segment(mb, dx_, path_, "lora input gradient", [&](int task, std::size_t r0, std::size_t n) {
+            const Eigen::Index first = Eigen::Index(r0), rows = Eigen::Index(n);
+            ops::gemm_nn(gb_.matrix().middleRows(first, rows), mixed_use(mb, a, task).value.matrix(),
+                         dx_.matrix().middleRows(first, rows), scale_, T(1));  // + s (g B) A
+        });
         return dx_;
+    }
+
+    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch);
+    /// none while merged.
+    template <class F>
+    void visit_mixed(F&& f) {
+        if (merged_) return;
+        f(a);
+        f(b);
     }
 
     /// f(wrapped module) (see for_each_module).
@@ -177,6 +224,7 @@ private:
         b.value.zero();
     }
 
+    const MixedBatch<Scalar>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
     Tensor<Scalar> u_, y_, gb_, dx_, empty_;
 };
 

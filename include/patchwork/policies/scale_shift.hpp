@@ -12,6 +12,15 @@
 //   dL/dx = M.backward(dL/dh)
 // M's backward runs only when M holds a trainable parameter or the input
 // gradient is wanted. Trainable parameters added: 2 d.
+//
+// Mixed-task batches (multitask/mixed_batch.hpp). When s or t is per task,
+// the rows of task k (one contiguous segment S_k of rows) use that task's
+// s^k, t^k: y_nc = h_nc s^k_c + t^k_c for n in S_k. Each row depends on one
+// task's parameters only, so the sums above split by segment:
+//   dL/ds^k_c = sum_{n in S_k} g_nc h_nc,   dL/dt^k_c = sum_{n in S_k} g_nc,
+//   dL/dh_nc  = g_nc s^k_c                  (n in S_k)
+// i.e. each segment's column sums go to its own task's gradients (to the
+// shared s, t when they are not per task, which then sum over all rows).
 #include <concepts>
 #include <cstddef>
 #include <string>
@@ -19,6 +28,7 @@
 #include <utility>
 
 #include "patchwork/core/module.hpp"
+#include "patchwork/multitask/mixed_batch.hpp"
 #include "patchwork/policies/policy.hpp"
 
 namespace patchwork {
@@ -73,13 +83,17 @@ public:
         check_cols(h, width_, path_, "scale_shift input (the wrapped module's output)");
         h_ = h;  // the wrapped module's output buffer: valid until its next forward
         y_.resize(h.shape());
-        const std::size_t n = h.rows(), d = width_;
-        const T* s = scale.value.data();
-        const T* t = shift.value.data();
-        for_rows(n, d, [&](std::size_t r) {
-            const T* __restrict hr = h.data() + r * d;
-            T* __restrict yr = y_.data() + r * d;
-            for (std::size_t c = 0; c < d; ++c) yr[c] = hr[c] * s[c] + t[c];
+        const std::size_t d = width_;
+        const MixedBatch<T>* mb = mixed_ = mixed_batch_for<T>(scale, shift);
+        for_each_segment(mb, h, path_, "scale_shift input", [&](int task, std::size_t r0, std::size_t n) {
+            const T* s = mixed_use(mb, scale, task).value.data();
+            const T* t = mixed_use(mb, shift, task).value.data();
+            for_rows(n, d, [&](std::size_t i) {
+                const std::size_t r = r0 + i;
+                const T* __restrict hr = h.data() + r * d;
+                T* __restrict yr = y_.data() + r * d;
+                for (std::size_t c = 0; c < d; ++c) yr[c] = hr[c] * s[c] + t[c];
+            });
         });
         return y_;
     }
@@ -87,22 +101,45 @@ public:
     const Tensor<Scalar>& backward(const Tensor<Scalar>& dy) {
         using T = Scalar;
         check_same_shape(dy, y_.shape(), path_, "scale_shift output gradient");
-        if (scale.wants_grad())
-            scale.grad.vector() += (dy.matrix().array() * h_.get(y_.shape(), path_, "wrapped module's output").matrix().array()).colwise().sum().matrix().transpose();
-        if (shift.wants_grad()) shift.grad.vector() += dy.matrix().colwise().sum().transpose();
-        if (!input_grad_ && !any_trainable(inner_)) return empty_;
-
-        dh_.resize(dy.shape());
-        const std::size_t n = dy.rows(), d = width_;
-        const T* s = scale.value.data();
-        for_rows(n, d, [&](std::size_t r) {
-            const T* __restrict g = dy.data() + r * d;
-            T* __restrict out = dh_.data() + r * d;
-            for (std::size_t c = 0; c < d; ++c) out[c] = g[c] * s[c];
+        // Per segment of a mixed batch, with that segment's task's s, t (derivation at the top of this file).
+        const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
+        const bool through_inner = input_grad_ || any_trainable(inner_);
+        if (through_inner) dh_.resize(dy.shape());
+        const std::size_t d = width_;
+        for_each_segment(mb, dy, path_, "scale_shift output gradient", [&](int task, std::size_t r0, std::size_t n) {
+            Parameter<T>& sp = mixed_use(mb, scale, task);
+            Parameter<T>& tp = mixed_use(mb, shift, task);
+            const auto g = dy.matrix().middleRows(Eigen::Index(r0), Eigen::Index(n));
+            if (sp.wants_grad())
+                sp.grad.vector() += (g.array() * h_.get(y_.shape(), path_, "wrapped module's output")
+                                                     .matrix()
+                                                     .middleRows(Eigen::Index(r0), Eigen::Index(n))
+                                                     .array())
+                                        .colwise()
+                                        .sum()
+                                        .matrix()
+                                        .transpose();
+            if (tp.wants_grad()) tp.grad.vector() += g.colwise().sum().transpose();
+            if (!through_inner) return;
+            const T* s = sp.value.data();
+            for_rows(n, d, [&](std::size_t i) {
+                const std::size_t r = r0 + i;
+                const T* __restrict gr = dy.data() + r * d;
+                T* __restrict out = dh_.data() + r * d;
+                for (std::size_t c = 0; c < d; ++c) out[c] = gr[c] * s[c];
+            });
         });
+        if (!through_inner) return empty_;
         inner_.set_input_grad(input_grad_);
         const Tensor<T>& dx = inner_.backward(dh_);
         return input_grad_ ? dx : empty_;
+    }
+
+    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch).
+    template <class F>
+    void visit_mixed(F&& f) {
+        f(scale);
+        f(shift);
     }
 
     /// f(wrapped module) (see for_each_module).
@@ -141,6 +178,7 @@ private:
     }
 
     Saved<Scalar> h_;  ///< the wrapped module's last output (owned by it)
+    const MixedBatch<Scalar>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
     Tensor<Scalar> y_, dh_, empty_;
 };
 
