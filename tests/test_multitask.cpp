@@ -175,12 +175,18 @@ TEST_CASE("multitask: gradients by finite differences, conv backbone with BatchN
 TEST_CASE("multitask: a mixed batch equals the per-task passes (outputs and gradients)") {
     pw::MultiTask<MlpShared, Linear64> m(MlpShared(mlp_body()), heads(3, 6, 4), pw::PerTaskRoles{norm_roles});
     randomize(m, 3);
+    // The grouped path runs each task's rows through the same computation as
+    // a single-task pass, so its outputs are bit-for-bit those of the per-task
+    // passes. (The one-pass path multiplies all rows in one GEMM, whose
+    // blocking may round differently; the "one pass" cases check it to 1e-12.)
+    m.set_one_pass(false);
     const std::vector<int> ids{2, 0, 0, 2, 1, 2};
     const auto x = random_tensor({6, 5}, 4);
     const auto dy = random_tensor({6, 4}, 5);
 
     pw::zero_grad(m);
     const pw::Tensor<double> y_mixed = m.forward(x, ids);
+    CHECK(m.last_mixed_pass() == pw::MixedPass::grouped);
     const pw::Tensor<double> dx_mixed = m.backward(dy);
     std::vector<pw::Tensor<double>> g_mixed;
     m.visit([&](pw::Parameter<double>& p) { g_mixed.push_back(p.grad); });
@@ -593,6 +599,28 @@ TEST_CASE("multitask one pass: BiasOnly on convolutions equals the per-task pass
     check_one_pass_equals_per_task(m, random_tensor({7, 4, 4, 2}, 52), mixed_ids, 53);
 }
 
+TEST_CASE("multitask one pass: NormPatch on LayerNorm and BiasOnly on Linear equal the per-task passes") {
+    SUBCASE("LayerNorm scale and shift per task, shared weights frozen") {
+        pw::MultiTask<MlpPatched, Linear64> m(MlpPatched(mlp_body()), heads(4, 6, 3));
+        CHECK(m.slot_count() == 2);
+        randomize(m, 55);
+        check_one_pass_equals_per_task(m, random_tensor({7, 5}, 56), mixed_ids, 57);
+    }
+    SUBCASE("LayerNorm banks with every shared weight trainable") {
+        pw::MultiTask<MlpShared, Linear64> m(MlpShared(mlp_body()), heads(4, 6, 3), pw::PerTaskRoles{norm_roles});
+        randomize(m, 58);
+        check_one_pass_equals_per_task(m, random_tensor({7, 5}, 59), mixed_ids, 60);
+    }
+    SUBCASE("Linear biases per task") {
+        using Body = pw::Tune<MlpBody, pw::BiasOnly>;
+        pw::MultiTask<Body, Linear64> m(Body(mlp_body()), heads(4, 6, 3));
+        CHECK(m.slot_count() == 2);  // linear0.bias, linear3.bias
+        randomize(m, 65);
+        train_shared(m);
+        check_one_pass_equals_per_task(m, random_tensor({7, 5}, 66), mixed_ids, 67);
+    }
+}
+
 TEST_CASE("multitask one pass: ScaleShift equals the per-task passes") {
     pw::MultiTask<ScaleShiftBody, Linear64> m(scale_shift_body(), heads(4, 6, 3),
                                               pw::PerTaskRoles{role_bits(pw::Role::scale_shift)});
@@ -702,9 +730,10 @@ TEST_CASE("multitask one pass: gradients by finite differences") {
 }
 
 TEST_CASE("multitask one pass: which path runs") {
-    // LayerNorm applies its scale and shift to the whole batch: NormPatch banks
-    // on a LayerNorm fall back to one pass per task.
-    pw::MultiTask<MlpPatched, Linear64> ln(MlpPatched(mlp_body()), heads(2, 6, 4));
+    // A dense weight per task cannot be applied row by row in one GEMM: such
+    // banks fall back to one pass per task.
+    pw::MultiTask<MlpShared, Linear64> ln(MlpShared(mlp_body()), heads(2, 6, 4),
+                                          pw::PerTaskRoles{role_bits(pw::Role::weight)});
     CHECK(!ln.one_pass_supported());
     const std::vector<int> ids{1, 0, 1};
     ln.forward(random_tensor({3, 5}, 1), ids);

@@ -13,11 +13,17 @@
 //
 // Device = Cuda computes the same formulas in kernels, one block per row
 // (cuda::layer_norm_forward / layer_norm_backward).
+//
+// Mixed-task batches (multitask/mixed_batch.hpp): gamma and beta may be per
+// task (NormPatch banks). The statistics are per row anyway, so rows of
+// segment s (task k) use gamma_k, beta_k in the formulas above, and
+// dL/dgamma_k, dL/dbeta_k sum over the rows of s only.
 #include <cmath>
 #include <string>
 #include <type_traits>
 
 #include "patchwork/core/module.hpp"
+#include "patchwork/multitask/mixed_batch.hpp"
 #include "patchwork/ops/cuda_ops.hpp"
 
 namespace patchwork {
@@ -87,6 +93,14 @@ public:
         f(scale);
         f(shift);
     }
+    /// f(p) for each parameter this layer can take per row in a mixed-task batch.
+    template <class F>
+    void visit_mixed(F&& f) {
+        if constexpr (std::is_same_v<D, Cpu>) {
+            f(scale);
+            f(shift);
+        }
+    }
 
     void set_path(const std::string& p) {
         path_ = p;
@@ -96,41 +110,51 @@ public:
 
 private:
     const Tensor<T>& cpu_forward(const Tensor<T>& x) {
-        const std::size_t n = x.rows(), d = features_;
-        const RowMap gamma(scale.value.data(), Eigen::Index(d)), beta(shift.value.data(), Eigen::Index(d));
-        // Per row: Eigen's vectorised (pairwise) reductions, rows split across threads.
-        for_rows(n, d, [&](std::size_t r) {
-            const RowMap xr(x.data() + r * d, Eigen::Index(d));
-            const T mean = xr.mean();
-            const T var = (xr - mean).square().mean();
-            const T s = T(1) / std::sqrt(var + T(eps_));
-            inv_std_[r] = s;
-            OutMap xh(xhat_.data() + r * d, Eigen::Index(d));
-            xh = (xr - mean) * s;
-            OutMap(y_.data() + r * d, Eigen::Index(d)) = gamma * xh + beta;
+        const std::size_t d = features_;
+        mixed_ = mixed_batch_for<T>(scale, shift);
+        for_each_segment(mixed_, x, path_, "layernorm input", [&](int task, std::size_t r0, std::size_t n) {
+            const RowMap gamma(mixed_use(mixed_, scale, task).value.data(), Eigen::Index(d));
+            const RowMap beta(mixed_use(mixed_, shift, task).value.data(), Eigen::Index(d));
+            // Per row: Eigen's vectorised (pairwise) reductions, rows split across threads.
+            for_rows(n, d, [&](std::size_t i) {
+                const std::size_t r = r0 + i;
+                const RowMap xr(x.data() + r * d, Eigen::Index(d));
+                const T mean = xr.mean();
+                const T var = (xr - mean).square().mean();
+                const T s = T(1) / std::sqrt(var + T(eps_));
+                inv_std_[r] = s;
+                OutMap xh(xhat_.data() + r * d, Eigen::Index(d));
+                xh = (xr - mean) * s;
+                OutMap(y_.data() + r * d, Eigen::Index(d)) = gamma * xh + beta;
+            });
         });
         return y_;
     }
 
     const Tensor<T>& cpu_backward(const Tensor<T>& dy) {
-        const std::size_t n = dy.rows(), d = features_;
-        if (scale.wants_grad()) {
-            auto gs = scale.grad.vector();
-            gs += (dy.matrix().array() * xhat_.matrix().array()).colwise().sum().matrix().transpose();
-        }
-        if (shift.wants_grad()) shift.grad.vector() += dy.matrix().colwise().sum().transpose();
-        if (!input_grad_) {
-            dx_.clear();
-            return dx_;
-        }
-        dx_.resize(dy.shape());
-        const RowMap gamma(scale.value.data(), Eigen::Index(d));
-        for_rows(n, d, [&](std::size_t r) {
-            const RowMap g(dy.data() + r * d, Eigen::Index(d)), xh(xhat_.data() + r * d, Eigen::Index(d));
-            const auto gh = g * gamma;
-            const T mean_gh = gh.mean();
-            const T mean_ghxh = (gh * xh).mean();
-            OutMap(dx_.data() + r * d, Eigen::Index(d)) = inv_std_[r] * (gh - mean_gh - xh * mean_ghxh);
+        const std::size_t d = features_;
+        const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
+        if (input_grad_) dx_.resize(dy.shape());
+        else dx_.clear();
+        for_each_segment(mb, dy, path_, "layernorm output gradient", [&](int task, std::size_t r0, std::size_t n) {
+            Parameter<T>& sp = mixed_use(mb, scale, task);
+            Parameter<T>& tp = mixed_use(mb, shift, task);
+            const auto g = dy.matrix().middleRows(Eigen::Index(r0), Eigen::Index(n));
+            if (sp.wants_grad()) {
+                const auto xh = xhat_.matrix().middleRows(Eigen::Index(r0), Eigen::Index(n));
+                sp.grad.vector() += (g.array() * xh.array()).colwise().sum().matrix().transpose();
+            }
+            if (tp.wants_grad()) tp.grad.vector() += g.colwise().sum().transpose();
+            if (!input_grad_) return;
+            const RowMap gamma(sp.value.data(), Eigen::Index(d));
+            for_rows(n, d, [&](std::size_t i) {
+                const std::size_t r = r0 + i;
+                const RowMap gr(dy.data() + r * d, Eigen::Index(d)), xh(xhat_.data() + r * d, Eigen::Index(d));
+                const auto gh = gr * gamma;
+                const T mean_gh = gh.mean();
+                const T mean_ghxh = (gh * xh).mean();
+                OutMap(dx_.data() + r * d, Eigen::Index(d)) = inv_std_[r] * (gh - mean_gh - xh * mean_ghxh);
+            });
         });
         return dx_;
     }
@@ -138,6 +162,7 @@ private:
     using RowMap = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
     using OutMap = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
     Tensor<T, D> xhat_, y_, dx_, inv_std_;
+    const MixedBatch<T>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
 };
 
 using LayerNorm = BasicLayerNorm<float>;

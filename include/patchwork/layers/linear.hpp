@@ -15,11 +15,17 @@
 //
 // Device = Cuda runs the same three products with cuBLAS (cuda::gemm) and the
 // bias terms with kernels (cuda::add_row_vector, cuda::add_column_sums).
+//
+// Mixed-task batches (multitask/mixed_batch.hpp): the bias may be per task
+// (BiasOnly banks). Rows of segment s (task k) then use b_k: y_n = x_n W^T + b_k
+// for n in s, so dL/db_k = sum_{n in s} dY_n and dX, dW are unchanged (the
+// weight is shared: one GEMM over all rows).
 #include <cstddef>
 #include <string>
 #include <type_traits>
 
 #include "patchwork/core/module.hpp"
+#include "patchwork/multitask/mixed_batch.hpp"
 #include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/ops/gemm.hpp"
 
@@ -79,7 +85,12 @@ public:
         } else {
             auto y = y_.matrix();
             ops::gemm_nt(x.matrix(), weight.value.matrix(), y, T(1), T(0));
-            if (has_bias_) y.rowwise() += bias.value.vector().transpose();
+            mixed_ = has_bias_ ? mixed_batch_for<T>(bias) : nullptr;
+            if (has_bias_)
+                for_each_segment(mixed_, y_, path_, "linear output", [&](int task, std::size_t r0, std::size_t n) {
+                    y.middleRows(Eigen::Index(r0), Eigen::Index(n)).rowwise() +=
+                        mixed_use(mixed_, bias, task).value.vector().transpose();
+                });
         }
         return y_;
     }
@@ -93,7 +104,13 @@ public:
         } else {
             const auto g = dy.matrix();
             if (weight.wants_grad()) ops::gemm_tn(g, x.matrix(), weight.grad.matrix(), T(1), T(1));
-            if (has_bias_ && bias.wants_grad()) bias.grad.vector() += g.colwise().sum().transpose();
+            const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
+            if (has_bias_)
+                for_each_segment(mb, dy, path_, "linear output gradient", [&](int task, std::size_t r0, std::size_t n) {
+                    Parameter<T>& b = mixed_use(mb, bias, task);
+                    if (b.wants_grad())
+                        b.grad.vector() += g.middleRows(Eigen::Index(r0), Eigen::Index(n)).colwise().sum().transpose();
+                });
         }
         if (!input_grad_) {
             dx_.clear();
@@ -119,6 +136,12 @@ public:
         f(weight);
         if (has_bias_) f(bias);
     }
+    /// f(p) for each parameter this layer can take per row in a mixed-task batch: the bias.
+    template <class F>
+    void visit_mixed(F&& f) {
+        if constexpr (std::is_same_v<D, Cpu>)
+            if (has_bias_) f(bias);
+    }
 
     void set_path(const std::string& p) {
         path_ = p;
@@ -129,6 +152,7 @@ public:
 private:
     Saved<T, D> x_;  ///< the last forward's input (not owned)
     Tensor<T, D> y_, dx_;
+    const MixedBatch<T>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
 };
 
 using Linear = BasicLinear<float>;
