@@ -115,29 +115,29 @@ namespace check {
 
 /// ConfigError unless v > 0.
 inline void positive(std::string_view where, std::string_view what, std::size_t v) {
-    if (v == 0) throw ConfigError(detail::concat(where, ": ", what, " must be positive, got 0"));
+    if (v == 0) throw ConfigError(patchwork::detail::concat(where, ": ", what, " must be positive, got 0"));
 }
 /// ConfigError when a required device pointer is null.
 inline void pointer(std::string_view where, std::string_view what, const void* p) {
-    if (p == nullptr) throw ConfigError(detail::concat(where, ": ", what, " is a null device pointer"));
+    if (p == nullptr) throw ConfigError(patchwork::detail::concat(where, ": ", what, " is a null device pointer"));
 }
 /// ShapeError unless rows x cols elements can be indexed (fits in int64 and in size_t bytes of 8).
 inline void extent(std::string_view where, std::string_view what, std::size_t rows, std::size_t cols) {
     constexpr std::size_t limit = std::size_t(std::numeric_limits<std::int64_t>::max()) / 16;
     if (cols != 0 && rows > limit / cols)
-        throw ShapeError(detail::concat(where, ": ", what, " of ", rows, " x ", cols,
+        throw ShapeError(patchwork::detail::concat(where, ": ", what, " of ", rows, " x ", cols,
                                         " elements is too large to index"));
 }
 /// ShapeError unless a dimension fits a 32-bit int (widths, ranks, task counts index shared tiles).
 inline void fits_int(std::string_view where, std::string_view what, std::size_t v) {
     if (v > std::size_t(std::numeric_limits<int>::max()))
-        throw ShapeError(detail::concat(where, ": ", what, " = ", v, " exceeds the largest supported value ",
+        throw ShapeError(patchwork::detail::concat(where, ": ", what, " = ", v, " exceeds the largest supported value ",
                                         std::numeric_limits<int>::max()));
 }
 /// ConfigError unless the task count fits the grid (gridDim.y <= 65535).
 inline void tasks(std::string_view where, std::size_t k) {
     positive(where, "the number of tasks K", k);
-    if (k > 65535) throw ConfigError(detail::concat(where, ": at most 65535 tasks are supported, got ", k));
+    if (k > 65535) throw ConfigError(patchwork::detail::concat(where, ": at most 65535 tasks are supported, got ", k));
 }
 
 }  // namespace check

@@ -11,13 +11,23 @@
 //      task 3  classes 7, 8, 9 only: never seen in pre-training
 // 3. For each patch type (head only, BiasOnly, NormPatch, DepthwisePatch,
 //    Adapter<8>) and for full fine-tuning (every parameter per task), train each
-//    task on its own (single-task), and NormPatch banks once more jointly with
-//    the shared weights (fit_multitask, round robin). Print accuracy per task,
-//    parameters per task (% of the backbone), and storage for the K tasks.
+//    task on its own (single-task). Then train NormPatch banks jointly with
+//    fit_multitask: with the shared weights frozen (the same trainable set as
+//    single-task NormPatch; round robin, proportional, and proportional with
+//    one optimiser state per task), and with the shared weights trained by all
+//    tasks. Print accuracy per task, parameters per task (% of the backbone),
+//    and storage for the K tasks.
+// 4. With --seeds N, repeat all of it (pre-training included) for seeds
+//    seed, seed+1, ..., seed+N-1 and print mean +- sample standard deviation
+//    per row and task; --csv FILE writes one line per (seed, row, task).
 #include <chrono>
+#include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -47,37 +57,84 @@ struct Options {
     std::size_t epochs = 5;
     std::size_t train = 3000;  ///< training images per task (the first N of the split)
     std::size_t test = 2000;   ///< test images (the first N of the split)
+    std::size_t pretrain = 4000;  ///< training images after the tasks' ones; classes 0-6 of them pre-train
     std::size_t batch = 64;
     double lr = 5e-3;
+    double joint_lr = 0;  ///< learning rate of the joint row whose shared weights train; 0: lr / 2
     std::uint64_t seed = 1;
+    std::size_t seeds = 1;
+    std::string csv;
     std::string data_dir = pw::fashion_mnist_default_dir;
     bool quiet = false;
 };
+
+constexpr const char* kUsage =
+    "usage: multitask_patches [--pretrain-epochs N] [--pretrain N] [--epochs N] [--train N] [--test N] [--batch N]\n"
+    "                         [--lr X] [--joint-lr X] [--seed N] [--seeds N] [--csv FILE] [--data DIR] [--quiet]\n"
+    "  --pretrain N  pre-training pool: the N training images after the tasks' (default 4000; classes 0-6 used)\n"
+    "  --seeds N     run everything (pre-training included) for seeds seed .. seed+N-1 (default 1)\n"
+    "  --csv FILE    write seed,row,task,accuracy,parameters per line (for plot.py)\n"
+    "  --joint-lr X  learning rate of the joint row whose shared weights train (default lr / 2)";
+
+[[noreturn]] void bad(const std::string& what) {
+    throw pw::ConfigError(what + " (try --help)");
+}
+
+std::uint64_t parse_uint(std::string_view flag, const std::string& s, std::uint64_t min) {
+    std::uint64_t v = 0;
+    const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (ec != std::errc{} || end != s.data() + s.size())
+        bad(std::string(flag) + " needs a non-negative integer, got '" + s + "'");
+    if (v < min) bad(std::string(flag) + " must be at least " + std::to_string(min) + ", got " + s);
+    return v;
+}
+
+double parse_positive(std::string_view flag, const std::string& s) {
+    double v = 0;
+    try {
+        std::size_t used = 0;
+        v = std::stod(s, &used);
+        if (used != s.size()) throw std::invalid_argument(s);
+    } catch (const std::exception&) {
+        bad(std::string(flag) + " needs a number, got '" + s + "'");
+    }
+    if (!(v > 0) || !std::isfinite(v)) bad(std::string(flag) + " must be positive and finite, got " + s);
+    return v;
+}
 
 Options parse(int argc, char** argv) {
     Options o;
     for (int i = 1; i < argc; ++i) {
         const std::string_view a = argv[i];
         const auto value = [&]() -> std::string {
-            if (i + 1 >= argc)
-                throw pw::ConfigError(std::string("multitask_patches: ") + std::string(a) + " needs a value");
+            if (i + 1 >= argc) bad(std::string(a) + " needs a value");
             return argv[++i];
         };
         if (a == "--help" || a == "-h") {
-            std::puts("usage: multitask_patches [--pretrain-epochs N] [--epochs N] [--train N] [--test N] [--batch N]\n"
-                      "                         [--lr X] [--seed N] [--data DIR] [--quiet]");
+            std::puts(kUsage);
             std::exit(0);
-        } else if (a == "--pretrain-epochs") o.pretrain_epochs = std::stoul(value());
-        else if (a == "--epochs") o.epochs = std::stoul(value());
-        else if (a == "--train") o.train = std::stoul(value());
-        else if (a == "--test") o.test = std::stoul(value());
-        else if (a == "--batch") o.batch = std::stoul(value());
-        else if (a == "--lr") o.lr = std::stod(value());
-        else if (a == "--seed") o.seed = std::stoull(value());
-        else if (a == "--data") o.data_dir = value();
+        } else if (a == "--pretrain-epochs") o.pretrain_epochs = parse_uint(a, value(), 1);
+        else if (a == "--pretrain") o.pretrain = parse_uint(a, value(), 64);
+        else if (a == "--epochs") o.epochs = parse_uint(a, value(), 1);
+        else if (a == "--train") o.train = parse_uint(a, value(), 64);
+        else if (a == "--test") o.test = parse_uint(a, value(), 10);
+        else if (a == "--batch") o.batch = parse_uint(a, value(), 1);
+        else if (a == "--lr") o.lr = parse_positive(a, value());
+        else if (a == "--joint-lr") o.joint_lr = parse_positive(a, value());
+        else if (a == "--seed") o.seed = parse_uint(a, value(), 0);
+        else if (a == "--seeds") o.seeds = parse_uint(a, value(), 1);
+        else if (a == "--csv") {
+            o.csv = value();
+            if (o.csv.empty()) bad("--csv needs a file name");
+        } else if (a == "--data") o.data_dir = value();
         else if (a == "--quiet") o.quiet = true;
-        else throw pw::ConfigError("multitask_patches: unknown option " + std::string(a) + " (try --help)");
+        else bad("unknown option " + std::string(a));
     }
+    if (o.train + o.pretrain > 60000)
+        bad("--train + --pretrain must be at most 60000 (the training split), got " +
+            std::to_string(o.train + o.pretrain));
+    if (o.seeds > 1000) bad("--seeds must be at most 1000, got " + std::to_string(o.seeds));
+    if (o.joint_lr == 0) o.joint_lr = o.lr / 2;
     return o;
 }
 
@@ -139,9 +196,14 @@ std::vector<pw::Linear> make_heads(const Tasks& t, std::uint64_t seed) {
     return h;
 }
 
+double since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 /// Each task trained on its own: only its bank and head train.
 template <class MT>
-Result single_task(const std::string& name, MT& m, const Tasks& t, const Options& o, bool batch_norm_training) {
+Result single_task(const std::string& name, MT& m, const Tasks& t, const Options& o, std::uint64_t seed,
+                   bool batch_norm_training) {
     Result r{name, {}, 0, 0, 0};
     count(m, r);
     const auto t0 = std::chrono::steady_clock::now();
@@ -149,126 +211,415 @@ Result single_task(const std::string& name, MT& m, const Tasks& t, const Options
         m.train_only(int(k));
         m.set_active_task(int(k));
         pw::set_training(m, batch_norm_training);
-        pw::Batcher<float> batches(t.train[k], {.batch_size = o.batch, .seed = o.seed + k});
+        pw::Batcher<float> batches(t.train[k], {.batch_size = o.batch, .seed = seed + k});
         pw::AdamW opt{pw::trainable_parameters(m), {.lr = o.lr, .weight_decay = 1e-4}};
         const std::size_t steps = o.epochs * batches.batches();
         pw::fit(m, opt, batches,
                 {.epochs = o.epochs, .schedule = pw::WarmupCosine{steps / 20, steps}, .log_every = 0, .verbose = false});
     }
-    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    r.seconds = since(t0);
     evaluate_all(m, t, r);
-    if (!o.quiet) std::printf("  %-28s done in %.1f s\n", name.c_str(), r.seconds);
+    if (!o.quiet) std::printf("  %-44s done in %.1f s\n", name.c_str(), r.seconds);
     return r;
 }
 
-}  // namespace
+// -- joint training --------------------------------------------------------------
 
-int main(int argc, char** argv) try {
-    const Options o = parse(argc, argv);
-    pw::manual_seed(o.seed);
-    const auto wall0 = std::chrono::steady_clock::now();
+/// One task's batches; notes in *drawn which task fit_multitask took a batch of last.
+struct TaggedSource {
+    using Scalar = float;
+    pw::Batcher<float> source;
+    int task = 0;
+    int* drawn = nullptr;
 
-    const auto train_all = pw::load_fashion_mnist<float>(o.data_dir, pw::Split::train, o.train + 4000);
-    const auto test_all = pw::load_fashion_mnist<float>(o.data_dir, pw::Split::test, o.test);
-    // Pre-training uses images after the first o.train (the tasks' own) of classes 0-6.
-    std::vector<std::size_t> pre_idx, task_idx;
-    for (std::size_t i = 0; i < train_all.size(); ++i) (i < o.train ? task_idx : pre_idx).push_back(i);
-    const auto pre_pool = pw::gather(train_all, std::span<const std::size_t>(pre_idx));
-    const auto pre_train = pw::filter_classes(pre_pool, {0, 1, 2, 3, 4, 5, 6}, true);
-    const auto task_pool = pw::gather(train_all, std::span<const std::size_t>(task_idx));
-    Tasks t;
-    for (int k = 0; k < int(kTasks); ++k) {
-        t.train.push_back(make_task(task_pool, k));
-        t.test.push_back(make_task(test_all, k));
+    void start_epoch(std::size_t epoch) { source.start_epoch(epoch); }
+    [[nodiscard]] std::size_t batches() const noexcept { return source.batches(); }
+    [[nodiscard]] const pw::Batch<float>& batch(std::size_t i) {
+        *drawn = task;
+        return source.batch(i);
     }
-    t.classes = {10, 4, 10, 3};
-    std::printf("pre-training on %zu images of classes 0-6; %zu task images, %zu test images\n", pre_train.size(),
-                task_pool.size(), test_all.size());
+};
 
+/// One AdamW over every trainable parameter; the learning rate follows a
+/// warm-up + cosine schedule over all of fit_multitask's steps.
+struct ScheduledAdamW {
+    using Scalar = float;
+    pw::AdamW opt;
+    pw::WarmupCosine schedule;
+    std::size_t steps = 0;
+
+    void step() {
+        opt.set_lr_factor(schedule(steps++));
+        opt.step();
+    }
+    void zero_grad() { opt.zero_grad(); }
+    void set_lr_factor(double f) { opt.set_lr_factor(f); }
+    [[nodiscard]] double lr() const { return opt.lr(); }
+};
+
+/// One AdamW per task (its bank and head), stepped only on that task's
+/// batches, each with its own warm-up + cosine schedule over its own steps:
+/// what single-task training does, interleaved. Needs the shared weights frozen.
+struct PerTaskAdamW {
+    using Scalar = float;
+    std::vector<std::unique_ptr<pw::AdamW>> opts;
+    std::vector<pw::WarmupCosine> schedules;
+    std::vector<std::size_t> steps;
+    const int* drawn = nullptr;
+
+    void step() {
+        const auto k = std::size_t(*drawn);
+        opts[k]->set_lr_factor(schedules[k](steps[k]++));
+        opts[k]->step();
+    }
+    void zero_grad() {
+        for (auto& o : opts) o->zero_grad();
+    }
+    void set_lr_factor(double f) {
+        for (auto& o : opts) o->set_lr_factor(f);
+    }
+    [[nodiscard]] double lr() const { return opts.front()->lr(); }
+};
+
+enum class JointOptimiser { one_for_all, per_task };
+
+/// All tasks trained together with fit_multitask (BatchNorm in training mode,
+/// AdamW weight decay 1e-4, warm-up 5% + cosine decay, o.epochs epochs of
+/// fit_multitask: each epoch is as many steps as the four task sets have batches).
+template <class MT>
+Result joint(const std::string& name, MT& m, const Tasks& t, const Options& o, std::uint64_t seed, double lr,
+             pw::TaskSampling sampling, JointOptimiser which) {
+    Result r{name, {}, 0, 0, 0};
+    count(m, r);
+    int drawn = 0;
+    std::vector<TaggedSource> sources;
+    std::size_t total = 0;
+    for (std::size_t k = 0; k < kTasks; ++k) {
+        sources.push_back({pw::Batcher<float>(t.train[k], {.batch_size = o.batch, .seed = seed + k}), int(k), &drawn});
+        total += sources.back().batches();
+    }
+    total *= o.epochs;
+    pw::set_training(m, true);
+    const pw::MultiTaskTrainOptions fit_options{.epochs = o.epochs, .sampling = sampling, .seed = seed};
+    const auto t0 = std::chrono::steady_clock::now();
+    if (which == JointOptimiser::one_for_all) {
+        ScheduledAdamW opt{pw::AdamW{pw::trainable_parameters(m), {.lr = lr, .weight_decay = 1e-4}},
+                           pw::WarmupCosine{total / 20, total}};
+        pw::fit_multitask(m, opt, sources, fit_options);
+    } else {
+        PerTaskAdamW opt;
+        opt.drawn = &drawn;
+        for (std::size_t k = 0; k < kTasks; ++k) {
+            std::vector<pw::Parameter<float>*> params;
+            for (auto* p : pw::trainable_parameters(m)) {
+                if (p->task() == pw::shared_task)
+                    throw pw::ConfigError("one optimiser per task needs the shared weights frozen");
+                if (p->task() == int(k)) params.push_back(p);
+            }
+            opt.opts.push_back(std::make_unique<pw::AdamW>(params, pw::AdamWOptions{.lr = lr, .weight_decay = 1e-4}));
+            const std::size_t steps = o.epochs * sources[k].batches();  // what single-task training takes
+            opt.schedules.push_back(pw::WarmupCosine{steps / 20, steps});
+            opt.steps.push_back(0);
+        }
+        pw::fit_multitask(m, opt, sources, fit_options);
+    }
+    r.seconds = since(t0);
+    evaluate_all(m, t, r);
+    if (!o.quiet) std::printf("  %-44s done in %.1f s\n", r.name.c_str(), r.seconds);
+    return r;
+}
+
+// -- one seed --------------------------------------------------------------------
+
+struct Data {
+    pw::Dataset<float> pre_train, pre_test;
+    Tasks t;
+};
+
+struct SeedRun {
+    double pretrained_accuracy = 0;
+    std::size_t backbone = 0;
+    std::vector<Result> rows;
+    double seconds = 0;
+};
+
+SeedRun run_seed(const Data& d, const Options& o, std::uint64_t seed) {
+    const Tasks& t = d.t;
+    const auto t_start = std::chrono::steady_clock::now();
+    SeedRun run;
+    pw::manual_seed(seed);
     // 1. Pre-train.
     pw::Sequential<Body, pw::Linear> base(make_body(), pw::Linear(kFeatures, 7));
     base.set_input_grad(false);
     {
-        pw::Batcher<float> batches(pre_train, {.batch_size = o.batch, .seed = o.seed});
+        pw::Batcher<float> batches(d.pre_train, {.batch_size = o.batch, .seed = seed});
         pw::AdamW opt{pw::trainable_parameters(base), {.lr = 5e-3, .weight_decay = 1e-4}};
         const std::size_t steps = o.pretrain_epochs * batches.batches();
         pw::fit(base, opt, batches,
                 {.epochs = o.pretrain_epochs, .schedule = pw::WarmupCosine{steps / 20, steps}, .log_every = 0,
                  .verbose = !o.quiet});
         pw::set_training(base, false);
-        const auto pre_test = pw::filter_classes(test_all, {0, 1, 2, 3, 4, 5, 6}, true);
-        pw::Batcher<float> tb(pre_test, {.batch_size = 500, .shuffle = false});
-        std::printf("pre-trained accuracy on classes 0-6: %.2f%%\n", 100 * pw::evaluate(base, tb).accuracy);
+        pw::Batcher<float> tb(d.pre_test, {.batch_size = 500, .shuffle = false});
+        run.pretrained_accuracy = pw::evaluate(base, tb).accuracy;
+        std::printf("seed %llu: pre-trained accuracy on classes 0-6: %.2f%%\n", (unsigned long long)seed,
+                    100 * run.pretrained_accuracy);
     }
     const Body& body = base.get<0>();
-    const std::size_t backbone = pw::parameter_count(const_cast<Body&>(body));
+    run.backbone = pw::parameter_count(const_cast<Body&>(body));
+    const std::uint64_t head_seed = seed + 6;  // every row starts from the same heads
+    auto& rows = run.rows;
 
-    std::vector<Result> rows;
     {
-        pw::MultiTask<pw::Tune<Body, pw::Frozen>, pw::Linear> m(pw::Tune<Body, pw::Frozen>(body), make_heads(t, 7));
-        rows.push_back(single_task("head only", m, t, o, false));
+        pw::MultiTask<pw::Tune<Body, pw::Frozen>, pw::Linear> m(pw::Tune<Body, pw::Frozen>(body),
+                                                                make_heads(t, head_seed));
+        rows.push_back(single_task("head only", m, t, o, seed, false));
     }
     {
-        pw::MultiTask<pw::Tune<Body, pw::BiasOnly>, pw::Linear> m(pw::Tune<Body, pw::BiasOnly>(body), make_heads(t, 7));
-        rows.push_back(single_task("BiasOnly + head", m, t, o, true));
+        pw::MultiTask<pw::Tune<Body, pw::BiasOnly>, pw::Linear> m(pw::Tune<Body, pw::BiasOnly>(body),
+                                                                  make_heads(t, head_seed));
+        rows.push_back(single_task("BiasOnly + head", m, t, o, seed, true));
     }
     {
         pw::MultiTask<pw::Tune<Body, pw::NormPatch>, pw::Linear> m(pw::Tune<Body, pw::NormPatch>(body),
-                                                                   make_heads(t, 7));
-        rows.push_back(single_task("NormPatch + head", m, t, o, true));
+                                                                   make_heads(t, head_seed));
+        rows.push_back(single_task("NormPatch + head", m, t, o, seed, true));
     }
     {
         pw::MultiTask<pw::Tune<Body, pw::DepthwisePatch>, pw::Linear> m(pw::Tune<Body, pw::DepthwisePatch>(body),
-                                                                        make_heads(t, 7));
-        rows.push_back(single_task("DepthwisePatch + head", m, t, o, true));
+                                                                        make_heads(t, head_seed));
+        rows.push_back(single_task("DepthwisePatch + head", m, t, o, seed, true));
     }
     {
         using Tuned = pw::Tune<Body, pw::Adapter<8>>;
-        pw::MultiTask<Tuned, pw::Linear> m(Tuned(body), make_heads(t, 7));
-        rows.push_back(single_task("Adapter<8> + head", m, t, o, true));
+        pw::MultiTask<Tuned, pw::Linear> m(Tuned(body), make_heads(t, head_seed));
+        rows.push_back(single_task("Adapter<8> + head", m, t, o, seed, true));
     }
     {
         // Every parameter per task: K independent fully fine-tuned models.
         pw::MultiTask<pw::Tune<Body, pw::FineTune>, pw::Linear> m(pw::Tune<Body, pw::FineTune>(body),
-                                                                  make_heads(t, 7));
-        rows.push_back(single_task("FineTune (K full models)", m, t, o, true));
+                                                                  make_heads(t, head_seed));
+        rows.push_back(single_task("FineTune (K full models)", m, t, o, seed, true));
+    }
+    // Joint, shared weights frozen: exactly the trainable set of "NormPatch + head".
+    {
+        pw::MultiTask<pw::Tune<Body, pw::NormPatch>, pw::Linear> m(pw::Tune<Body, pw::NormPatch>(body),
+                                                                   make_heads(t, head_seed));
+        rows.push_back(joint("NormPatch joint (shared frozen)", m, t, o, seed, o.lr, pw::TaskSampling::round_robin,
+                             JointOptimiser::one_for_all));
     }
     {
-        // Joint: norm banks per task, every other backbone weight shared and trained by all tasks.
+        pw::MultiTask<pw::Tune<Body, pw::NormPatch>, pw::Linear> m(pw::Tune<Body, pw::NormPatch>(body),
+                                                                   make_heads(t, head_seed));
+        rows.push_back(joint("NormPatch joint (shared frozen, proportional)", m, t, o, seed, o.lr,
+                             pw::TaskSampling::proportional, JointOptimiser::one_for_all));
+    }
+    {
+        pw::MultiTask<pw::Tune<Body, pw::NormPatch>, pw::Linear> m(pw::Tune<Body, pw::NormPatch>(body),
+                                                                   make_heads(t, head_seed));
+        rows.push_back(joint("NormPatch joint (shared frozen, prop., per-task opt.)", m, t, o, seed, o.lr,
+                             pw::TaskSampling::proportional, JointOptimiser::per_task));
+    }
+    {
+        // Norm banks per task, every other backbone weight shared and trained by all tasks.
         constexpr unsigned norm = pw::role_bit(pw::Role::norm_scale) | pw::role_bit(pw::Role::norm_shift);
         pw::MultiTask<pw::Tune<Body, pw::FineTune>, pw::Linear> m(pw::Tune<Body, pw::FineTune>(body),
-                                                                  make_heads(t, 7), pw::PerTaskRoles{norm});
-        Result r{"NormPatch joint (shared trains)", {}, 0, 0, 0};
-        count(m, r);
-        std::vector<pw::Batcher<float>> sources;
-        for (std::size_t k = 0; k < kTasks; ++k) sources.emplace_back(t.train[k], pw::BatchOptions{.batch_size = o.batch, .seed = o.seed + k});
-        pw::AdamW opt{pw::trainable_parameters(m), {.lr = o.lr / 2, .weight_decay = 1e-4}};
-        const auto t0 = std::chrono::steady_clock::now();
-        pw::set_training(m, true);
-        pw::fit_multitask(m, opt, sources, {.epochs = o.epochs, .sampling = pw::TaskSampling::round_robin});
-        r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        evaluate_all(m, t, r);
-        if (!o.quiet) std::printf("  %-28s done in %.1f s\n", r.name.c_str(), r.seconds);
-        rows.push_back(r);
+                                                                  make_heads(t, head_seed), pw::PerTaskRoles{norm});
+        rows.push_back(joint("NormPatch joint (shared trains)", m, t, o, seed, o.joint_lr,
+                             pw::TaskSampling::round_robin, JointOptimiser::one_for_all));
     }
+    run.seconds = since(t_start);
+    return run;
+}
 
-    std::printf("\nbackbone: %zu parameters; K = %zu tasks (10 classes, coarse 4, inverted 10, unseen 3)\n", backbone,
-                kTasks);
-    std::printf("%-32s %9s %9s %9s %9s %8s %11s %9s %12s %8s\n", "patch", "task0", "task1", "task2", "task3", "bank",
+// -- reporting -------------------------------------------------------------------
+
+struct Stat {
+    double mean = 0, sd = 0;
+};
+
+Stat stat(const std::vector<double>& v) {
+    Stat s;
+    for (double x : v) s.mean += x;
+    s.mean /= double(v.size());
+    if (v.size() > 1) {
+        double ss = 0;
+        for (double x : v) ss += (x - s.mean) * (x - s.mean);
+        s.sd = std::sqrt(ss / double(v.size() - 1));
+    }
+    return s;
+}
+
+std::string fmt(Stat s, bool with_sd) {
+    char buf[64];
+    if (with_sd) std::snprintf(buf, sizeof buf, "%6.2f +- %4.2f", s.mean, s.sd);
+    else std::snprintf(buf, sizeof buf, "%6.2f", s.mean);
+    return buf;
+}
+
+double mean_of(const std::vector<double>& v) {
+    double m = 0;
+    for (double x : v) m += x;
+    return m / double(v.size());
+}
+
+void print_seed_table(const SeedRun& run) {
+    std::printf("%-54s %8s %8s %8s %8s %8s %10s %9s %12s %8s\n", "patch", "task0", "task1", "task2", "task3", "bank",
                 "% backbone", "per task", "K-task store", "time(s)");
-    for (const auto& r : rows) {
-        std::printf("%-32s", r.name.c_str());
-        for (double a : r.accuracy) std::printf(" %8.2f%%", 100 * a);
-        std::printf(" %8zu %10.2f%% %9zu %12zu %8.1f\n", r.patch, 100.0 * double(r.patch) / double(backbone),
+    for (const auto& r : run.rows) {
+        std::printf("%-54s", r.name.c_str());
+        for (double a : r.accuracy) std::printf(" %7.2f%%", 100 * a);
+        std::printf(" %8zu %9.2f%% %9zu %12zu %8.1f\n", r.patch, 100.0 * double(r.patch) / double(run.backbone),
                     r.per_task, r.shared + kTasks * r.per_task, r.seconds);
     }
+}
+
+/// Accuracy (%) of row `row`, task `task` (task == kTasks: mean over tasks), one value per seed.
+std::vector<double> values(const std::vector<SeedRun>& runs, std::size_t row, std::size_t task) {
+    std::vector<double> v;
+    for (const auto& run : runs)
+        v.push_back(100 * (task < kTasks ? run.rows[row].accuracy[task] : mean_of(run.rows[row].accuracy)));
+    return v;
+}
+
+std::size_t find_row(const std::vector<SeedRun>& runs, const std::string& name) {
+    for (std::size_t i = 0; i < runs[0].rows.size(); ++i)
+        if (runs[0].rows[i].name == name) return i;
+    throw pw::Error("no row named " + name);
+}
+
+void print_summary(const std::vector<SeedRun>& runs, const std::vector<std::uint64_t>& seeds) {
+    const bool sd = runs.size() > 1;
+    const auto& rows = runs[0].rows;
+    std::vector<double> pre;
+    for (const auto& run : runs) pre.push_back(100 * run.pretrained_accuracy);
+    std::printf("\n== %zu seed%s (", runs.size(), runs.size() > 1 ? "s" : "");
+    for (std::size_t i = 0; i < seeds.size(); ++i)
+        std::printf("%s%llu", i ? ", " : "", (unsigned long long)seeds[i]);
+    std::printf("): accuracy (%%)%s ==\n", sd ? ", mean +- sample standard deviation" : "");
+    std::printf("pre-trained accuracy on classes 0-6: %s%%\n", fmt(stat(pre), sd).c_str());
+    const int w = sd ? 14 : 6;
+    std::printf("%-54s %*s %*s %*s %*s %*s %10s %9s %8s\n", "patch", w, "task0", w, "task1", w, "task2", w, "task3", w,
+                "mean", "% backbone", "per task", "time(s)");
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+        std::printf("%-54s", rows[i].name.c_str());
+        for (std::size_t k = 0; k <= kTasks; ++k) std::printf(" %s", fmt(stat(values(runs, i, k)), sd).c_str());
+        std::vector<double> secs;
+        for (const auto& run : runs) secs.push_back(run.rows[i].seconds);
+        std::printf(" %9.2f%% %9zu %8.1f\n", 100.0 * double(rows[i].patch) / double(runs[0].backbone),
+                    rows[i].per_task, stat(secs).mean);
+    }
+
+    // Share of full fine-tuning's gain over head-only training, on the seed means.
+    const std::size_t head = find_row(runs, "head only"), full = find_row(runs, "FineTune (K full models)");
+    std::printf("\nshare of FineTune's gain over head only (%% of (FineTune - head only), on the means):\n");
+    std::printf("%-54s %7s %7s %7s %7s %7s\n", "patch", "task0", "task1", "task2", "task3", "mean");
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+        if (i == head || i == full) continue;
+        std::printf("%-54s", rows[i].name.c_str());
+        for (std::size_t k = 0; k <= kTasks; ++k) {
+            const double h = stat(values(runs, head, k)).mean, f = stat(values(runs, full, k)).mean;
+            std::printf(" %6.0f%%", 100 * (stat(values(runs, i, k)).mean - h) / (f - h));
+        }
+        std::printf("\n");
+    }
+
+    // Joint against single-task, paired by seed (same pre-trained backbone and heads).
+    const std::size_t single = find_row(runs, "NormPatch + head");
+    std::printf("\njoint minus single-task, accuracy points, paired by seed%s:\n",
+                sd ? " (mean +- sample standard deviation of the differences)" : "");
+    std::printf("%-54s %-26s %*s %*s %*s %*s %*s\n", "joint row", "against", w, "task0", w, "task1", w, "task2", w,
+                "task3", w, "mean");
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+        if (rows[i].name.rfind("NormPatch joint", 0) != 0) continue;
+        const bool frozen = rows[i].name.find("shared frozen") != std::string::npos;
+        const std::size_t ref = frozen ? single : full;
+        std::printf("%-54s %-26s", rows[i].name.c_str(), rows[ref].name.c_str());
+        for (std::size_t k = 0; k <= kTasks; ++k) {
+            const auto a = values(runs, i, k), b = values(runs, ref, k);
+            std::vector<double> diff;
+            for (std::size_t s = 0; s < a.size(); ++s) diff.push_back(a[s] - b[s]);
+            Stat st = stat(diff);
+            char buf[64];
+            if (sd) std::snprintf(buf, sizeof buf, "%+6.2f +- %4.2f", st.mean, st.sd);
+            else std::snprintf(buf, sizeof buf, "%+6.2f", st.mean);
+            std::printf(" %s", buf);
+        }
+        std::printf("\n");
+    }
+}
+
+void write_csv_header(std::ofstream& f) {
+    f << "seed,row,task,accuracy,bank,per_task,shared,backbone,bank_pct,per_task_pct,train_seconds\n";
+}
+
+void write_csv(std::ofstream& f, std::uint64_t seed, const SeedRun& run) {
+    for (const auto& r : run.rows)
+        for (std::size_t k = 0; k < kTasks; ++k) {
+            char line[512];
+            std::snprintf(line, sizeof line, "%llu,\"%s\",%zu,%.6f,%zu,%zu,%zu,%zu,%.4f,%.4f,%.2f\n",
+                          (unsigned long long)seed, r.name.c_str(), k, r.accuracy[k], r.patch, r.per_task, r.shared,
+                          run.backbone, 100.0 * double(r.patch) / double(run.backbone),
+                          100.0 * double(r.per_task) / double(run.backbone), r.seconds);
+            f << line;
+        }
+    f.flush();
+    if (!f) throw pw::IoError("writing the CSV file failed");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+    const Options o = parse(argc, argv);
+    const auto wall0 = std::chrono::steady_clock::now();
+
+    std::ofstream csv;
+    if (!o.csv.empty()) {
+        csv.open(o.csv);
+        if (!csv) throw pw::IoError("cannot open " + o.csv + " for writing");
+        write_csv_header(csv);
+    }
+
+    // The data do not depend on the seed: the first o.train training images are
+    // the tasks', the next o.pretrain (classes 0-6 of them) the pre-training set.
+    const auto train_all = pw::load_fashion_mnist<float>(o.data_dir, pw::Split::train, o.train + o.pretrain);
+    const auto test_all = pw::load_fashion_mnist<float>(o.data_dir, pw::Split::test, o.test);
+    std::vector<std::size_t> pre_idx, task_idx;
+    for (std::size_t i = 0; i < train_all.size(); ++i) (i < o.train ? task_idx : pre_idx).push_back(i);
+    const auto pre_pool = pw::gather(train_all, std::span<const std::size_t>(pre_idx));
+    Data d;
+    d.pre_train = pw::filter_classes(pre_pool, {0, 1, 2, 3, 4, 5, 6}, true);
+    d.pre_test = pw::filter_classes(test_all, {0, 1, 2, 3, 4, 5, 6}, true);
+    const auto task_pool = pw::gather(train_all, std::span<const std::size_t>(task_idx));
+    for (int k = 0; k < int(kTasks); ++k) {
+        d.t.train.push_back(make_task(task_pool, k));
+        d.t.test.push_back(make_task(test_all, k));
+    }
+    d.t.classes = {10, 4, 10, 3};
+    std::printf("pre-training on %zu images of classes 0-6; %zu task images, %zu test images; %zu seed%s\n",
+                d.pre_train.size(), task_pool.size(), test_all.size(), o.seeds, o.seeds > 1 ? "s" : "");
+
+    std::vector<SeedRun> runs;
+    std::vector<std::uint64_t> seeds;
+    for (std::size_t s = 0; s < o.seeds; ++s) {
+        const std::uint64_t seed = o.seed + s;
+        runs.push_back(run_seed(d, o, seed));
+        seeds.push_back(seed);
+        std::printf("\nseed %llu (%.1f s)\n", (unsigned long long)seed, runs.back().seconds);
+        print_seed_table(runs.back());
+        if (csv.is_open()) write_csv(csv, seed, runs.back());
+        std::fflush(stdout);
+    }
+
+    std::printf("\nbackbone: %zu parameters; K = %zu tasks (10 classes, coarse 4, inverted 10, unseen 3)\n",
+                runs[0].backbone, kTasks);
     std::size_t full = 0;
-    for (std::size_t k = 0; k < kTasks; ++k) full += backbone + (kFeatures + 1) * t.classes[k];
+    for (std::size_t k = 0; k < kTasks; ++k) full += runs[0].backbone + (kFeatures + 1) * d.t.classes[k];
     std::printf("bank: per-task backbone parameters; per task: bank + BatchNorm statistics + head;\n"
                 "K-task store: shared parameters + K x per task. K separate models (backbone + head each, without\n"
                 "BatchNorm statistics) would store %zu parameters\n", full);
-    std::printf("wall time %.1f s\n",
-                std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count());
+    print_summary(runs, seeds);
+    if (csv.is_open()) std::printf("\nwrote %s\n", o.csv.c_str());
+    std::printf("wall time %.1f s\n", since(wall0));
     return 0;
 } catch (const pw::Error& e) {
     std::cerr << "multitask_patches: " << e.what() << '\n';

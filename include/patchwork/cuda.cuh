@@ -1,8 +1,9 @@
 #pragma once
 // Everything of patchwork with the CUDA backend, for nvcc-compiled translation
 // units: the CPU library, device tensors and contexts, and the kernels behind
-// the Cuda modules (Linear, activations, LayerNorm, cross-entropy, SGD, Adam,
-// AdamW) and the fused kernels of patchwork/kernels/.
+// the Cuda modules (Linear, activations, LayerNorm, the Adapter, ScaleShift and
+// LoRA policies, cross-entropy, SGD, Adam, AdamW) and the fused kernels of
+// patchwork/kernels/.
 //
 //     using Mlp = pw::Sequential<pw::BasicLinear<float, pw::Cuda>, pw::BasicRelu<float, pw::Cuda>,
 //                                pw::BasicLinear<float, pw::Cuda>>;
@@ -16,4 +17,5 @@
 #include "patchwork/kernels/mix.cuh"
 #include "patchwork/kernels/multitask.cuh"
 #include "patchwork/kernels/ops.cuh"
+#include "patchwork/kernels/patches.cuh"
 #include "patchwork/kernels/scale_shift.cuh"

@@ -13,6 +13,7 @@
 #include <doctest/doctest.h>
 
 #include "patchwork/kernels/ops.cuh"
+#include "patchwork/kernels/patches.cuh"
 #include "patchwork/patchwork.hpp"
 
 namespace pw = patchwork;
@@ -227,6 +228,57 @@ TEST_CASE_TEMPLATE("cross_entropy on the device equals the CPU", T, float, doubl
     std::vector<int> bad{0, 11};
     CHECK_THROWS_AS((void)pw::cross_entropy(Tensor<T, Cuda>(Shape{2, 10}), std::span<const int>(bad)),
                     pw::ConfigError);
+}
+
+namespace {
+/// Every parameter of a CPU module drawn at random (adapters and LoRA start as the identity otherwise).
+template <class M>
+void randomize(M& m, std::mt19937& rng) {
+    m.visit([&](auto& p) { p.value = random_tensor<typename M::Scalar>(p.value.shape(), rng, 0.5); });
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("Adapter, ScaleShift and LoRA policies on the device equal the CPU", T, float, double) {
+    std::mt19937 rng(9);
+    for (auto [n, in, out] : {std::array<std::size_t, 3>{1, 3, 2}, {7, 33, 40}, {129, 100, 65}}) {
+        {
+            pw::Tune<pw::BasicLinear<T>, pw::Adapter<8>> cpu(in, out);
+            pw::Tune<pw::BasicLinear<T, Cuda>, pw::Adapter<8>> dev(in, out);
+            randomize(cpu, rng);
+            compare_module(cpu, dev, Shape{n, in}, rng);
+        }
+        {
+            using Act = pw::AdapterActivation;
+            pw::Tune<pw::BasicLinear<T>, pw::FineTune, pw::Adapter<70, Act::gelu>> cpu(in, out);
+            pw::Tune<pw::BasicLinear<T, Cuda>, pw::FineTune, pw::Adapter<70, Act::gelu>> dev(in, out);
+            randomize(cpu, rng);
+            compare_module(cpu, dev, Shape{n, in}, rng);
+        }
+        {
+            pw::Tune<pw::BasicLinear<T>, pw::BiasOnly, pw::ScaleShift> cpu(in, out);
+            pw::Tune<pw::BasicLinear<T, Cuda>, pw::BiasOnly, pw::ScaleShift> dev(in, out);
+            randomize(cpu, rng);
+            compare_module(cpu, dev, Shape{n, in}, rng);
+        }
+        {
+            pw::Tune<pw::BasicLinear<T>, pw::LoRA<4, 8>> cpu(in, out);
+            pw::Tune<pw::BasicLinear<T, Cuda>, pw::LoRA<4, 8>> dev(in, out);
+            randomize(cpu, rng);
+            compare_module(cpu, dev, Shape{n, in}, rng);
+        }
+    }
+    // merge() / unmerge() on the device: the merged Linear gives the same output.
+    pw::Tune<pw::BasicLinear<T>, pw::LoRA<4, 8>> cpu(20, 12);
+    pw::Tune<pw::BasicLinear<T, Cuda>, pw::LoRA<4, 8>> dev(20, 12);
+    randomize(cpu, rng);
+    copy_parameters(cpu, dev);
+    const Tensor<T> x = random_tensor<T>(Shape{5, 20}, rng);
+    const Tensor<T, Cuda> xd(x);
+    const Tensor<T> y = cpu.forward(x);
+    dev.inner().merge();
+    check_close(y, dev.forward(xd), "merged LoRA forward");
+    dev.inner().unmerge();
+    check_close(y, dev.forward(xd), "unmerged LoRA forward");
 }
 
 namespace {

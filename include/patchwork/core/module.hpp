@@ -156,6 +156,16 @@ template <class M>
     return n;
 }
 
+/// The last step of a wrapper's backward: hand `dh` (dL/d of the wrapped
+/// module's output) to the wrapped module, asking it for its input gradient
+/// only when the wrapper's is wanted, and return dL/dx, or `empty` when not wanted.
+template <class M, class Tn>
+const Tn& wrapped_backward(M& inner, const Tn& dh, bool input_grad, const Tn& empty) {
+    inner.set_input_grad(input_grad);
+    const Tn& dx = inner.backward(dh);
+    return input_grad ? dx : empty;
+}
+
 /// True when any parameter reachable from `m` is trainable.
 template <class M>
 [[nodiscard]] bool any_trainable(M& m) {

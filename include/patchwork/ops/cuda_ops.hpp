@@ -66,4 +66,44 @@ void adam_update(Tensor<T, Cuda>& w, const Tensor<T, Cuda>& g, Tensor<T, Cuda>& 
                  std::size_t t, double lr, double beta1, double beta2, double eps, double weight_decay,
                  bool decoupled, std::string_view where);
 
+// ---- patches (the fused kernels of kernels/adapter.cuh, scale_shift.cuh, multitask.cuh;
+//      definitions in kernels/patches.cuh) ----
+
+/// Bottleneck adapter forward over rows h [N, d]: y = h + act(h D^T + b_d) U^T + b_u; z [N, r] keeps h D^T + b_d.
+template <class T>
+void adapter_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& down_w, const Tensor<T, Cuda>& down_b,
+                     const Tensor<T, Cuda>& up_w, const Tensor<T, Cuda>& up_b, bool gelu, Tensor<T, Cuda>& y,
+                     Tensor<T, Cuda>& z, std::string_view where);
+
+/// Adapter backward: dh = g + ((g U) * act'(z)) D (when dh is not null) and the
+/// parameter gradients (each accumulated when not null).
+template <class T>
+void adapter_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& down_w,
+                      const Tensor<T, Cuda>& up_w, bool gelu, const Tensor<T, Cuda>& z, Tensor<T, Cuda>* dh,
+                      Tensor<T, Cuda>* d_down_w, Tensor<T, Cuda>* d_down_b, Tensor<T, Cuda>* d_up_w,
+                      Tensor<T, Cuda>* d_up_b, std::string_view where);
+
+/// Per-channel y = scale * h + shift over rows h [N, d].
+template <class T>
+void scale_shift_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& scale, const Tensor<T, Cuda>& shift,
+                         Tensor<T, Cuda>& y, std::string_view where);
+
+/// dh = g * scale (when not null); dscale += colsum(g * h), dshift += colsum(g) (when not null).
+template <class T>
+void scale_shift_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& scale,
+                          Tensor<T, Cuda>* dh, Tensor<T, Cuda>* dscale, Tensor<T, Cuda>* dshift,
+                          std::string_view where);
+
+/// LoRA: y = base + s (x A^T) B^T over rows x [N, in]; u [N, r] keeps x A^T.
+template <class T>
+void lora_forward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& base, const Tensor<T, Cuda>& a,
+                  const Tensor<T, Cuda>& b, double s, Tensor<T, Cuda>& y, Tensor<T, Cuda>& u, std::string_view where);
+
+/// LoRA backward: dx = base_dx + s (g B) A (when dx is not null; base_dx may be
+/// empty for 0); dB += s g^T u and dA += s (g B)^T x (when not null).
+template <class T>
+void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& base_dx,
+                   const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, double s, const Tensor<T, Cuda>& u,
+                   Tensor<T, Cuda>* dx, Tensor<T, Cuda>* da, Tensor<T, Cuda>* db, std::string_view where);
+
 }  // namespace patchwork::cuda

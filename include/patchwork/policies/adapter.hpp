@@ -37,6 +37,7 @@
 #include "patchwork/core/module.hpp"
 #include "patchwork/layers/activation.hpp"
 #include "patchwork/multitask/mixed_batch.hpp"
+#include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/ops/gemm.hpp"
 #include "patchwork/policies/policy.hpp"
 
@@ -61,6 +62,7 @@ class AdapterModule : public ModuleBase {
 
 public:
     using Scalar = typename Inner::Scalar;
+    using Device = device_of_t<Inner>;
     using Function = detail::adapter_function_t<Act>;
     static constexpr const char* kind() { return Inner::kind(); }
     static constexpr unsigned roles = Inner::roles;
@@ -87,10 +89,10 @@ private:
     std::size_t width_;
 
 public:
-    Parameter<Scalar> down_weight;  ///< D, [r, d]
-    Parameter<Scalar> down_bias;    ///< b_d, [r]
-    Parameter<Scalar> up_weight;    ///< U, [d, r], zero at the start
-    Parameter<Scalar> up_bias;      ///< b_u, [d], zero at the start
+    Parameter<Scalar, Device> down_weight;  ///< D, [r, d]
+    Parameter<Scalar, Device> down_bias;    ///< b_d, [r]
+    Parameter<Scalar, Device> up_weight;    ///< U, [d, r], zero at the start
+    Parameter<Scalar, Device> up_bias;      ///< b_u, [d], zero at the start
 
     /// The wrapped module.
     [[nodiscard]] Inner& inner() noexcept { return inner_; }
@@ -103,11 +105,50 @@ public:
         reset_adapter(rng);
     }
 
-    const Tensor<Scalar>& forward(const Tensor<Scalar>& x) {
-        using T = Scalar;
-        const Tensor<T>& h = inner_.forward(x);
+    const Tensor<Scalar, Device>& forward(const Tensor<Scalar, Device>& x) {
+        const Tensor<Scalar, Device>& h = inner_.forward(x);
         check_cols(h, width_, path_, "adapter input (the wrapped module's output)");
         h_ = h;  // the wrapped module's output buffer: valid until its next forward
+        if constexpr (std::is_same_v<Device, Cuda>) {
+            // The fused kernel (kernels/adapter.cuh): the same math, one launch, z kept for backward.
+            cuda::adapter_forward(h, down_weight.value, down_bias.value, up_weight.value, up_bias.value,
+                                  Act == AdapterActivation::gelu, y_, z_, path_);
+            return y_;
+        } else {
+            return cpu_forward(h);
+        }
+    }
+
+    const Tensor<Scalar, Device>& backward(const Tensor<Scalar, Device>& dy) {
+        check_same_shape(dy, y_.shape(), path_, "adapter output gradient");
+        if constexpr (std::is_same_v<Device, Cuda>) {
+            const bool through_inner = input_grad_ || any_trainable(inner_);
+            auto grad_of = [](auto& p) { return p.wants_grad() ? &p.grad : nullptr; };
+            cuda::adapter_backward(h_.get(y_.shape(), path_, "wrapped module's output"), dy, down_weight.value,
+                                   up_weight.value, Act == AdapterActivation::gelu, z_,
+                                   through_inner ? &dh_ : nullptr, grad_of(down_weight), grad_of(down_bias),
+                                   grad_of(up_weight), grad_of(up_bias), path_);
+            if (!through_inner) return empty_;
+            return wrapped_backward(inner_, dh_, input_grad_, empty_);
+        } else {
+            return cpu_backward(dy);
+        }
+    }
+
+    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch).
+    template <class F>
+    void visit_mixed(F&& f) {
+        if constexpr (std::is_same_v<Device, Cpu>) {
+            f(down_weight);
+            f(down_bias);
+            f(up_weight);
+            f(up_bias);
+        }
+    }
+
+private:
+    const Tensor<Scalar>& cpu_forward(const Tensor<Scalar>& h) {
+        using T = Scalar;
         z_.resize(h.shape().with_back(Bottleneck));
         a_.resize(z_.shape());
         y_ = h;
@@ -128,9 +169,8 @@ public:
         return y_;
     }
 
-    const Tensor<Scalar>& backward(const Tensor<Scalar>& dy) {
+    const Tensor<Scalar>& cpu_backward(const Tensor<Scalar>& dy) {
         using T = Scalar;
-        check_same_shape(dy, y_.shape(), path_, "adapter output gradient");
         // Per segment of a mixed batch, with that segment's task's D, b_d, U, b_u (derivation at the top of
         // this file); one segment of all rows otherwise.
         const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
@@ -161,20 +201,10 @@ public:
                 ops::gemm_nn(dz, dw.value.matrix(), dh_.matrix().middleRows(first, rows), T(1), T(1));  // g + dz D
         });
         if (!through_inner) return empty_;
-        inner_.set_input_grad(input_grad_);
-        const Tensor<T>& dx = inner_.backward(dh_);
-        return input_grad_ ? dx : empty_;
+        return wrapped_backward(inner_, dh_, input_grad_, empty_);
     }
 
-    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch).
-    template <class F>
-    void visit_mixed(F&& f) {
-        f(down_weight);
-        f(down_bias);
-        f(up_weight);
-        f(up_bias);
-    }
-
+public:
     /// f(wrapped module) (see for_each_module).
     template <class F>
     void visit_children(F&& f) {
@@ -211,15 +241,21 @@ private:
 
     void reset_adapter(Rng& rng) {
         // Kaiming-uniform with the ReLU gain for D; U and b_u zero, so y = h.
-        init::kaiming_uniform(down_weight.value, rng, width_);
+        if constexpr (std::is_same_v<Device, Cpu>) {
+            init::kaiming_uniform(down_weight.value, rng, width_);
+        } else {  // the same draws as on the CPU, then copied to the device
+            Tensor<Scalar> w(down_weight.value.shape());
+            init::kaiming_uniform(w, rng, width_);
+            copy(w, down_weight.value);
+        }
         down_bias.value.zero();
         up_weight.value.zero();
         up_bias.value.zero();
     }
 
-    Saved<Scalar> h_;  ///< the wrapped module's last output (owned by it)
+    Saved<Scalar, Device> h_;  ///< the wrapped module's last output (owned by it)
     const MixedBatch<Scalar>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
-    Tensor<Scalar> z_, a_, y_, dz_, dh_, empty_;
+    Tensor<Scalar, Device> z_, a_, y_, dz_, dh_, empty_;
 };
 
 /// Injection policy: a residual bottleneck adapter of width Bottleneck after the module.
@@ -227,6 +263,7 @@ template <std::size_t Bottleneck, AdapterActivation Act = AdapterActivation::rel
 struct Adapter {
     static constexpr PolicyKind policy_kind = PolicyKind::inject;
     static constexpr const char* name() { return "Adapter"; }
+    static constexpr bool on_device = true;  ///< its module also runs with Device = Cuda (fused kernels)
     static constexpr std::size_t bottleneck = Bottleneck;
     static constexpr AdapterActivation activation_kind = Act;
     template <class Inner>

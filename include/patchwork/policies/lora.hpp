@@ -47,8 +47,8 @@ namespace patchwork {
 namespace detail {
 template <class M>
 inline constexpr bool lora_applies = false;
-template <class T>
-inline constexpr bool lora_applies<BasicLinear<T>> = true;
+template <class T, class D>
+inline constexpr bool lora_applies<BasicLinear<T, D>> = true;
 }  // namespace detail
 
 /// A Linear layer with a trainable rank-Rank update scaled by Alpha / Rank.
@@ -61,6 +61,7 @@ class LoRAModule : public ModuleBase {
 
 public:
     using Scalar = typename Inner::Scalar;
+    using Device = device_of_t<Inner>;
     static constexpr const char* kind() { return Inner::kind(); }
     static constexpr unsigned roles = Inner::roles;
     static constexpr bool fixed_width = true;
@@ -84,8 +85,8 @@ private:
     bool merged_ = false;
 
 public:
-    Parameter<Scalar> a;  ///< A, [r, in]
-    Parameter<Scalar> b;  ///< B, [out, r], zero at the start
+    Parameter<Scalar, Device> a;  ///< A, [r, in]
+    Parameter<Scalar, Device> b;  ///< B, [out, r], zero at the start
 
     /// The wrapped Linear.
     [[nodiscard]] Inner& inner() noexcept { return inner_; }
@@ -108,14 +109,14 @@ public:
     /// W <- W + s B A; forward then skips the low-rank path. No-op when already merged.
     void merge() {
         if (merged_) return;
-        ops::gemm_nn(b.value.matrix(), a.value.matrix(), inner_.weight.value.matrix(), scale_, Scalar(1));
+        add_update(scale_);
         merged_ = true;
         y_.resize(Shape{});  // the cached forward no longer matches
     }
     /// W <- W - s B A, restoring the pre-trained weight (up to rounding). No-op when not merged.
     void unmerge() {
         if (!merged_) return;
-        ops::gemm_nn(b.value.matrix(), a.value.matrix(), inner_.weight.value.matrix(), Scalar(-scale_), Scalar(1));
+        add_update(Scalar(-scale_));
         merged_ = false;
         y_.resize(Shape{});
     }
@@ -128,7 +129,57 @@ public:
         reset_lora(rng);
     }
 
-    const Tensor<Scalar>& forward(const Tensor<Scalar>& x) {
+    const Tensor<Scalar, Device>& forward(const Tensor<Scalar, Device>& x) {
+        if constexpr (std::is_same_v<Device, Cuda>) {
+            // The fused low-rank kernel (kernels/multitask.cuh, one task): y = base + s (x A^T) B^T.
+            const Tensor<Scalar, Device>& base = inner_.forward(x);
+            if (merged_) return base;
+            cuda::lora_forward(inner_.last_input(), base, a.value, b.value, double(scale_), y_, u_, path_);
+            return y_;
+        } else {
+            return cpu_forward(x);
+        }
+    }
+
+    const Tensor<Scalar, Device>& backward(const Tensor<Scalar, Device>& dy) {
+        if (merged_)
+            throw Error(detail::concat(detail::display_path(path_),
+                                       ": LoRA backward while the update is merged into the weight; call unmerge() "
+                                       "before training"));
+        check_same_shape(dy, y_.shape(), path_, "lora output gradient");
+        if constexpr (std::is_same_v<Device, Cuda>) {
+            inner_.set_input_grad(input_grad_);
+            const Tensor<Scalar, Device>& base_dx = inner_.backward(dy);
+            cuda::lora_backward(inner_.last_input(), dy, input_grad_ ? base_dx : empty_, a.value, b.value,
+                                double(scale_), u_, input_grad_ ? &dx_ : nullptr, a.wants_grad() ? &a.grad : nullptr,
+                                b.wants_grad() ? &b.grad : nullptr, path_);
+            return input_grad_ ? dx_ : empty_;
+        } else {
+            return cpu_backward(dy);
+        }
+    }
+
+    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch);
+    /// none while merged.
+    template <class F>
+    void visit_mixed(F&& f) {
+        if constexpr (std::is_same_v<Device, Cpu>) {
+            if (merged_) return;
+            f(a);
+            f(b);
+        }
+    }
+
+private:
+    /// W += c B A.
+    void add_update(Scalar c) {
+        if constexpr (std::is_same_v<Device, Cuda>)
+            cuda::gemm(false, false, c, b.value, a.value, Scalar(1), inner_.weight.value, path_);
+        else
+            ops::gemm_nn(b.value.matrix(), a.value.matrix(), inner_.weight.value.matrix(), c, Scalar(1));
+    }
+
+    const Tensor<Scalar>& cpu_forward(const Tensor<Scalar>& x) {
         using T = Scalar;
         const MixedBatch<T>* mb = mixed_ = mixed_batch_for<T>(a, b);
         if (merged_ && mb != nullptr)
@@ -151,13 +202,8 @@ public:
         return y_;
     }
 
-    const Tensor<Scalar>& backward(const Tensor<Scalar>& dy) {
+    const Tensor<Scalar>& cpu_backward(const Tensor<Scalar>& dy) {
         using T = Scalar;
-        if (merged_)
-            throw Error(detail::concat(detail::display_path(path_),
-                                       ": LoRA backward while the update is merged into the weight; call unmerge() "
-                                       "before training"));
-        check_same_shape(dy, y_.shape(), path_, "lora output gradient");
         // Per segment of a mixed batch, with that segment's task's A, B (derivation at the top of this file);
         // one segment of all rows otherwise.
         const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
@@ -187,15 +233,7 @@ public:
         return dx_;
     }
 
-    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch);
-    /// none while merged.
-    template <class F>
-    void visit_mixed(F&& f) {
-        if (merged_) return;
-        f(a);
-        f(b);
-    }
-
+public:
     /// f(wrapped module) (see for_each_module).
     template <class F>
     void visit_children(F&& f) {
@@ -220,12 +258,18 @@ public:
 private:
     void reset_lora(Rng& rng) {
         // Kaiming-uniform with gain 1 for A (as for the Linear's own weight); B zero, so s B A = 0.
-        init::kaiming_uniform(a.value, rng, inner_.in_features(), 1.0);
+        if constexpr (std::is_same_v<Device, Cpu>) {
+            init::kaiming_uniform(a.value, rng, inner_.in_features(), 1.0);
+        } else {  // the same draws as on the CPU, then copied to the device
+            Tensor<Scalar> w(a.value.shape());
+            init::kaiming_uniform(w, rng, inner_.in_features(), 1.0);
+            copy(w, a.value);
+        }
         b.value.zero();
     }
 
     const MixedBatch<Scalar>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
-    Tensor<Scalar> u_, y_, gb_, dx_, empty_;
+    Tensor<Scalar, Device> u_, y_, gb_, dx_, empty_;
 };
 
 /// Injection policy: a rank-Rank update of a Linear, scaled by Alpha / Rank.
@@ -233,6 +277,7 @@ template <std::size_t Rank, std::size_t Alpha = Rank>
 struct LoRA {
     static constexpr PolicyKind policy_kind = PolicyKind::inject;
     static constexpr const char* name() { return "LoRA"; }
+    static constexpr bool on_device = true;  ///< its module also runs with Device = Cuda (fused kernels)
     static constexpr std::size_t rank = Rank;
     static constexpr std::size_t alpha = Alpha;
     template <class Inner>

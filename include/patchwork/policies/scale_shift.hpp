@@ -28,6 +28,7 @@
 #include <utility>
 
 #include "patchwork/core/module.hpp"
+#include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/multitask/mixed_batch.hpp"
 #include "patchwork/policies/policy.hpp"
 
@@ -43,6 +44,7 @@ class ScaleShiftModule : public ModuleBase {
 
 public:
     using Scalar = typename Inner::Scalar;
+    using Device = device_of_t<Inner>;
     static constexpr const char* kind() { return Inner::kind(); }
     static constexpr unsigned roles = Inner::roles;
     static constexpr bool fixed_width = true;
@@ -63,8 +65,8 @@ private:
     std::size_t width_;
 
 public:
-    Parameter<Scalar> scale;  ///< s, [d], one at the start
-    Parameter<Scalar> shift;  ///< t, [d], zero at the start
+    Parameter<Scalar, Device> scale;  ///< s, [d], one at the start
+    Parameter<Scalar, Device> shift;  ///< t, [d], zero at the start
 
     /// The wrapped module.
     [[nodiscard]] Inner& inner() noexcept { return inner_; }
@@ -77,11 +79,44 @@ public:
         reset_patch();
     }
 
-    const Tensor<Scalar>& forward(const Tensor<Scalar>& x) {
-        using T = Scalar;
-        const Tensor<T>& h = inner_.forward(x);
+    const Tensor<Scalar, Device>& forward(const Tensor<Scalar, Device>& x) {
+        const Tensor<Scalar, Device>& h = inner_.forward(x);
         check_cols(h, width_, path_, "scale_shift input (the wrapped module's output)");
         h_ = h;  // the wrapped module's output buffer: valid until its next forward
+        if constexpr (std::is_same_v<Device, Cuda>) {
+            cuda::scale_shift_forward(h, scale.value, shift.value, y_, path_);  // kernels/scale_shift.cuh
+            return y_;
+        } else {
+            return cpu_forward(h);
+        }
+    }
+
+    const Tensor<Scalar, Device>& backward(const Tensor<Scalar, Device>& dy) {
+        check_same_shape(dy, y_.shape(), path_, "scale_shift output gradient");
+        if constexpr (std::is_same_v<Device, Cuda>) {
+            const bool through_inner = input_grad_ || any_trainable(inner_);
+            cuda::scale_shift_backward(h_.get(y_.shape(), path_, "wrapped module's output"), dy, scale.value,
+                                       through_inner ? &dh_ : nullptr, scale.wants_grad() ? &scale.grad : nullptr,
+                                       shift.wants_grad() ? &shift.grad : nullptr, path_);
+            if (!through_inner) return empty_;
+            return wrapped_backward(inner_, dh_, input_grad_, empty_);
+        } else {
+            return cpu_backward(dy);
+        }
+    }
+
+    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch).
+    template <class F>
+    void visit_mixed(F&& f) {
+        if constexpr (std::is_same_v<Device, Cpu>) {
+            f(scale);
+            f(shift);
+        }
+    }
+
+private:
+    const Tensor<Scalar>& cpu_forward(const Tensor<Scalar>& h) {
+        using T = Scalar;
         y_.resize(h.shape());
         const std::size_t d = width_;
         const MixedBatch<T>* mb = mixed_ = mixed_batch_for<T>(scale, shift);
@@ -98,9 +133,8 @@ public:
         return y_;
     }
 
-    const Tensor<Scalar>& backward(const Tensor<Scalar>& dy) {
+    const Tensor<Scalar>& cpu_backward(const Tensor<Scalar>& dy) {
         using T = Scalar;
-        check_same_shape(dy, y_.shape(), path_, "scale_shift output gradient");
         // Per segment of a mixed batch, with that segment's task's s, t (derivation at the top of this file).
         const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
         const bool through_inner = input_grad_ || any_trainable(inner_);
@@ -130,18 +164,10 @@ public:
             });
         });
         if (!through_inner) return empty_;
-        inner_.set_input_grad(input_grad_);
-        const Tensor<T>& dx = inner_.backward(dh_);
-        return input_grad_ ? dx : empty_;
+        return wrapped_backward(inner_, dh_, input_grad_, empty_);
     }
 
-    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch).
-    template <class F>
-    void visit_mixed(F&& f) {
-        f(scale);
-        f(shift);
-    }
-
+public:
     /// f(wrapped module) (see for_each_module).
     template <class F>
     void visit_children(F&& f) {
@@ -177,15 +203,16 @@ private:
         shift.value.zero();
     }
 
-    Saved<Scalar> h_;  ///< the wrapped module's last output (owned by it)
+    Saved<Scalar, Device> h_;  ///< the wrapped module's last output (owned by it)
     const MixedBatch<Scalar>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
-    Tensor<Scalar> y_, dh_, empty_;
+    Tensor<Scalar, Device> y_, dh_, empty_;
 };
 
 /// Injection policy: a trainable per-channel scale and shift after the module.
 struct ScaleShift {
     static constexpr PolicyKind policy_kind = PolicyKind::inject;
     static constexpr const char* name() { return "ScaleShift"; }
+    static constexpr bool on_device = true;  ///< its module also runs with Device = Cuda (fused kernels)
     template <class Inner>
     using module = ScaleShiftModule<Inner>;
 };

@@ -47,6 +47,18 @@ constexpr bool policy_ok() {
     else return true;
 }
 
+/// Policies whose modules also run with Device = Cuda: every selection policy,
+/// and the injection policies that declare `on_device` (Adapter, ScaleShift, LoRA).
+template <class P>
+constexpr bool runs_on_device = [] {
+    if constexpr (InjectionPolicy<P>) {
+        if constexpr (requires { P::on_device; }) return bool(P::on_device);
+        else return false;
+    } else {
+        return true;
+    }
+}();
+
 template <class P>
 constexpr bool selects(Role r) {
     if constexpr (SelectionPolicy<P>) return P::selects(r);
@@ -62,10 +74,9 @@ class Tune : public ModuleBase {
                   "patchwork::Tune<M, Policies...>: every policy must be a patchwork policy (Frozen, FineTune, "
                   "BiasOnly, NormPatch, Adapter<r>, LoRA<r>, ScaleShift, ...)");
     static_assert((detail::policy_ok<M, Policies>() && ...), "patchwork::Tune: a policy does not apply to this module");
-    static_assert(std::is_same_v<device_of_t<M>, Cpu> || (!InjectionPolicy<Policies> && ...),
-                  "patchwork::Tune: a module on Device = Cuda takes only selection policies (Frozen, FineTune, "
-                  "BiasOnly, NormPatch); adapters, scale-shift and LoRA on the GPU are the fused kernels of "
-                  "patchwork/kernels/");
+    static_assert(std::is_same_v<device_of_t<M>, Cpu> || (detail::runs_on_device<Policies> && ...),
+                  "patchwork::Tune: on Device = Cuda the policies are Frozen, FineTune, BiasOnly, NormPatch, "
+                  "Adapter<r>, ScaleShift and LoRA<r> (search and over-parameterisation run on the CPU)");
 
 public:
     using Base = M;

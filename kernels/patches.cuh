@@ -1,0 +1,107 @@
+#pragma once
+// Tensor-level wrappers of the fused patch kernels, declared in
+// patchwork/ops/cuda_ops.hpp: what the adapter, scale-shift and LoRA policy
+// modules run when their Device is Cuda. They check shapes (naming the module
+// path), then call the raw-pointer launchers of adapter.cuh, scale_shift.cuh
+// and multitask.cuh (one task). For float and double the kernels' gradient
+// type accum_t<T> is T, so parameter gradients accumulate straight into the
+// parameters' gradient tensors.
+#include <string_view>
+
+#include "patchwork/cuda/tensor.hpp"
+#include "patchwork/kernels/adapter.cuh"
+#include "patchwork/kernels/multitask.cuh"
+#include "patchwork/kernels/scale_shift.cuh"
+#include "patchwork/ops/cuda_ops.hpp"
+
+namespace patchwork::cuda {
+
+namespace detail {
+template <class T>
+void expect_shape(const Tensor<T, Cuda>& t, const Shape& want, std::string_view where, const char* what) {
+    if (!(t.shape() == want))
+        throw ShapeError(patchwork::detail::concat(where, ": ", what, ": expected ", want, ", got ", t.shape()));
+}
+template <class T>
+T* data_or_null(Tensor<T, Cuda>* t) {
+    return t == nullptr ? nullptr : t->data();
+}
+}  // namespace detail
+
+template <class T>
+void adapter_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& down_w, const Tensor<T, Cuda>& down_b,
+                     const Tensor<T, Cuda>& up_w, const Tensor<T, Cuda>& up_b, bool gelu, Tensor<T, Cuda>& y,
+                     Tensor<T, Cuda>& z, std::string_view where) {
+    const std::size_t n = h.rows(), d = h.cols(), r = down_w.rows();
+    detail::expect_shape(down_w, Shape{r, d}, where, "adapter down-projection");
+    detail::expect_shape(up_w, Shape{d, r}, where, "adapter up-projection");
+    y.resize(h.shape());
+    z.resize(Shape{n, r});
+    kernels::adapter_forward<T>(h.data(), n, d, r, down_w.data(), down_b.data(), up_w.data(), up_b.data(),
+                                kernels::adapter_act(gelu), y.data(), z.data(), where);
+}
+
+template <class T>
+void adapter_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& down_w,
+                      const Tensor<T, Cuda>& up_w, bool gelu, const Tensor<T, Cuda>& z, Tensor<T, Cuda>* dh,
+                      Tensor<T, Cuda>* d_down_w, Tensor<T, Cuda>* d_down_b, Tensor<T, Cuda>* d_up_w,
+                      Tensor<T, Cuda>* d_up_b, std::string_view where) {
+    const std::size_t n = h.rows(), d = h.cols(), r = down_w.rows();
+    detail::expect_shape(g, h.shape(), where, "adapter output gradient");
+    detail::expect_shape(z, Shape{n, r}, where, "adapter saved bottleneck");
+    if (dh != nullptr) dh->resize(h.shape());
+    kernels::adapter_backward<T>(h.data(), g.data(), n, d, r, down_w.data(), up_w.data(), kernels::adapter_act(gelu),
+                                 z.data(), detail::data_or_null(dh),
+                                 {detail::data_or_null(d_down_w), detail::data_or_null(d_down_b),
+                                  detail::data_or_null(d_up_w), detail::data_or_null(d_up_b)},
+                                 where);
+}
+
+template <class T>
+void scale_shift_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& scale, const Tensor<T, Cuda>& shift,
+                         Tensor<T, Cuda>& y, std::string_view where) {
+    detail::expect_shape(scale, Shape{h.cols()}, where, "scale");
+    detail::expect_shape(shift, Shape{h.cols()}, where, "shift");
+    y.resize(h.shape());
+    kernels::scale_shift_forward<T>(h.data(), h.rows(), h.cols(), scale.data(), shift.data(), y.data(), where);
+}
+
+template <class T>
+void scale_shift_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& scale,
+                          Tensor<T, Cuda>* dh, Tensor<T, Cuda>* dscale, Tensor<T, Cuda>* dshift,
+                          std::string_view where) {
+    detail::expect_shape(g, h.shape(), where, "scale_shift output gradient");
+    if (dh != nullptr) dh->resize(h.shape());
+    kernels::scale_shift_backward<T>(h.data(), g.data(), h.rows(), h.cols(), scale.data(), detail::data_or_null(dh),
+                                     detail::data_or_null(dscale), detail::data_or_null(dshift), where);
+}
+
+template <class T>
+void lora_forward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& base, const Tensor<T, Cuda>& a,
+                  const Tensor<T, Cuda>& b, double s, Tensor<T, Cuda>& y, Tensor<T, Cuda>& u, std::string_view where) {
+    const std::size_t n = x.rows(), in = x.cols(), out = base.cols(), r = a.rows();
+    detail::expect_shape(a, Shape{r, in}, where, "LoRA factor A");
+    detail::expect_shape(b, Shape{out, r}, where, "LoRA factor B");
+    if (base.rows() != n)
+        throw ShapeError(patchwork::detail::concat(where, ": LoRA base output ", base.shape(), " for input ",
+                                                   x.shape()));
+    y.resize(base.shape());
+    u.resize(Shape{n, r});
+    kernels::multitask_lora_forward<T>(x.data(), base.data(), nullptr, n, in, out, r, 1, a.data(), b.data(), T(s),
+                                       y.data(), u.data(), where);
+}
+
+template <class T>
+void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& base_dx,
+                   const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, double s, const Tensor<T, Cuda>& u,
+                   Tensor<T, Cuda>* dx, Tensor<T, Cuda>* da, Tensor<T, Cuda>* db, std::string_view where) {
+    const std::size_t n = x.rows(), in = x.cols(), out = g.cols(), r = a.rows();
+    detail::expect_shape(u, Shape{n, r}, where, "LoRA saved projection");
+    if (!base_dx.empty()) detail::expect_shape(base_dx, x.shape(), where, "LoRA base input gradient");
+    if (dx != nullptr) dx->resize(x.shape());
+    kernels::multitask_lora_backward<T>(x.data(), g.data(), base_dx.empty() ? nullptr : base_dx.data(), nullptr, n,
+                                        in, out, r, 1, a.data(), b.data(), T(s), u.data(), detail::data_or_null(dx),
+                                        {detail::data_or_null(da), detail::data_or_null(db)}, where);
+}
+
+}  // namespace patchwork::cuda
