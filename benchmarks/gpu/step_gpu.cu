@@ -24,7 +24,19 @@
 #include <vector>
 
 #include "patchwork/kernels/ops.cuh"
-#include "patchwork/patchwork.hpp"
+#include "patchwork/compose/sequential.hpp"
+#include "patchwork/layers/activation.hpp"
+#include "patchwork/layers/layer_norm.hpp"
+#include "patchwork/layers/linear.hpp"
+#include "patchwork/policies/adapter.hpp"
+#include "patchwork/policies/bias_only.hpp"
+#include "patchwork/policies/fine_tune.hpp"
+#include "patchwork/policies/frozen.hpp"
+#include "patchwork/policies/lora.hpp"
+#include "patchwork/policies/scale_shift.hpp"
+#include "patchwork/policies/tune.hpp"
+#include "patchwork/train/loss.hpp"
+#include "patchwork/train/optimizer.hpp"
 
 namespace pw = patchwork;
 using pw::Cuda;
