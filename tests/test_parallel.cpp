@@ -13,6 +13,7 @@
 
 #include "patchwork/core/parallel.hpp"
 #include "patchwork/layers/activation.hpp"
+#include "patchwork/layers/conv2d.hpp"
 #include "patchwork/layers/identity.hpp"
 #include "patchwork/layers/layer_norm.hpp"
 #include "patchwork/policies/scale_shift.hpp"
@@ -80,6 +81,35 @@ TEST_CASE("parallel: LayerNorm, ReLU, GELU and ScaleShift give the same bits on 
     const auto one = run(1);
     const auto two = run(2);
     REQUIRE(one.size() == two.size());
+    for (std::size_t k = 0; k < one.size(); ++k) {
+        INFO("output ", k);
+        REQUIRE(one[k].shape() == two[k].shape());
+        std::size_t differ = 0;
+        for (std::size_t i = 0; i < one[k].size(); ++i) differ += one[k][i] != two[k][i];
+        CHECK(differ == 0);
+    }
+    set_threads(2);
+}
+
+TEST_CASE("parallel: DepthwiseConv2d's gradients give the same bits on 1 and 2 threads") {
+    // 16 x 20 x 20 = 6400 output pixels: several chunks of the weight gradient's partial sums.
+    pw::Rng rng(8);
+    pw::Tensor<float> x(pw::Shape{16, 20, 20, 8}), dy(pw::Shape{16, 20, 20, 8});
+    pw::init::normal(x, rng, 0.0, 1.0);
+    pw::init::normal(dy, rng, 0.0, 1.0);
+    const auto run = [&](int threads) {
+        set_threads(threads);
+        pw::DepthwiseConv2d conv(8, 3, {.padding = 1});
+        pw::init::normal(conv.weight.value, rng = pw::Rng(9), 0.0, 0.3);
+        conv.forward(x);
+        std::vector<pw::Tensor<float>> out;
+        out.push_back(conv.backward(dy));
+        out.push_back(conv.weight.grad);
+        out.push_back(conv.bias.grad);
+        return out;
+    };
+    const auto one = run(1);
+    const auto two = run(2);
     for (std::size_t k = 0; k < one.size(); ++k) {
         INFO("output ", k);
         REQUIRE(one[k].shape() == two[k].shape());

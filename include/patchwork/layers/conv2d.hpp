@@ -401,16 +401,29 @@ private:
             const T* wt = wt_.data() + (si++) * taps * out_;
             Parameter<T>& w = mixed_use(mb, weight, task);
             if (w.wants_grad()) {
-                // Accumulated over the segment's pixels in the transposed layout, then added once.
-                dwt_.resize(Shape{taps, out_});
+                // dW[co, t] = sum over the segment's pixels p of g[p, co] x[q(p, t), ci(co)]. The pixels are
+                // summed in fixed chunks of depthwise_grad_chunk, each chunk into its own block of dwt_ (in the
+                // transposed layout [taps, C_out]; chunks may run on different threads), and the blocks are
+                // then added in chunk order: the result does not depend on the number of threads.
+                const std::size_t chunks = (np + depthwise_grad_chunk - 1) / depthwise_grad_chunk;
+                dwt_.resize(Shape{chunks * taps, out_});
                 dwt_.zero();
-                for (std::size_t p = p0; p < p0 + np; ++p) {
-                    const T* __restrict g = dy.data() + p * out_;
-                    geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
-                        const T* __restrict xr = x.data() + q * in_;
-                        T* __restrict dw = dwt_.data() + t * out_;
-                        for_channels(m, [&](std::size_t co, std::size_t ci) { dw[co] += g[co] * xr[ci]; });
-                    });
+                for_rows(chunks, depthwise_grad_chunk * taps * out_, [&](std::size_t c) {
+                    T* __restrict block = dwt_.data() + c * taps * out_;
+                    const std::size_t begin = p0 + c * depthwise_grad_chunk;
+                    const std::size_t end = std::min(p0 + np, begin + depthwise_grad_chunk);
+                    for (std::size_t p = begin; p < end; ++p) {
+                        const T* __restrict g = dy.data() + p * out_;
+                        geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
+                            const T* __restrict xr = x.data() + q * in_;
+                            T* __restrict dw = block + t * out_;
+                            for_channels(m, [&](std::size_t co, std::size_t ci) { dw[co] += g[co] * xr[ci]; });
+                        });
+                    }
+                });
+                for (std::size_t c = 1; c < chunks; ++c) {
+                    const T* __restrict block = dwt_.data() + c * taps * out_;
+                    for (std::size_t i = 0; i < taps * out_; ++i) dwt_[i] += block[i];
                 }
                 for (std::size_t co = 0; co < out_; ++co)
                     for (std::size_t t = 0; t < taps; ++t) w.grad[co * taps + t] += dwt_[t * out_ + co];
@@ -432,6 +445,10 @@ private:
         });
         return input_grad_ ? dx_ : empty_;
     }
+
+    /// Output pixels per partial sum of the depthwise weight gradient (a fixed
+    /// size, so the rounding does not depend on the number of threads).
+    static constexpr std::size_t depthwise_grad_chunk = 2048;
 
     Saved<T> x_;  ///< the last forward's input (not owned)
     const MixedBatch<T>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
