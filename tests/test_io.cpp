@@ -324,7 +324,7 @@ TEST_CASE("batcher: drop_last, buffer reuse and invalid arguments") {
     CHECK_THROWS_AS((void)b.batch(3), pw::ConfigError);
 }
 
-TEST_CASE("dataset: filter_classes, split and subset") {
+TEST_CASE("dataset: filter_classes, split, subset and first_per_class") {
     const auto ds = toy(12, 4);  // labels 0 1 2 3 0 1 2 3 0 1 2 3
 
     const int wanted[] = {3, 1};
@@ -366,4 +366,13 @@ TEST_CASE("dataset: filter_classes, split and subset") {
     CHECK(s.images.shape() == pw::Shape{5, 3});
     CHECK(s.images(4, 0) == 4.0f);
     CHECK(pw::subset(ds, 100).size() == 12);
+
+    const auto two = pw::first_per_class(ds, 2);  // the first two of each class, in order
+    CHECK(two.labels == std::vector<int>{0, 1, 2, 3, 0, 1, 2, 3});
+    CHECK(two.images(7, 0) == 7.0f);
+    CHECK(pw::first_per_class(ds, 0).size() == 12);
+    CHECK(pw::first_per_class(ds, 10).size() == 12);
+    auto negative = ds;
+    negative.labels[3] = -1;
+    CHECK_THROWS_AS((void)pw::first_per_class(negative, 1), pw::ConfigError);
 }

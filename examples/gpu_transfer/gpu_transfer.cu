@@ -76,14 +76,6 @@ Options parse(int argc, char** argv) {
     return o;
 }
 
-pw::Dataset<float> per_class(const pw::Dataset<float>& ds, std::size_t n) {
-    if (n == 0) return ds;
-    std::vector<std::size_t> keep, seen(std::size_t(ds.num_classes()), 0);
-    for (std::size_t i = 0; i < ds.size(); ++i)
-        if (seen[std::size_t(ds.labels[i])]++ < n) keep.push_back(i);
-    return pw::gather(ds, std::span<const std::size_t>(keep));
-}
-
 /// One epoch of training: each host batch is copied to the device, then forward, loss, backward, step.
 template <class Model, class Opt>
 double train_epoch(Model& model, Opt& opt, pw::Batcher<float>& batches, std::size_t epoch) {
@@ -153,7 +145,7 @@ int main(int argc, char** argv) try {
     if (o.test_limit) test_all = pw::subset(test_all, o.test_limit);
     const auto old_train = pw::filter_classes(train_all, {0, 1, 2, 3, 4}, true);
     const auto old_test = pw::filter_classes(test_all, {0, 1, 2, 3, 4}, true);
-    const auto new_train = per_class(pw::filter_classes(train_all, {5, 6, 7, 8, 9}, true), o.per_class);
+    const auto new_train = pw::first_per_class(pw::filter_classes(train_all, {5, 6, 7, 8, 9}, true), o.per_class);
     const auto new_test = pw::filter_classes(test_all, {5, 6, 7, 8, 9}, true);
 
     // 1. Pre-train body + head on the old classes, on the device.

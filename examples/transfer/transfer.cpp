@@ -81,14 +81,6 @@ Options parse(int argc, char** argv) {
 }
 
 /// The first `n` samples of each class (all when n == 0).
-pw::Dataset<float> per_class(const pw::Dataset<float>& ds, std::size_t n) {
-    if (n == 0) return ds;
-    std::vector<std::size_t> keep, seen(std::size_t(ds.num_classes()), 0);
-    for (std::size_t i = 0; i < ds.size(); ++i)
-        if (seen[std::size_t(ds.labels[i])]++ < n) keep.push_back(i);
-    return pw::gather(ds, std::span<const std::size_t>(keep));
-}
-
 struct Row {
     std::string policy;
     std::size_t trainable = 0;
@@ -128,7 +120,7 @@ int main(int argc, char** argv) try {
     if (o.test_limit) test_all = pw::subset(test_all, o.test_limit);
     const auto old_train = pw::filter_classes(train_all, {0, 1, 2, 3, 4}, true);
     const auto old_test = pw::filter_classes(test_all, {0, 1, 2, 3, 4}, true);
-    const auto new_train = per_class(pw::filter_classes(train_all, {5, 6, 7, 8, 9}, true), o.per_class);
+    const auto new_train = pw::first_per_class(pw::filter_classes(train_all, {5, 6, 7, 8, 9}, true), o.per_class);
     const auto new_test = pw::filter_classes(test_all, {5, 6, 7, 8, 9}, true);
     std::printf("pre-training on %zu images of classes 0-4; adapting on %zu images of classes 5-9 (%zu per class)\n",
                 old_train.size(), new_train.size(), new_train.size() / kClasses);

@@ -52,8 +52,12 @@ TEST_CASE_TEMPLATE("Adapter, ScaleShift and LoRA policies on the device equal th
     const Tensor<T, Cuda> xd(x);
     const Tensor<T> y = cpu.forward(x);
     dev.inner().merge();
+    CHECK(dev.inner().merged());
     check_close(y, dev.forward(xd), "merged LoRA forward");
     dev.inner().unmerge();
+    CHECK(!dev.inner().merged());
     check_close(y, dev.forward(xd), "unmerged LoRA forward");
+    // Unmerging restores the pre-trained weight (up to rounding).
+    check_close(cpu.inner().inner().weight.value, dev.inner().inner().weight.value, "weight after unmerge");
 }
 

@@ -5,7 +5,7 @@
 // flattened row-major, pixels scaled from 0..255 to [0, 1]) and one int label
 // per image. load_fashion_mnist reads Debian's dataset-fashion-mnist
 // (/usr/share/datasets/fashion-mnist); load_idx_pair reads any pair of IDX
-// image/label files. filter_classes, split, subset and gather derive new
+// image/label files. filter_classes, first_per_class, split, subset and gather derive new
 // datasets (copies; the source is left untouched).
 //
 // Batcher<T> walks a Dataset in mini-batches and satisfies BatchSource
@@ -139,6 +139,21 @@ template <class T>
     std::copy_n(ds.images.data(), n * f, out.images.data());
     out.labels.assign(ds.labels.begin(), ds.labels.begin() + std::ptrdiff_t(n));
     return out;
+}
+
+/// The first n samples of each class, in the original order (n = 0: all).
+/// Labels must be non-negative.
+template <class T>
+[[nodiscard]] Dataset<T> first_per_class(const Dataset<T>& ds, std::size_t n) {
+    if (n == 0) return ds;
+    std::vector<std::size_t> keep, seen(std::size_t(std::max(ds.num_classes(), 0)), 0);
+    for (std::size_t i = 0; i < ds.size(); ++i) {
+        if (ds.labels[i] < 0)
+            throw ConfigError(detail::concat("first_per_class: label ", ds.labels[i], " at sample ", i,
+                                             " is negative"));
+        if (seen[std::size_t(ds.labels[i])]++ < n) keep.push_back(i);
+    }
+    return gather(ds, std::span<const std::size_t>(keep));
 }
 
 /// Keep only the samples whose label is in `classes` (original order kept).
