@@ -26,6 +26,14 @@ template <class T>
 T* data_or_null(Tensor<T, Cuda>* t) {
     return t == nullptr ? nullptr : t->data();
 }
+/// A workspace of at least `bytes`, reused from call to call on this thread (the
+/// kernels run in stream order, so one step's use ends before the next begins);
+/// without it each backward would allocate and free its own.
+inline kernels::Workspace workspace(std::size_t bytes) {
+    thread_local cuda::Buffer<unsigned char> buf;
+    buf.reserve(bytes);
+    return {buf.data(), buf.size()};
+}
 }  // namespace detail
 
 template <class T>
@@ -54,7 +62,7 @@ void adapter_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const 
                                  z.data(), detail::data_or_null(dh),
                                  {detail::data_or_null(d_down_w), detail::data_or_null(d_down_b),
                                   detail::data_or_null(d_up_w), detail::data_or_null(d_up_b)},
-                                 where);
+                                 where, detail::workspace(kernels::adapter_backward_workspace_bytes(n, d, r, sizeof(T))));
 }
 
 template <class T>
@@ -72,8 +80,10 @@ void scale_shift_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, co
                           std::string_view where) {
     detail::expect_shape(g, h.shape(), where, "scale_shift output gradient");
     if (dh != nullptr) dh->resize(h.shape());
-    kernels::scale_shift_backward<T>(h.data(), g.data(), h.rows(), h.cols(), scale.data(), detail::data_or_null(dh),
-                                     detail::data_or_null(dscale), detail::data_or_null(dshift), where);
+    kernels::scale_shift_backward<T>(
+        h.data(), g.data(), h.rows(), h.cols(), scale.data(), detail::data_or_null(dh), detail::data_or_null(dscale),
+        detail::data_or_null(dshift), where,
+        detail::workspace(kernels::scale_shift_backward_workspace_bytes(h.rows(), h.cols(), 1, sizeof(T))));
 }
 
 template <class T>
@@ -101,7 +111,9 @@ void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Ten
     if (dx != nullptr) dx->resize(x.shape());
     kernels::multitask_lora_backward<T>(x.data(), g.data(), base_dx.empty() ? nullptr : base_dx.data(), nullptr, n,
                                         in, out, r, 1, a.data(), b.data(), T(s), u.data(), detail::data_or_null(dx),
-                                        {detail::data_or_null(da), detail::data_or_null(db)}, where);
+                                        {detail::data_or_null(da), detail::data_or_null(db)}, where,
+                                        detail::workspace(kernels::multitask_lora_backward_workspace_bytes(
+                                            n, in, out, r, 1, sizeof(T))));
 }
 
 }  // namespace patchwork::cuda

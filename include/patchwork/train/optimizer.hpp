@@ -19,6 +19,10 @@
 //   p <- p (1 - lr wd)                               (before the Adam update)
 //   then Adam as above with g' = g (no L2 term)
 //
+// With Device = Cuda (BasicAdamW<float, Cuda>, ...) the parameters and the
+// moments live on the GPU and each update is one element-wise kernel with the
+// same formula (kernels/ops.cuh).
+//
 // Parameters live in groups, each with its own options. The learning rate a
 // group uses is its base rate (options.lr) times the optimiser's factor, which
 // a schedule sets each step with set_lr_factor. Moments are allocated lazily,
