@@ -3,7 +3,8 @@
 # Sourced by scripts/test, scripts/demo and scripts/bench.
 patchwork_install_deps() {
     local pkgs=(meson ninja-build pkg-config g++ python3 libeigen3-dev xtensor-dev libxsimd-dev doctest-dev
-                zlib1g-dev nlohmann-json3-dev libopenblas-dev libbenchmark-dev dataset-fashion-mnist "$@")
+                zlib1g-dev nlohmann-json3-dev libopenblas-dev libbenchmark-dev dataset-fashion-mnist
+                python3-pip "$@")
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
