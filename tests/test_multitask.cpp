@@ -8,7 +8,7 @@
 #include "gradcheck.hpp"
 #include "patchwork/compose/sequential.hpp"
 #include "patchwork/core/report.hpp"
-#include "patchwork/io/safetensors.hpp"
+#include "patchwork/io/parameter_files.hpp"
 #include "patchwork/layers/activation.hpp"
 #include "patchwork/layers/batch_norm.hpp"
 #include "patchwork/layers/conv2d.hpp"

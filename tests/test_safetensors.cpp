@@ -20,6 +20,7 @@
 #include "patchwork/policies/adapter.hpp"
 #include "patchwork/policies/tune.hpp"
 #include "temp_dir.hpp"
+#include "patchwork/io/parameter_files.hpp"
 #include "patchwork/io/safetensors.hpp"
 
 namespace pw = patchwork;

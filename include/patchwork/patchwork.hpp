@@ -53,4 +53,4 @@
 
 #include "patchwork/io/dataset.hpp"
 #include "patchwork/io/idx.hpp"
-#include "patchwork/io/safetensors.hpp"
+#include "patchwork/io/parameter_files.hpp"
