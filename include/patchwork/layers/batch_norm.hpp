@@ -29,7 +29,7 @@
 // order: the same rows give the same bits whether they are a whole batch or
 // one segment of a mixed batch.
 //
-// Mixed-task batches (multitask/mixed_batch.hpp). Every BatchNorm2d takes part
+// Mixed-task batches (core/mixed_batch.hpp). Every BatchNorm2d takes part
 // in a mixed batch, whether its parameters are per task or not: the rows of
 // task k (one contiguous segment S_k of M_k rows) are normalised as a batch of
 // task k alone would be, with task k's gamma^k, beta^k and running statistics
@@ -54,7 +54,7 @@
 #include <string>
 
 #include "patchwork/core/module.hpp"
-#include "patchwork/multitask/mixed_batch.hpp"
+#include "patchwork/core/mixed_batch.hpp"
 
 namespace patchwork {
 

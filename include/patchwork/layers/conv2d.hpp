@@ -37,7 +37,7 @@
 // "depthwise patch" of K for the price of 1 re-learns exactly these); every
 // other convolution weight carries Role::weight.
 //
-// Mixed-task batches (multitask/mixed_batch.hpp). The filters of a depthwise
+// Mixed-task batches (core/mixed_batch.hpp). The filters of a depthwise
 // convolution and the bias of any convolution may be per task: the images of
 // task k (a contiguous segment of the batch, pixels p in P_k) use task k's
 // Wt^k and b^k. A pixel reads only its own image, so the sums over pixels
@@ -58,7 +58,7 @@
 #include <string>
 
 #include "patchwork/core/module.hpp"
-#include "patchwork/multitask/mixed_batch.hpp"
+#include "patchwork/core/mixed_batch.hpp"
 #include "patchwork/ops/gemm.hpp"
 
 namespace patchwork {

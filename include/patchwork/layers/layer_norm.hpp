@@ -14,7 +14,7 @@
 // Device = Cuda computes the same formulas in kernels, one block per row
 // (cuda::layer_norm_forward / layer_norm_backward).
 //
-// Mixed-task batches (multitask/mixed_batch.hpp): gamma and beta may be per
+// Mixed-task batches (core/mixed_batch.hpp): gamma and beta may be per
 // task (NormPatch banks). The statistics are per row anyway, so rows of
 // segment s (task k) use gamma_k, beta_k in the formulas above, and
 // dL/dgamma_k, dL/dbeta_k sum over the rows of s only.
@@ -23,7 +23,7 @@
 #include <type_traits>
 
 #include "patchwork/core/module.hpp"
-#include "patchwork/multitask/mixed_batch.hpp"
+#include "patchwork/core/mixed_batch.hpp"
 #include "patchwork/ops/cuda_ops.hpp"
 
 namespace patchwork {

@@ -16,7 +16,7 @@
 // Device = Cuda runs the same three products with cuBLAS (cuda::gemm) and the
 // bias terms with kernels (cuda::add_row_vector, cuda::add_column_sums).
 //
-// Mixed-task batches (multitask/mixed_batch.hpp): the bias may be per task
+// Mixed-task batches (core/mixed_batch.hpp): the bias may be per task
 // (BiasOnly banks). Rows of segment s (task k) then use b_k: y_n = x_n W^T + b_k
 // for n in s, so dL/db_k = sum_{n in s} dY_n and dX, dW are unchanged (the
 // weight is shared: one GEMM over all rows).
@@ -25,7 +25,7 @@
 #include <type_traits>
 
 #include "patchwork/core/module.hpp"
-#include "patchwork/multitask/mixed_batch.hpp"
+#include "patchwork/core/mixed_batch.hpp"
 #include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/ops/gemm.hpp"
 

@@ -33,7 +33,7 @@
 //
 // Mixed batches, one pass. forward(x, task_ids) sorts the rows by task (a
 // stable permutation, gathered once; each task's rows become one contiguous
-// segment, tasks ascending), makes a MixedBatch (multitask/mixed_batch.hpp)
+// segment, tasks ascending), makes a MixedBatch (core/mixed_batch.hpp)
 // active for the backbone's forward and for its backward, and runs the
 // backbone once over all rows. The slots stay unbound (pre-trained values, no
 // gradient); every module that holds a slot applies, segment by segment, the
@@ -74,7 +74,7 @@
 #include "patchwork/core/module.hpp"
 #include "patchwork/core/parameter.hpp"
 #include "patchwork/core/tensor.hpp"
-#include "patchwork/multitask/mixed_batch.hpp"
+#include "patchwork/core/mixed_batch.hpp"
 
 namespace patchwork {
 

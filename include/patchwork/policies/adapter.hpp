@@ -20,7 +20,7 @@
 // gradient is wanted, and M computes its own input gradient only in the
 // latter case. Trainable parameters added: 2 d r + r + d.
 //
-// Mixed-task batches (multitask/mixed_batch.hpp). When any of D, b_d, U, b_u
+// Mixed-task batches (core/mixed_batch.hpp). When any of D, b_d, U, b_u
 // is per task, the rows of task k (a contiguous segment S_k) use task k's
 // D^k, b_d^k, U^k, b_u^k; rows never interact, so with g_k, h_k, a_k, dz_k the
 // rows of segment S_k, every sum over rows above splits by segment:
@@ -36,7 +36,7 @@
 
 #include "patchwork/core/module.hpp"
 #include "patchwork/layers/activation.hpp"
-#include "patchwork/multitask/mixed_batch.hpp"
+#include "patchwork/core/mixed_batch.hpp"
 #include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/ops/gemm.hpp"
 #include "patchwork/policies/policy.hpp"

@@ -18,7 +18,7 @@
 // W <- W - s B A. Training needs the unmerged form: backward while merged
 // throws. Trainable parameters added: r (in + out).
 //
-// Mixed-task batches (multitask/mixed_batch.hpp). When A or B is per task,
+// Mixed-task batches (core/mixed_batch.hpp). When A or B is per task,
 // the rows of task k (a contiguous segment S_k) use A^k, B^k: with x_k, g_k,
 // u_k = x_k A^k^T the rows of S_k,
 //   y_k = x_k W^T + b + s u_k B^k^T
@@ -38,7 +38,7 @@
 
 #include "patchwork/core/module.hpp"
 #include "patchwork/layers/linear.hpp"
-#include "patchwork/multitask/mixed_batch.hpp"
+#include "patchwork/core/mixed_batch.hpp"
 #include "patchwork/ops/gemm.hpp"
 #include "patchwork/policies/policy.hpp"
 

@@ -13,7 +13,7 @@
 // M's backward runs only when M holds a trainable parameter or the input
 // gradient is wanted. Trainable parameters added: 2 d.
 //
-// Mixed-task batches (multitask/mixed_batch.hpp). When s or t is per task,
+// Mixed-task batches (core/mixed_batch.hpp). When s or t is per task,
 // the rows of task k (one contiguous segment S_k of rows) use that task's
 // s^k, t^k: y_nc = h_nc s^k_c + t^k_c for n in S_k. Each row depends on one
 // task's parameters only, so the sums above split by segment:
@@ -29,7 +29,7 @@
 
 #include "patchwork/core/module.hpp"
 #include "patchwork/ops/cuda_ops.hpp"
-#include "patchwork/multitask/mixed_batch.hpp"
+#include "patchwork/core/mixed_batch.hpp"
 #include "patchwork/policies/policy.hpp"
 
 namespace patchwork {
