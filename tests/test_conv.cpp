@@ -12,6 +12,7 @@
 #include "patchwork/layers/conv2d.hpp"
 #include "patchwork/layers/linear.hpp"
 #include "patchwork/layers/pool.hpp"
+#include "patchwork/layers/reshape.hpp"
 #include "patchwork/policies/adapter.hpp"
 #include "patchwork/policies/bias_only.hpp"
 #include "patchwork/policies/depthwise_patch.hpp"

@@ -20,6 +20,7 @@
 #include "patchwork/layers/layer_norm.hpp"
 #include "patchwork/layers/linear.hpp"
 #include "patchwork/layers/pool.hpp"
+#include "patchwork/layers/reshape.hpp"
 
 #include "patchwork/compose/cascade.hpp"
 #include "patchwork/compose/repeat.hpp"

@@ -85,6 +85,23 @@ protected:
     bool input_grad_ = true;
 };
 
+namespace detail {
+
+/// What parameter-free layers (pooling, reshaping) share: no parameters, no
+/// width of their own.
+class ParameterFreeModule : public ModuleBase {
+public:
+    static constexpr unsigned roles = 0;
+    static constexpr bool fixed_width = false;
+    [[nodiscard]] std::size_t out_features() const noexcept { return 0; }
+    void reset_parameters(Rng&) noexcept {}
+    template <class F>
+    void visit(F&&) noexcept {}
+    void set_path(const std::string& p) { path_ = p; }
+};
+
+}  // namespace detail
+
 /// A non-owning reference to a tensor a module saved in forward for its
 /// backward (its input, or a wrapped module's output). Copying or moving the
 /// module does not carry it over: the copy has seen no forward yet, and a

@@ -1,3 +1,4 @@
+// Injection policies: Adapter, LoRA and ScaleShift (forward math, gradients, merge, errors).
 #include <doctest/doctest.h>
 
 #include <algorithm>
