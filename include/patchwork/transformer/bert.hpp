@@ -1,0 +1,561 @@
+#pragma once
+// BERT: embeddings, the post-LN transformer layer, the encoder, pooling and
+// the model, with every projection a slot a policy can target.
+//
+// Shapes: token ids [B, T] (TokenBatch), hidden states [B, T, D].
+//
+// Embeddings (BertEmbeddings):
+//   e_bt = W_word[id_bt] + W_pos[t] + W_type[type_bt],  h0 = LayerNorm(e) (then dropout)
+//   backward: de = LayerNorm.backward(dh0); each table scatter-adds de (layers/embedding.hpp).
+//
+// Layer (BertLayer), post-LN as in BERT:
+//   a  = Attention(x)                              (layers/attention.hpp, heads side by side)
+//   r1 = x + Dropout(AttentionOutput(a)),          h1 = AttentionNorm(r1)
+//   f  = Dropout(Output(GELU(Intermediate(h1)))),  r2 = h1 + f,   y = OutputNorm(r2)
+// Backward, with g = dL/dy (each module's own backward derived in its header):
+//   g_r2 = OutputNorm.backward(g)
+//   g_h1 = g_r2 + Intermediate.backward(GELU.backward(Output.backward(Dropout.backward(g_r2))))
+//   g_r1 = AttentionNorm.backward(g_h1)
+//   dL/dx = g_r1 + Attention.backward(AttentionOutput.backward(Dropout.backward(g_r1)))
+// (the residuals add the gradient that bypasses each branch). When the layer's
+// input gradient is not wanted, the pass stops at the first sub-module that
+// holds a trainable parameter, and a branch without trainable parameters and
+// without anything trainable before it is skipped (chain_backward's rule,
+// applied to the layer's two residual branches).
+//
+// Which policy each projection gets is the layer's type, through a spec:
+//   struct Spec : pw::bert::Plain {
+//       template <class L> using query = pw::Tune<L, pw::LoRA<8, 16>>;
+//       template <class L> using value = pw::Tune<L, pw::LoRA<8, 16>>;
+//   };
+// Slots: query, key, value, attention_output, intermediate, output (Linear),
+// attention_norm, output_norm (LayerNorm) and layer (the whole BertLayer).
+// Plain leaves each as it is. Selection (BiasOnly, NormPatch, FineTune) is
+// given to the model (BertModel<Encoder, Selection...>) or by a Tune around a
+// slot, a layer or the encoder; the innermost decision wins.
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "patchwork/compose/chain.hpp"
+#include "patchwork/core/module.hpp"
+#include "patchwork/layers/activation.hpp"
+#include "patchwork/layers/attention.hpp"
+#include "patchwork/layers/dropout.hpp"
+#include "patchwork/layers/embedding.hpp"
+#include "patchwork/layers/layer_norm.hpp"
+#include "patchwork/layers/linear.hpp"
+#include "patchwork/policies/adapter.hpp"
+#include "patchwork/policies/lora.hpp"
+#include "patchwork/policies/policy.hpp"
+#include "patchwork/policies/tune.hpp"
+
+namespace patchwork {
+
+/// The architecture of a BERT encoder (Hugging Face's BertConfig fields).
+struct BertConfig {
+    std::size_t vocab_size = 30522;
+    std::size_t hidden_size = 768;
+    std::size_t num_hidden_layers = 12;
+    std::size_t num_attention_heads = 12;
+    std::size_t intermediate_size = 3072;
+    std::size_t max_position_embeddings = 512;
+    std::size_t type_vocab_size = 2;
+    double layer_norm_eps = 1e-12;
+    /// Dropout rates the model is built with (0: off). A checkpoint's own rates
+    /// (0.1 for BERT) are applied by the loader only when asked (hf_checkpoint.hpp).
+    double hidden_dropout_prob = 0.0;
+    double attention_probs_dropout_prob = 0.0;
+    std::int32_t pad_token_id = 0;
+    std::uint64_t dropout_seed = 0x5eed;
+
+    /// Throws ConfigError when the sizes do not describe a model.
+    void check() const {
+        const auto bad = [](const std::string& what) { throw ConfigError("bert config: " + what); };
+        if (!vocab_size || !hidden_size || !num_hidden_layers || !num_attention_heads || !intermediate_size ||
+            !max_position_embeddings || !type_vocab_size)
+            bad("every size must be positive");
+        if (hidden_size % num_attention_heads)
+            bad(detail::concat("hidden_size ", hidden_size, " is not a multiple of num_attention_heads ",
+                               num_attention_heads));
+        if (!(layer_norm_eps > 0)) bad(detail::concat("layer_norm_eps must be positive, got ", layer_norm_eps));
+    }
+};
+
+namespace bert {
+
+/// Every slot as in the checkpoint: no policy of its own.
+struct Plain {
+    template <class L>
+    using query = L;
+    template <class L>
+    using key = L;
+    template <class L>
+    using value = L;
+    template <class L>
+    using attention_output = L;
+    template <class L>
+    using intermediate = L;
+    template <class L>
+    using output = L;
+    template <class N>
+    using attention_norm = N;
+    template <class N>
+    using output_norm = N;
+    template <class B>
+    using layer = B;
+};
+
+/// LoRA on the query and value projections (PEFT's default target modules for BERT).
+template <std::size_t Rank, std::size_t Alpha = Rank>
+struct LoRAQueryValue : Plain {
+    template <class L>
+    using query = Tune<L, LoRA<Rank, Alpha>>;
+    template <class L>
+    using value = Tune<L, LoRA<Rank, Alpha>>;
+};
+
+/// Houlsby adapters: one after the attention output projection, one after the
+/// feed-forward output, each before its residual sum and LayerNorm.
+template <std::size_t Bottleneck, AdapterActivation Act = AdapterActivation::gelu>
+struct Houlsby : Plain {
+    template <class L>
+    using attention_output = Tune<L, Adapter<Bottleneck, Act>>;
+    template <class L>
+    using output = Tune<L, Adapter<Bottleneck, Act>>;
+};
+
+/// Pfeiffer adapters: one after the feed-forward output only.
+template <std::size_t Bottleneck, AdapterActivation Act = AdapterActivation::relu>
+struct Pfeiffer : Plain {
+    template <class L>
+    using output = Tune<L, Adapter<Bottleneck, Act>>;
+};
+
+}  // namespace bert
+
+template <class Spec = bert::Plain, class T = float>
+class BertLayer : public ModuleBase {
+public:
+    using Scalar = T;
+    using Lin = BasicLinear<T>;
+    using Norm = BasicLayerNorm<T>;
+    using Query = typename Spec::template query<Lin>;
+    using Key = typename Spec::template key<Lin>;
+    using Value = typename Spec::template value<Lin>;
+    using AttentionOutput = typename Spec::template attention_output<Lin>;
+    using Intermediate = typename Spec::template intermediate<Lin>;
+    using Output = typename Spec::template output<Lin>;
+    using AttentionNorm = typename Spec::template attention_norm<Norm>;
+    using OutputNorm = typename Spec::template output_norm<Norm>;
+    using Attention = BasicSelfAttention<T, Query, Key, Value>;
+
+    static constexpr const char* kind() { return "bert_layer"; }
+    static constexpr unsigned roles = Attention::roles | AttentionOutput::roles | Intermediate::roles |
+                                      Output::roles | AttentionNorm::roles | OutputNorm::roles;
+    static constexpr bool fixed_width = true;
+
+    explicit BertLayer(const BertConfig& c)
+        : attention(c.hidden_size, c.num_attention_heads, c.attention_probs_dropout_prob, c.dropout_seed),
+          attention_output(c.hidden_size, c.hidden_size), attention_dropout(c.hidden_dropout_prob, c.dropout_seed + 1),
+          attention_norm(c.hidden_size, c.layer_norm_eps), intermediate(c.hidden_size, c.intermediate_size),
+          output(c.intermediate_size, c.hidden_size), output_dropout(c.hidden_dropout_prob, c.dropout_seed + 2),
+          output_norm(c.hidden_size, c.layer_norm_eps), width_(c.hidden_size) {
+        c.check();
+        set_path("");
+    }
+
+    Attention attention;
+    AttentionOutput attention_output;
+    BasicDropout<T> attention_dropout;
+    AttentionNorm attention_norm;
+    Intermediate intermediate;
+    BasicGelu<T> gelu;
+    Output output;
+    BasicDropout<T> output_dropout;
+    OutputNorm output_norm;
+
+    [[nodiscard]] std::size_t out_features() const noexcept { return width_; }
+
+    const Tensor<T>& forward(const Tensor<T>& x) {
+        if (x.rank() != 3 || x.cols() != width_ || x.empty())
+            throw_shape_error(path_, "bert layer input [batch, tokens, features]",
+                              Shape{x.rank() ? x.dim(0) : 0, x.rank() > 1 ? x.dim(1) : 0, width_}, x.shape());
+        const Tensor<T>& a = attention.forward(x);
+        const Tensor<T>& o = attention_dropout.forward(attention_output.forward(a));
+        r1_.resize(x.shape());
+        r1_.vector() = x.vector() + o.vector();
+        const Tensor<T>& h1 = attention_norm.forward(r1_);
+        const Tensor<T>& f = output_dropout.forward(output.forward(gelu.forward(intermediate.forward(h1))));
+        r2_.resize(x.shape());
+        r2_.vector() = h1.vector() + f.vector();
+        return output_norm.forward(r2_);
+    }
+
+    const Tensor<T>& backward(const Tensor<T>& dy) {
+        // Sub-modules in forward order: attention, attention_output, attention_norm,
+        // intermediate, output, output_norm. need[i]: some gradient is wanted below module i.
+        const bool t[6] = {any_trainable(attention), any_trainable(attention_output), any_trainable(attention_norm),
+                           any_trainable(intermediate), any_trainable(output), any_trainable(output_norm)};
+        bool need[6];
+        need[0] = input_grad_;
+        for (int i = 1; i < 6; ++i) need[i] = need[i - 1] || t[i - 1];
+        if (!need[5] && !t[5]) return done();
+        output_norm.set_input_grad(need[5]);
+        const Tensor<T>& g_r2 = output_norm.backward(dy);
+        if (!need[5]) return done();
+        // Feed-forward branch: run while it holds a trainable part or the gradient must reach h1.
+        const Tensor<T>* g_h1_ffn = nullptr;
+        if (t[4] || t[3] || need[3]) {
+            output.set_input_grad(t[3] || need[3]);
+            const Tensor<T>& g_f = output.backward(output_dropout.backward(g_r2));
+            if (t[3] || need[3]) {
+                intermediate.set_input_grad(need[3]);
+                g_h1_ffn = &intermediate.backward(gelu.backward(g_f));
+            }
+        }
+        if (!need[3]) return done();
+        g_h1_.resize(dy.shape());
+        g_h1_.vector() = g_r2.vector() + g_h1_ffn->vector();
+        attention_norm.set_input_grad(need[2]);
+        const Tensor<T>& g_r1 = attention_norm.backward(g_h1_);
+        if (!need[2]) return done();
+        attention_output.set_input_grad(need[1]);
+        const Tensor<T>& g_a = attention_output.backward(attention_dropout.backward(g_r1));
+        if (!need[1]) return done();
+        attention.set_input_grad(input_grad_);
+        const Tensor<T>& g_x = attention.backward(g_a);
+        if (!input_grad_) return done();
+        dx_.resize(dy.shape());
+        dx_.vector() = g_r1.vector() + g_x.vector();
+        return dx_;
+    }
+
+    template <class F>
+    void visit(F&& f) {
+        attention.visit(f);
+        attention_output.visit(f);
+        attention_norm.visit(f);
+        intermediate.visit(f);
+        output.visit(f);
+        output_norm.visit(f);
+    }
+    template <class F>
+    void visit_children(F&& f) {
+        f(attention);
+        f(attention_output);
+        f(attention_dropout);
+        f(attention_norm);
+        f(intermediate);
+        f(gelu);
+        f(output);
+        f(output_dropout);
+        f(output_norm);
+    }
+    void reset_parameters(Rng& rng) {
+        attention.reset_parameters(rng);
+        attention_output.reset_parameters(rng);
+        attention_norm.reset_parameters(rng);
+        intermediate.reset_parameters(rng);
+        output.reset_parameters(rng);
+        output_norm.reset_parameters(rng);
+    }
+    void set_path(const std::string& p) {
+        path_ = p;
+        attention.set_path(child_path("attention"));
+        attention_output.set_path(child_path("attention_output"));
+        attention_dropout.set_path(child_path("attention_dropout"));
+        attention_norm.set_path(child_path("attention_norm"));
+        intermediate.set_path(child_path("intermediate"));
+        gelu.set_path(child_path("gelu"));
+        output.set_path(child_path("output"));
+        output_dropout.set_path(child_path("output_dropout"));
+        output_norm.set_path(child_path("output_norm"));
+    }
+
+private:
+    const Tensor<T>& done() {
+        dx_.clear();
+        return dx_;
+    }
+
+    std::size_t width_;
+    Tensor<T> r1_, r2_, g_h1_, dx_;
+};
+
+/// N BertLayers (N from the config), each of type Spec::layer<BertLayer<Spec, T>>.
+template <class Spec = bert::Plain, class T = float>
+class BertEncoder : public ModuleBase {
+public:
+    using Scalar = T;
+    using Layer = typename Spec::template layer<BertLayer<Spec, T>>;
+    static_assert(Module<Layer>, "patchwork::BertEncoder: Spec::layer<BertLayer> must be a module");
+    static constexpr const char* kind() { return "bert_encoder"; }
+    static constexpr unsigned roles = Layer::roles;
+    static constexpr bool fixed_width = true;
+
+    explicit BertEncoder(const BertConfig& c) : width_(c.hidden_size) {
+        c.check();
+        layers_.reserve(c.num_hidden_layers);
+        for (std::size_t i = 0; i < c.num_hidden_layers; ++i) layers_.emplace_back(c);
+        set_path("");
+    }
+
+    [[nodiscard]] std::size_t size() const noexcept { return layers_.size(); }
+    [[nodiscard]] Layer& layer(std::size_t i) { return layers_.at(i); }
+    [[nodiscard]] const Layer& layer(std::size_t i) const { return layers_.at(i); }
+    [[nodiscard]] std::size_t out_features() const noexcept { return width_; }
+
+    const Tensor<T>& forward(const Tensor<T>& x) {
+        const Tensor<T>* cur = &x;
+        for (auto& l : layers_) cur = &l.forward(*cur);
+        return *cur;
+    }
+    const Tensor<T>& backward(const Tensor<T>& dy) {
+        return detail::chain_backward<T>(
+            layers_.size(), input_grad_, dy, empty_, [&](std::size_t i) { return any_trainable(layers_[i]); },
+            [&](std::size_t i, bool on) { layers_[i].set_input_grad(on); },
+            [&](std::size_t i, const Tensor<T>& g) -> const Tensor<T>& { return layers_[i].backward(g); });
+    }
+
+    template <class F>
+    void visit(F&& f) {
+        for (auto& l : layers_) l.visit(f);
+    }
+    template <class F>
+    void visit_children(F&& f) {
+        for (auto& l : layers_) f(l);
+    }
+    void reset_parameters(Rng& rng) {
+        for (auto& l : layers_) l.reset_parameters(rng);
+    }
+    void set_path(const std::string& p) {
+        path_ = p;
+        for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].set_path(child_path("layer" + std::to_string(i)));
+    }
+
+private:
+    std::size_t width_;
+    std::vector<Layer> layers_;
+    Tensor<T> empty_;
+};
+
+/// Word, position and token-type embeddings, summed, then LayerNorm and dropout.
+template <class T = float>
+class BertEmbeddings : public ModuleBase {
+public:
+    using Scalar = T;
+    static constexpr const char* kind() { return "bert_embeddings"; }
+
+    explicit BertEmbeddings(const BertConfig& c)
+        : word(c.vocab_size, c.hidden_size), position(c.max_position_embeddings, c.hidden_size),
+          token_type(c.type_vocab_size, c.hidden_size), norm(c.hidden_size, c.layer_norm_eps),
+          dropout(c.hidden_dropout_prob, c.dropout_seed + 3) {
+        set_path("");
+    }
+
+    BasicEmbedding<T> word, position, token_type;
+    BasicLayerNorm<T> norm;
+    BasicDropout<T> dropout;
+
+    [[nodiscard]] std::size_t out_features() const noexcept { return norm.out_features(); }
+
+    const Tensor<T>& forward(const TokenBatch& in) {
+        in.check(path_);
+        const std::size_t B = in.batch, L = in.tokens;
+        if (L > position.entries())
+            throw ShapeError(detail::concat(detail::display_path(path_), ": ", L, " tokens per sequence, but the model has ",
+                                            position.entries(), " positions"));
+        word.check_ids(in.ids, "token id");
+        types_.assign(in.token_types.begin(), in.token_types.end());
+        if (types_.empty()) types_.assign(B * L, 0);
+        token_type.check_ids(types_, "token type");
+        ids_.assign(in.ids.begin(), in.ids.end());
+        positions_.resize(B * L);
+        for (std::size_t i = 0; i < B * L; ++i) positions_[i] = std::int32_t(i % L);
+        sum_.resize(Shape{B, L, out_features()});
+        sum_.zero();
+        word.gather_add(ids_, sum_);
+        position.gather_add(positions_, sum_);
+        token_type.gather_add(types_, sum_);
+        return dropout.forward(norm.forward(sum_));
+    }
+
+    /// Scatter-adds into the trainable tables and trains the LayerNorm; no input gradient (ids).
+    void backward(const Tensor<T>& dy) {
+        const bool tables = any_trainable(word) || any_trainable(position) || any_trainable(token_type);
+        if (!tables && !any_trainable(norm)) return;
+        norm.set_input_grad(tables);
+        const Tensor<T>& de = norm.backward(dropout.backward(dy));
+        if (!tables) return;
+        word.scatter_add(ids_, de);
+        position.scatter_add(positions_, de);
+        token_type.scatter_add(types_, de);
+    }
+
+    template <class F>
+    void visit(F&& f) {
+        word.visit(f);
+        position.visit(f);
+        token_type.visit(f);
+        norm.visit(f);
+    }
+    template <class F>
+    void visit_children(F&& f) {
+        f(word);
+        f(position);
+        f(token_type);
+        f(norm);
+        f(dropout);
+    }
+    void reset_parameters(Rng& rng) {
+        word.reset_parameters(rng);
+        position.reset_parameters(rng);
+        token_type.reset_parameters(rng);
+        norm.reset_parameters(rng);
+    }
+    void set_path(const std::string& p) {
+        path_ = p;
+        word.set_path(child_path("word"));
+        position.set_path(child_path("position"));
+        token_type.set_path(child_path("token_type"));
+        norm.set_path(child_path("norm"));
+        dropout.set_path(child_path("dropout"));
+    }
+
+private:
+    std::vector<std::int32_t> ids_, types_, positions_;
+    Tensor<T> sum_;
+};
+
+enum class Pooling { mean, cls };
+
+/// Sentence vectors from hidden states [B, T, D] and the batch's mask: [B, D].
+///   mean: p_b = (1 / n_b) sum_{t real} h_bt      dL/dh_bt = dL/dp_b / n_b for real t, 0 for padding
+///   cls:  p_b = h_b0                              dL/dh_b0 = dL/dp_b, 0 elsewhere
+template <class T = float>
+class BasicPooler {
+public:
+    explicit BasicPooler(Pooling mode = Pooling::mean) : mode_(mode) {}
+
+    const Tensor<T>& forward(const Tensor<T>& h, const TokenBatch& in) {
+        if (h.rank() != 3 || h.dim(0) != in.batch || h.dim(1) != in.tokens)
+            throw_shape_error("pooler", "hidden states [batch, tokens, features]",
+                              Shape{in.batch, in.tokens, h.rank() ? h.cols() : 0}, h.shape());
+        const std::size_t B = in.batch, L = in.tokens, D = h.cols();
+        weights_.assign(B * L, T(0));
+        for (std::size_t b = 0; b < B; ++b) {
+            if (mode_ == Pooling::cls) {
+                weights_[b * L] = T(1);
+                continue;
+            }
+            const std::size_t n = in.length(b);
+            if (n == 0) throw ShapeError(detail::concat("pooler: sequence ", b, " has no real token"));
+            for (std::size_t t = 0; t < L; ++t)
+                if (in.mask.empty() || in.mask[b * L + t]) weights_[b * L + t] = T(1) / T(n);
+        }
+        // HF's mean pooling sums h * mask and then divides by the count; so does this.
+        y_.resize(Shape{B, D});
+        y_.zero();
+        for (std::size_t b = 0; b < B; ++b) {
+            auto yb = y_.matrix().row(Eigen::Index(b));
+            for (std::size_t t = 0; t < L; ++t)
+                if (weights_[b * L + t] != T(0))
+                    yb += Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>(h.data() + (b * L + t) * D, Eigen::Index(D)).transpose();
+            if (mode_ == Pooling::mean) yb /= T(in.length(b));
+        }
+        shape_ = h.shape();
+        return y_;
+    }
+
+    const Tensor<T>& backward(const Tensor<T>& dy) {
+        const std::size_t B = shape_.rank() ? shape_[0] : 0, L = shape_.rank() ? shape_[1] : 0, D = shape_.back();
+        check_same_shape(dy, Shape{B, D}, "pooler", "pooled gradient");
+        dh_.resize(shape_);
+        for (std::size_t r = 0; r < B * L; ++r)
+            Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>>(dh_.data() + r * D, Eigen::Index(D)) =
+                weights_[r] * Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>(dy.data() + (r / L) * D, Eigen::Index(D));
+        return dh_;
+    }
+
+private:
+    Pooling mode_;
+    Shape shape_;
+    std::vector<T> weights_;
+    Tensor<T> y_, dh_;
+};
+
+using Pooler = BasicPooler<float>;
+
+/// Embeddings and an encoder (BertEncoder<Spec, T>, or a Tune around one).
+/// `Selection...` (FineTune, BiasOnly, NormPatch, Frozen) applies to every
+/// pre-trained parameter no inner policy decided, embeddings included, like a
+/// Tune around the whole model; with none listed they are frozen.
+template <class Encoder = BertEncoder<>, class... Selection>
+class BertModel : public ModuleBase {
+    static_assert((SelectionPolicy<Selection> && ...),
+                  "patchwork::BertModel<Encoder, Selection...>: Selection must be selection policies (Frozen, "
+                  "FineTune, BiasOnly, NormPatch); put injection policies on the encoder's slots");
+
+    BertConfig config_;
+
+public:
+    using Scalar = typename Encoder::Scalar;
+    using T = Scalar;
+    static constexpr const char* kind() { return "bert"; }
+
+    explicit BertModel(const BertConfig& c) : config_(c), embeddings(c), encoder(c) {
+        c.check();
+        visit([](Parameter<T>& p) {
+            if (is_injected(p.role()) || p.policy_decided()) return;
+            p.set_trainable((detail::selects<Selection>(p.role()) || ...));
+            p.mark_policy_decided();
+        });
+        set_path("");
+    }
+
+    BertEmbeddings<T> embeddings;
+    Encoder encoder;
+
+    [[nodiscard]] const BertConfig& config() const noexcept { return config_; }
+    [[nodiscard]] std::size_t out_features() const noexcept { return config_.hidden_size; }
+
+    /// Last hidden states [B, T, D]. Padded positions hold values that depend
+    /// on the padding; only real positions are meaningful.
+    const Tensor<T>& forward(const TokenBatch& in) {
+        in.check(path_);
+        AttentionMask scope(in.mask, in.batch, in.tokens);
+        return encoder.forward(embeddings.forward(in));
+    }
+    /// Accumulates the gradients of trainable parameters from dL/d(hidden states).
+    void backward(const Tensor<T>& dh) {
+        const bool emb = any_trainable(embeddings);
+        encoder.set_input_grad(emb);
+        const Tensor<T>& de = encoder.backward(dh);
+        if (emb) embeddings.backward(de);
+    }
+
+    template <class F>
+    void visit(F&& f) {
+        embeddings.visit(f);
+        encoder.visit(f);
+    }
+    template <class F>
+    void visit_children(F&& f) {
+        f(embeddings);
+        f(encoder);
+    }
+    void reset_parameters(Rng& rng) {
+        embeddings.reset_parameters(rng);
+        encoder.reset_parameters(rng);
+    }
+    void set_path(const std::string& p) {
+        path_ = p;
+        embeddings.set_path(child_path("embeddings"));
+        encoder.set_path(child_path("encoder"));
+    }
+};
+
+}  // namespace patchwork
