@@ -85,6 +85,14 @@ def main():
     enc = tok(texts, padding="longest", truncation=True, max_length=128, return_tensors="pt")
     ids_ok = all(torch.equal(enc[k], ref[k]) for k in ("input_ids", "token_type_ids", "attention_mask"))
     ids_ok &= torch.equal(ref["lengths"], ref["attention_mask"].sum(1))
+    # transformers 5's BertTokenizer runs on the Rust `tokenizers`; the Python
+    # implementation (BertTokenizerLegacy) must give the same ids on these texts.
+    legacy = getattr(__import__("transformers"), "BertTokenizerLegacy", None)
+    if legacy is not None:
+        slow = legacy(os.path.join(args.model, "vocab.txt"), do_lower_case=True, tokenize_chinese_chars=True,
+                      strip_accents=None)
+        senc = slow(texts, padding="longest", truncation=True, max_length=128, return_tensors="pt")
+        ids_ok &= all(torch.equal(senc[k], ref[k]) for k in ("input_ids", "attention_mask"))
     with torch.no_grad():
         h = encoder(w, ref["input_ids"], ref["token_type_ids"], ref["attention_mask"])
     packed = h[ref["attention_mask"].bool()]
