@@ -4,7 +4,7 @@
 // strip_accents unset, from the model's vocab.txt.
 //
 //   WordPieceTokenizer tok = WordPieceTokenizer::from_vocab(dir / "vocab.txt");
-//   std::vector<std::string> pieces = tok.tokenize("Café naïve");  // caf ##e na ##ive
+//   std::vector<std::string> pieces = tok.tokenize("Café unaffable");  // cafe una ##ffa ##ble
 //   Encoding e = tok.encode("a text", {.max_length = 128});         // [CLS] ... [SEP]
 //   BatchEncoding b = tok.encode_batch(texts, {.max_length = 128}); // [batch, tokens], padded
 //
@@ -354,9 +354,21 @@ public:
 
     /// [CLS] text [SEP], truncated and padded as `options` say.
     [[nodiscard]] Encoding encode(std::string_view text, const EncodeOptions& options = {}) const {
-        std::vector<std::int32_t> a;
-        append_ids(text, a, options.split_special_tokens);
-        Encoding e = assemble(std::move(a), nullptr, options);
+        // Built in place: one allocation per vector for a typical text (English
+        // averages well over two bytes per word piece).
+        const std::size_t specials = options.add_special_tokens ? 2 : 0;
+        if (options.max_length > 0 && options.max_length < specials)
+            throw ConfigError(detail::concat("WordPieceTokenizer: max_length ", options.max_length,
+                                             " is below the ", specials, " special tokens"));
+        Encoding e;
+        e.ids.reserve(text.size() / 2 + 3);
+        if (options.add_special_tokens) e.ids.push_back(cls_);
+        append_ids(text, e.ids, options.split_special_tokens);
+        if (options.max_length > 0 && e.ids.size() + specials / 2 > options.max_length)
+            e.ids.resize(options.max_length - specials / 2);  // keeps [CLS]: max_length >= 2 when it is there
+        if (options.add_special_tokens) e.ids.push_back(sep_);
+        e.token_type_ids.assign(e.ids.size(), 0);
+        e.attention_mask.assign(e.ids.size(), 1);
         if (options.padding == Padding::max_length) pad(e, options.max_length, options);
         return e;
     }
