@@ -18,6 +18,7 @@
 // Invalid UTF-8 (a stray continuation byte, a truncated sequence, an overlong
 // form, a surrogate, a value past U+10FFFF) throws TextError with the byte
 // offset; nothing is replaced silently.
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -222,10 +223,12 @@ inline bool is_nonspacing_mark(std::int32_t cp) noexcept {
 
 /// Canonical decomposition of one code point (no reordering) into `out`,
 /// which must hold at least `capacity` entries. Returns the count written.
+/// No canonical decomposition is longer than 4 code points, so a capacity of
+/// 16 always suffices; a longer one would be cut at `capacity`.
 inline std::size_t decompose_canonical(std::int32_t cp, std::int32_t* out, std::size_t capacity) noexcept {
     int boundclass = UTF8PROC_BOUNDCLASS_START;
     const auto n = utf8proc_decompose_char(cp, out, utf8proc_ssize_t(capacity), UTF8PROC_DECOMPOSE, &boundclass);
-    return n < 0 ? 0 : std::size_t(n);
+    return n < 0 ? 0 : std::min(std::size_t(n), capacity);
 }
 
 }  // namespace text
