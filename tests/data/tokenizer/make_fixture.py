@@ -13,7 +13,8 @@ Writes fixture.jsonl.gz beside this script, one JSON object per line:
       a WordNet synset's text (lemmas joined by ", ", then ": ", then the gloss;
       the C++ test rebuilds it from /usr/share/wordnet with io/wordnet.hpp)
   {"kind": "text", "text": "...", "ids": [...]}
-      a hand-made edge case, [CLS] ... [SEP] without truncation
+      a hand-made edge case or one of 1,000 seeded random strings over many
+      Unicode blocks, [CLS] ... [SEP] without truncation
   {"kind": "pair", "a": REF, "b": REF, "max_length": N, "ids": [...], "type_ids": [...]}
   {"kind": "single", "a": REF, "max_length": N, "ids": [...]}
       truncated encodings (longest first for pairs)
@@ -131,6 +132,42 @@ EDGE_CASES = [
     "end with sigma ΑΣ",
 ]
 
+# Code point pools for random strings: Latin and its accents, Greek, Cyrillic,
+# Hebrew and Arabic, Indic scripts, general punctuation, CJK symbols, full-width
+# forms, ideographs, Hangul, emoji, combining marks, math letters, private use,
+# C0/C1 controls, presentation forms, Linear B, an unassigned plane, compatibility
+# ideographs, jamo, Cyrillic extensions, Georgian, Cherokee.
+RANDOM_POOLS = [(0x20, 0x7f), (0xa0, 0x250), (0x370, 0x400), (0x400, 0x530), (0x590, 0x700), (0x900, 0xe00),
+                (0x1e00, 0x2000), (0x2000, 0x2070), (0x3000, 0x3100), (0xff00, 0xfff0), (0x4e00, 0x4e80),
+                (0xac00, 0xac40), (0x1f300, 0x1f650), (0x300, 0x370), (0x1d400, 0x1d800), (0xe000, 0xe010),
+                (0x0, 0x20), (0x80, 0xa0), (0xfe00, 0xfe70), (0x10000, 0x10100), (0xd0000, 0xd0010),
+                (0x2f800, 0x2f810), (0x1100, 0x1200), (0xa640, 0xa700), (0x1c80, 0x1d00), (0x10a0, 0x1100),
+                (0x13a0, 0x1400), (0xab70, 0xabc0)]
+
+
+def random_texts(rng, n):
+    """Random strings over RANDOM_POOLS, mostly ASCII between, with spaces.
+
+    Code points this Python's Unicode tables leave unassigned are skipped
+    (except the always-unassigned plane 13 pool): a newer table in utf8proc
+    may assign them, and the fixture is about the rules, not table versions.
+    """
+    import unicodedata
+    out = []
+    for _ in range(n):
+        chars = []
+        for _ in range(rng.randint(1, 40)):
+            lo, hi = rng.choice(RANDOM_POOLS) if rng.random() < 0.6 else (0x20, 0x7f)
+            c = chr(rng.randrange(lo, hi))
+            if unicodedata.category(c) == "Cn" and lo != 0xd0000:
+                continue
+            chars.append(c)
+            if rng.random() < 0.15:
+                chars.append(" ")
+        out.append("".join(chars))
+    return out
+
+
 PAIRS = [
     ("Is this the question?", "This is the answer."),
     ("", "only the second"),
@@ -187,7 +224,7 @@ def main():
     for r in rows:
         text = texts[(r["pos"], r["offset"])]
         r["ids"] = both("wordnet", wn((r["pos"], r["offset"])), [text])["input_ids"]
-    for text in EDGE_CASES:
+    for text in EDGE_CASES + random_texts(rng, 1000):
         rows.append({"kind": "text", "text": text, "ids": both("text", text, [text])["input_ids"]})
 
     # Truncation: real glosses at several lengths, singles and pairs (longest first).
