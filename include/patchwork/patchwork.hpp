@@ -55,3 +55,9 @@
 #include "patchwork/io/dataset.hpp"
 #include "patchwork/io/idx.hpp"
 #include "patchwork/io/parameter_files.hpp"
+
+#include "patchwork/layers/attention.hpp"
+#include "patchwork/layers/dropout.hpp"
+#include "patchwork/layers/embedding.hpp"
+#include "patchwork/transformer/bert.hpp"
+#include "patchwork/transformer/hf_checkpoint.hpp"
