@@ -18,9 +18,10 @@
 //  3. CJK ideographs become words of their own.
 //  4. Split into words at whitespace (also U+2028, U+2029, which Python's
 //     str.split() treats as whitespace).
-//  5. Per word: lower case (Python's str.lower(): the simple mapping, plus
-//     capital sigma becoming final sigma at the end of a word), canonical
-//     decomposition (NFD), nonspacing marks (Mn) dropped.
+//  5. Per word: lower case (Python's str.lower(), not case folding, so ß stays
+//     ß: the simple mapping, plus capital sigma becoming final sigma at the
+//     end of a word), canonical decomposition (NFD), nonspacing marks (Mn)
+//     dropped.
 //  6. Punctuation (ASCII 33-47, 58-64, 91-96, 123-126, category P*) split off
 //     as one-character words.
 //  7. WordPiece: greedy longest match from the left, continuation pieces
