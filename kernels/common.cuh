@@ -4,7 +4,10 @@
 // conversions between them. Include only from nvcc-compiled translation units.
 #include <cstddef>
 #include <cstdint>
+#include <string_view>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -39,6 +42,12 @@ __host__ __device__ inline E store(accum_t<E> x) {
     if constexpr (std::is_same_v<E, bf16>) return __float2bfloat16_rn(x);
     else return x;
 }
+
+/// Caller-provided device scratch memory (empty: the current context's workspace is used).
+struct Workspace {
+    void* ptr = nullptr;
+    std::size_t bytes = 0;
+};
 
 /// ceil(n / d) for launch geometry.
 __host__ __device__ constexpr std::size_t ceil_div(std::size_t n, std::size_t d) { return (n + d - 1) / d; }
@@ -93,5 +102,69 @@ __device__ inline A block_max(A v, A* scratch) {
 
 /// The current context's stream.
 inline cudaStream_t stream() { return cuda::context().stream(); }
+
+namespace detail {
+
+/// The one workspace mechanism of the kernels: the scratch memory a launcher
+/// uses, cut into 256-byte aligned regions. It is the caller's Workspace when
+/// one is given (ConfigError naming `where` when it is smaller than `bytes`
+/// or not 256-byte aligned), else the current context's workspace
+/// (cuda::Context::workspace: one per context, so two streams never share it).
+class Scratch {
+public:
+    Scratch(Workspace ws, std::size_t bytes, std::string_view where) {
+        if (bytes == 0) return;
+        if (ws.ptr != nullptr || ws.bytes != 0) {
+            if (ws.ptr == nullptr || ws.bytes < bytes)
+                throw ConfigError(patchwork::detail::concat(where, ": the caller's workspace has ", ws.bytes,
+                                                            " bytes", ws.ptr == nullptr ? " and a null pointer" : "",
+                                                            "; this launch needs ", bytes));
+            if (reinterpret_cast<std::uintptr_t>(ws.ptr) % 256 != 0)
+                throw ConfigError(patchwork::detail::concat(where, ": the caller's workspace is not 256-byte aligned"));
+            base_ = static_cast<char*>(ws.ptr);
+        } else {
+            base_ = static_cast<char*>(cuda::context().workspace(bytes, where));
+        }
+        bytes_ = bytes;
+    }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+
+    /// The next region of n elements of T (256-byte aligned), or null for n == 0.
+    template <class T>
+    T* take(std::size_t n) {
+        if (n == 0) return nullptr;
+        const std::size_t region = (n * sizeof(T) + 255) / 256 * 256;
+        if (used_ + region > bytes_)
+            throw Error(patchwork::detail::concat("kernels::Scratch: region of ", region, " bytes past the ", bytes_,
+                                                  " planned (a workspace size function is out of date)"));
+        T* p = reinterpret_cast<T*>(base_ + used_);
+        used_ += region;
+        return p;
+    }
+
+private:
+    char* base_ = nullptr;
+    std::size_t bytes_ = 0, used_ = 0;
+};
+
+}  // namespace detail
+
+/// Every kernel of the library is launched through here: on a GPU it is
+/// kernel<<<grid, block, shared_bytes, s>>>(args...); in the project's CPU
+/// execution of its CUDA code (tests/cpu_cuda, PATCHWORK_CPU_CUDA) the
+/// arguments are converted to the kernel's parameters once and every thread
+/// of every block runs the kernel on them. A bad configuration is reported by
+/// the next cudaGetLastError (cuda::check_launch), as on a GPU.
+template <class... P, class... Args>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, std::size_t shared_bytes, cudaStream_t s, Args&&... args) {
+    static_assert(sizeof...(P) == sizeof...(Args), "kernels::launch: wrong number of kernel arguments");
+#ifdef PATCHWORK_CPU_CUDA
+    const std::tuple<std::decay_t<P>...> params(std::forward<Args>(args)...);
+    cpu_cuda::launch(grid, block, shared_bytes, s, [&] { std::apply(kernel, params); });
+#else
+    kernel<<<grid, block, shared_bytes, s>>>(std::forward<Args>(args)...);
+#endif
+}
 
 }  // namespace patchwork::kernels

@@ -27,8 +27,12 @@
 // columns, holds W2's row for that column in registers and writes y for the
 // tile's rows. A tile reads its rows of x from DRAM once (phase 2 rereads the
 // residual, the same rows when res = x, from L2) and writes y once. A rank
-// above 64 runs in ceil(r/64) passes of 64, each pass adding its part into y
-// (rereading and rewriting the tile through L2).
+// above 64 runs in ceil(r/64) passes of 64, each pass adding its part into a
+// sum in the accumulation type ([N, c_out] of the context's workspace; fp32
+// for bf16, so nothing is rounded between passes) and the last pass writing
+// y. A block reads its tile's rows of x in every pass before it writes them,
+// and only in the last, so y may be x (an in-place adapter) at any rank. The
+// backward's dx is summed over the passes the same way.
 //
 // Mixed tasks: a tile whose rows belong to several tasks runs the two phases
 // once per distinct task among its rows (each row is computed with its own
@@ -46,6 +50,7 @@
 #include <cstddef>
 #include <string_view>
 
+#include "patchwork/core/gelu.hpp"
 #include "patchwork/kernels/common.cuh"
 #include "patchwork/kernels/plan.hpp"
 #include "patchwork/kernels/reduce.cuh"
@@ -56,26 +61,15 @@ namespace detail {
 template <Act F, class A>
 __device__ inline A act_value(A z) {
     if constexpr (F == Act::relu) return z > A(0) ? z : A(0);
-    else if constexpr (F == Act::gelu) {
-        if constexpr (std::is_same_v<A, double>) return z * 0.5 * (1.0 + erf(z * 0.70710678118654752440));
-        else return z * 0.5f * (1.0f + erff(z * 0.70710678118654752440f));
-    } else return z;
+    else if constexpr (F == Act::gelu) return gelu_value(z);  // core/gelu.hpp
+    else return z;
 }
 /// g * act'(z).
 template <Act F, class A>
 __device__ inline A act_grad(A g, A z) {
     if constexpr (F == Act::relu) return z > A(0) ? g : A(0);
-    else if constexpr (F == Act::gelu) {
-        if constexpr (std::is_same_v<A, double>) {
-            const double cdf = 0.5 * (1.0 + erf(z * 0.70710678118654752440));
-            const double pdf = exp(-0.5 * z * z) * 0.39894228040143267794;
-            return g * (cdf + z * pdf);
-        } else {
-            const float cdf = 0.5f * (1.0f + erff(z * 0.70710678118654752440f));
-            const float pdf = expf(-0.5f * z * z) * 0.39894228040143267794f;
-            return g * (cdf + z * pdf);
-        }
-    } else return g;
+    else if constexpr (F == Act::gelu) return gelu_grad(g, z);
+    else return g;
 }
 
 /// Shared memory of the low-rank kernels.
@@ -170,7 +164,8 @@ __global__ void __launch_bounds__(kThreads)
     lowrank_forward_kernel(const E* __restrict__ x, const E* res, const int* __restrict__ task,
                            int k_tasks, long long n, int c_in, int c_out, int r, const E* __restrict__ w1,
                            const E* __restrict__ b1, const E* __restrict__ w2, const E* __restrict__ b2,
-                           accum_t<E> scale, E* y, accum_t<E>* __restrict__ save) {  // res may alias y
+                           accum_t<E> scale, E* y, accum_t<E>* __restrict__ save,
+                           accum_t<E>* __restrict__ pass_sum) {  // res and x may alias y
     using A = accum_t<E>;
     constexpr int NG = int(kThreads) / RP, MPT = int(kTileRows) / NG;
     __shared__ LowrankShared<A, RP> sh;
@@ -199,20 +194,22 @@ __global__ void __launch_bounds__(kThreads)
                 sh.a[m][j] = av;
             }
             __syncthreads();
+            const bool first = j0 == 0, last = j0 + RP >= r;
             for (int c = tid; c < c_out; c += kThreads) {
                 A wv[RP];
+                const E* wp = w2k + (long long)c * r + j0;
 #pragma unroll
-                for (int jj = 0; jj < RP; ++jj)
-                    wv[jj] = j0 + jj < r ? A(load<E>(w2k[(long long)c * r + j0 + jj])) : A(0);
-                const A bias = (j0 == 0 && b2k != nullptr) ? A(load<E>(b2k[c])) : A(0);
-                for (int m = 0; m < int(kTileRows); ++m) {
+                for (int jj = 0; jj < RP; ++jj) wv[jj] = j0 + jj < r ? A(load<E>(wp[jj])) : A(0);
+                const A bias = (first && b2k != nullptr) ? A(load<E>(b2k[c])) : A(0);
+                long long at = row0 * c_out + c;  // walks the tile's rows (one address live, not one per row)
+                for (int m = 0; m < int(kTileRows); ++m, at += c_out) {
                     if (sh.task[m] != k) continue;
-                    const long long at = (row0 + m) * c_out + c;
                     A v = A(0);
 #pragma unroll
                     for (int jj = 0; jj < RP; ++jj) v += sh.a[m][jj] * wv[jj];
-                    const A base = j0 == 0 ? (res != nullptr ? A(load<E>(res[at])) : A(0)) + bias : A(load<E>(y[at]));
-                    y[at] = store<E>(base + scale * v);
+                    const A base = first ? (res != nullptr ? A(load<E>(res[at])) : A(0)) + bias : pass_sum[at];
+                    if (last) y[at] = store<E>(base + scale * v);
+                    else pass_sum[at] = base + scale * v;
                 }
             }
         }
@@ -225,7 +222,8 @@ __global__ void __launch_bounds__(kThreads)
     lowrank_backward_kernel(const E* __restrict__ g, const E* dres, const int* __restrict__ task,
                             int k_tasks, long long n, int c_in, int c_out, int r, const E* __restrict__ w1,
                             const E* __restrict__ w2, accum_t<E> scale, const accum_t<E>* __restrict__ save,
-                            E* dx, accum_t<E>* __restrict__ a_out, accum_t<E>* __restrict__ dz_out) {
+                            E* dx, accum_t<E>* __restrict__ a_out, accum_t<E>* __restrict__ dz_out,
+                            accum_t<E>* __restrict__ pass_sum) {
     using A = accum_t<E>;
     constexpr int NG = int(kThreads) / RP, MPT = int(kTileRows) / NG;
     __shared__ LowrankShared<A, RP> sh;
@@ -255,19 +253,23 @@ __global__ void __launch_bounds__(kThreads)
             }
             __syncthreads();
             if (dx == nullptr) continue;
+            const bool first = j0 == 0, last = j0 + RP >= r;
             for (int c = tid; c < c_in; c += kThreads) {
                 A wv[RP];
+                // W1's column c, rows j0.. (stride c_in): one walking pointer instead of RP
+                // live addresses (at RP = 64 those spilled: 255 registers before).
+                const E* wp = w1k + (long long)j0 * c_in + c;
 #pragma unroll
-                for (int jj = 0; jj < RP; ++jj)
-                    wv[jj] = j0 + jj < r ? A(load<E>(w1k[(long long)(j0 + jj) * c_in + c])) : A(0);
-                for (int m = 0; m < int(kTileRows); ++m) {
+                for (int jj = 0; jj < RP; ++jj, wp += c_in) wv[jj] = j0 + jj < r ? A(load<E>(*wp)) : A(0);
+                long long at = row0 * c_in + c;
+                for (int m = 0; m < int(kTileRows); ++m, at += c_in) {
                     if (sh.task[m] != k) continue;
-                    const long long at = (row0 + m) * c_in + c;
                     A v = A(0);
 #pragma unroll
                     for (int jj = 0; jj < RP; ++jj) v += sh.a[m][jj] * wv[jj];
-                    const A base = j0 == 0 ? (dres != nullptr ? A(load<E>(dres[at])) : A(0)) : A(load<E>(dx[at]));
-                    dx[at] = store<E>(base + v);
+                    const A base = first ? (dres != nullptr ? A(load<E>(dres[at])) : A(0)) : pass_sum[at];
+                    if (last) dx[at] = store<E>(base + v);
+                    else pass_sum[at] = base + v;
                 }
             }
         }
@@ -298,21 +300,22 @@ inline void check_lowrank(const LowrankDims& d, std::string_view where) {
 template <class E, Act F, int RP>
 void launch_lowrank_forward(const E* x, const E* res, const int* task, const LowrankDims& d, const E* w1,
                             const E* b1, const E* w2, const E* b2, accum_t<E> scale, E* y, accum_t<E>* save,
-                            std::string_view where) {
-    lowrank_forward_kernel<E, F, RP><<<unsigned(ceil_div(d.n, kTileRows)), kThreads, 0, stream()>>>(
-        x, res, task, int(d.k), (long long)d.n, int(d.c_in), int(d.c_out), int(d.r), w1, b1, w2, b2, scale, y, save);
+                            accum_t<E>* pass_sum, std::string_view where) {
+    kernels::launch(lowrank_forward_kernel<E, F, RP>, unsigned(ceil_div(d.n, kTileRows)), kThreads, 0, stream(), x,
+                    res, task, int(d.k), (long long)d.n, int(d.c_in), int(d.c_out), int(d.r), w1, b1, w2, b2, scale,
+                    y, save, pass_sum);
     cuda::check_launch("lowrank_forward_kernel", where);
 }
 
 template <class E, Act F>
 void dispatch_lowrank_forward(const E* x, const E* res, const int* task, const LowrankDims& d, const E* w1,
                               const E* b1, const E* w2, const E* b2, accum_t<E> scale, E* y, accum_t<E>* save,
-                              std::string_view where) {
+                              accum_t<E>* ps, std::string_view where) {
     switch (lowrank_bucket(d.r)) {
-        case 8: return launch_lowrank_forward<E, F, 8>(x, res, task, d, w1, b1, w2, b2, scale, y, save, where);
-        case 16: return launch_lowrank_forward<E, F, 16>(x, res, task, d, w1, b1, w2, b2, scale, y, save, where);
-        case 32: return launch_lowrank_forward<E, F, 32>(x, res, task, d, w1, b1, w2, b2, scale, y, save, where);
-        default: return launch_lowrank_forward<E, F, 64>(x, res, task, d, w1, b1, w2, b2, scale, y, save, where);
+        case 8: return launch_lowrank_forward<E, F, 8>(x, res, task, d, w1, b1, w2, b2, scale, y, save, ps, where);
+        case 16: return launch_lowrank_forward<E, F, 16>(x, res, task, d, w1, b1, w2, b2, scale, y, save, ps, where);
+        case 32: return launch_lowrank_forward<E, F, 32>(x, res, task, d, w1, b1, w2, b2, scale, y, save, ps, where);
+        default: return launch_lowrank_forward<E, F, 64>(x, res, task, d, w1, b1, w2, b2, scale, y, save, ps, where);
     }
 }
 
@@ -327,32 +330,37 @@ void lowrank_forward(Act act, const E* x, const E* res, const int* task, const L
     check::pointer(where, "the first projection weight", w1);
     check::pointer(where, "the second projection weight", w2);
     check::pointer(where, "the output", y);
+    // Ranks above 64: the passes add into an accum_t sum (fp32 for bf16), and
+    // only the last pass writes y, so y may be x or res (in place).
+    Scratch scratch({}, lowrank_passes(d.r) > 1 ? lowrank_forward_workspace_bytes(d.n, d.c_out, d.r, sizeof(accum_t<E>)) : 0,
+                    where);
+    accum_t<E>* ps = scratch.take<accum_t<E>>(lowrank_passes(d.r) > 1 ? d.n * d.c_out : 0);
     switch (act) {
-        case Act::none: return dispatch_lowrank_forward<E, Act::none>(x, res, task, d, w1, b1, w2, b2, scale, y, save, where);
-        case Act::relu: return dispatch_lowrank_forward<E, Act::relu>(x, res, task, d, w1, b1, w2, b2, scale, y, save, where);
-        case Act::gelu: return dispatch_lowrank_forward<E, Act::gelu>(x, res, task, d, w1, b1, w2, b2, scale, y, save, where);
+        case Act::none: return dispatch_lowrank_forward<E, Act::none>(x, res, task, d, w1, b1, w2, b2, scale, y, save, ps, where);
+        case Act::relu: return dispatch_lowrank_forward<E, Act::relu>(x, res, task, d, w1, b1, w2, b2, scale, y, save, ps, where);
+        case Act::gelu: return dispatch_lowrank_forward<E, Act::gelu>(x, res, task, d, w1, b1, w2, b2, scale, y, save, ps, where);
     }
 }
 
 template <class E, Act F, int RP>
 void launch_lowrank_backward(const E* g, const E* dres, const int* task, const LowrankDims& d, const E* w1,
                              const E* w2, accum_t<E> scale, const accum_t<E>* save, E* dx, accum_t<E>* a_out,
-                             accum_t<E>* dz_out, std::string_view where) {
-    lowrank_backward_kernel<E, F, RP><<<unsigned(ceil_div(d.n, kTileRows)), kThreads, 0, stream()>>>(
-        g, dres, task, int(d.k), (long long)d.n, int(d.c_in), int(d.c_out), int(d.r), w1, w2, scale, save, dx, a_out,
-        dz_out);
+                             accum_t<E>* dz_out, accum_t<E>* ps, std::string_view where) {
+    kernels::launch(lowrank_backward_kernel<E, F, RP>, unsigned(ceil_div(d.n, kTileRows)), kThreads, 0, stream(), g,
+                    dres, task, int(d.k), (long long)d.n, int(d.c_in), int(d.c_out), int(d.r), w1, w2, scale, save,
+                    dx, a_out, dz_out, ps);
     cuda::check_launch("lowrank_backward_kernel", where);
 }
 
 template <class E, Act F>
 void dispatch_lowrank_backward(const E* g, const E* dres, const int* task, const LowrankDims& d, const E* w1,
                                const E* w2, accum_t<E> scale, const accum_t<E>* save, E* dx, accum_t<E>* a_out,
-                               accum_t<E>* dz_out, std::string_view where) {
+                               accum_t<E>* dz_out, accum_t<E>* ps, std::string_view where) {
     switch (lowrank_bucket(d.r)) {
-        case 8: return launch_lowrank_backward<E, F, 8>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, where);
-        case 16: return launch_lowrank_backward<E, F, 16>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, where);
-        case 32: return launch_lowrank_backward<E, F, 32>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, where);
-        default: return launch_lowrank_backward<E, F, 64>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, where);
+        case 8: return launch_lowrank_backward<E, F, 8>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, ps, where);
+        case 16: return launch_lowrank_backward<E, F, 16>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, ps, where);
+        case 32: return launch_lowrank_backward<E, F, 32>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, ps, where);
+        default: return launch_lowrank_backward<E, F, 64>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, ps, where);
     }
 }
 
@@ -389,16 +397,19 @@ void lowrank_backward(Act act, const E* x, const E* g, const E* dres, const int*
                                                          d.c_out * d.r + d.c_out + d.r));
     A* down_partial = scratch.take<A>(reduce_partial_elems(reduce_geometry(d.n, d.c_in, d.k), d.k,
                                                            d.c_in * d.r + d.c_in + d.r));
-    A* a_out = grads.w2 != nullptr ? a_buf : nullptr;
+    A* dx_sum = scratch.take<A>(dx != nullptr && lowrank_passes(d.r) > 1 ? d.n * d.c_in : 0);
+    A* a_out = grads.w2 != nullptr ? a_buf : nullptr;  // a is needed for dW2 only (db2 = 1^T g needs no a)
     A* dz_out = want_down ? dz_buf : nullptr;
-    switch (act) {
-        case Act::none: dispatch_lowrank_backward<E, Act::none>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, where); break;
-        case Act::relu: dispatch_lowrank_backward<E, Act::relu>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, where); break;
-        case Act::gelu: dispatch_lowrank_backward<E, Act::gelu>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, where); break;
+    if (dx != nullptr || a_out != nullptr || dz_out != nullptr) {
+        switch (act) {
+            case Act::none: dispatch_lowrank_backward<E, Act::none>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, dx_sum, where); break;
+            case Act::relu: dispatch_lowrank_backward<E, Act::relu>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, dx_sum, where); break;
+            case Act::gelu: dispatch_lowrank_backward<E, Act::gelu>(g, dres, task, d, w1, w2, scale, save, dx, a_out, dz_out, dx_sum, where); break;
+        }
     }
-    if (want_up)  // dW2 += s g^T a, db2 += 1^T g
-        outer_reduce<E, A, true>(g, a_out != nullptr ? a_out : a_buf, task, d.n, d.c_out, d.r, d.k, scale, grads.w2,
-                                 grads.b2, nullptr, up_partial, where);
+    if (want_up)  // dW2 += s g^T a, db2 += 1^T g (a not read when dW2 is not wanted)
+        outer_reduce<E, A, true>(g, a_out, task, d.n, d.c_out, d.r, d.k, scale, grads.w2, grads.b2, nullptr,
+                                 up_partial, where);
     if (want_down)  // dW1 += dz^T x, db1 += 1^T dz
         outer_reduce<E, A, false>(x, dz_buf, task, d.n, d.c_in, d.r, d.k, A(1), grads.w1, nullptr, grads.b1,
                                   down_partial, where);

@@ -183,8 +183,7 @@ void mix_forward(const accum_t<E>* alpha, std::size_t k, const MixGates<accum_t<
         cand.p[j] = candidates[j];
     }
     if (m > 0) check::pointer(where, "the output", out);
-    detail::mix_forward_kernel<E><<<unsigned(mix_blocks(m)), kThreads, 0, stream()>>>(
-        alpha, gates.noise, inv_tau, gates.hard, int(k), cand, (long long)m, out, soft, used);
+    kernels::launch(detail::mix_forward_kernel<E>, unsigned(mix_blocks(m)), kThreads, 0, stream(), alpha, gates.noise, inv_tau, gates.hard, int(k), cand, (long long)m, out, soft, used);
     cuda::check_launch("mix_forward_kernel", where);
 }
 
@@ -224,11 +223,11 @@ void mix_backward(const E* g, std::size_t m, const E* const* candidates, std::si
     const std::size_t blocks = mix_blocks(m);
     detail::Scratch scratch(ws, alpha_grad != nullptr ? mix_backward_workspace_bytes(m, k, sizeof(A)) : 0, where);
     A* partial = scratch.take<A>(alpha_grad != nullptr ? blocks * k : 0);
-    detail::mix_backward_kernel<E><<<unsigned(blocks), kThreads, 0, stream()>>>(g, int(k), cand, used, (long long)m,
+    kernels::launch(detail::mix_backward_kernel<E>, unsigned(blocks), kThreads, 0, stream(), g, int(k), cand, used, (long long)m,
                                                                                dcand, partial);
     cuda::check_launch("mix_backward_kernel", where);
     if (alpha_grad == nullptr) return;
-    detail::mix_alpha_grad_kernel<A><<<1, unsigned(32 * k), 0, stream()>>>(partial, int(blocks), int(k), soft, inv_tau,
+    kernels::launch(detail::mix_alpha_grad_kernel<A>, 1, unsigned(32 * k), 0, stream(), partial, int(blocks), int(k), soft, inv_tau,
                                                                             alpha_grad);
     cuda::check_launch("mix_alpha_grad_kernel", where);
 }

@@ -19,7 +19,11 @@
 // among its rows (batches grouped by task: one pass per tile, as single-task).
 // The gradient reductions give each (column tile, task) its own blocks, which
 // skip other tasks' rows by ballots over task ids: deterministic, no atomics.
-// Rows whose task id is outside [0, K) are left unwritten and contribute nothing.
+// Task ids are checked before anything is launched: an id outside [0, K)
+// throws ConfigError naming the module path, the row and the id (a small
+// kernel finds the first such row; its result is copied back, so each
+// multi-task launcher waits for the stream once). The kernels themselves
+// skip such rows, should one be changed on the device afterwards.
 #include <cstddef>
 #include <string_view>
 
@@ -29,11 +33,47 @@
 
 namespace patchwork::kernels {
 
+namespace detail {
+
+/// first_bad = the smallest row whose task id is outside [0, k) (unchanged when none).
+template <class I>
+__global__ void find_bad_task_kernel(const int* __restrict__ task, I n, int k, I* __restrict__ first_bad) {
+    for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < n; i += I(gridDim.x) * blockDim.x) {
+        const int t = task[i];
+        if (t < 0 || t >= k) atomicMin(first_bad, i);
+    }
+}
+
+/// ConfigError naming `where`, the row and the id when a task id of rows [0, n) is outside [0, k).
+inline void check_task_ids(const int* task, std::size_t n, std::size_t k, std::string_view where) {
+    if (n == 0) return;
+    check::pointer(where, "the task ids", task);
+    Scratch scratch({}, 256, where);
+    auto* first_bad = scratch.take<unsigned long long>(1);
+    cuda::check(cudaMemsetAsync(first_bad, 0xFF, sizeof(unsigned long long), stream()), "cudaMemsetAsync", where);
+    kernels::launch(find_bad_task_kernel<unsigned long long>, grid_1d(n, kThreads), kThreads, 0, stream(), task, (unsigned long long)n,
+                    int(k), first_bad);
+    cuda::check_launch("find_bad_task_kernel", where);
+    unsigned long long row = 0;
+    cuda::check(cudaMemcpyAsync(&row, first_bad, sizeof row, cudaMemcpyDeviceToHost, stream()), "cudaMemcpyAsync",
+                where);
+    cuda::check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize", where);
+    if (row == ~0ull) return;
+    int id = 0;
+    cuda::check(cudaMemcpyAsync(&id, task + row, sizeof id, cudaMemcpyDeviceToHost, stream()), "cudaMemcpyAsync",
+                where);
+    cuda::check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize", where);
+    throw ConfigError(patchwork::detail::concat(where, ": task id ", id, " of row ", row, " is outside [0, ", k,
+                                                ") (", k, " tasks)"));
+}
+
+}  // namespace detail
+
 /// y [n, d] = gamma[t_n] * h + beta[t_n].
 template <class E>
 void multitask_scale_shift_forward(const E* h, const int* task, std::size_t n, std::size_t d, std::size_t k,
                                    const E* gamma, const E* beta, E* y, std::string_view where) {
-    if (n > 0) check::pointer(where, "the task ids", task);
+    detail::check_task_ids(task, n, k, where);
     detail::scale_shift_forward<E>(h, task, n, d, k, gamma, beta, y, where);
 }
 
@@ -42,7 +82,7 @@ template <class E>
 void multitask_scale_shift_backward(const E* h, const E* g, const int* task, std::size_t n, std::size_t d,
                                     std::size_t k, const E* gamma, E* dh, accum_t<E>* dgamma, accum_t<E>* dbeta,
                                     std::string_view where, Workspace ws = {}) {
-    if (n > 0) check::pointer(where, "the task ids", task);
+    detail::check_task_ids(task, n, k, where);
     detail::scale_shift_backward<E>(h, g, task, n, d, k, gamma, dh, dgamma, dbeta, ws, where);
 }
 
@@ -52,7 +92,7 @@ void multitask_adapter_forward(const E* h, const int* task, std::size_t n, std::
                                std::size_t k, const E* down_w, const E* down_b, const E* up_w, const E* up_b, Act act,
                                E* y, accum_t<E>* save, std::string_view where) {
     if (act == Act::none) throw ConfigError(patchwork::detail::concat(where, ": an adapter needs ReLU or GELU"));
-    if (n > 0) check::pointer(where, "the task ids", task);
+    detail::check_task_ids(task, n, k, where);
     check::pointer(where, "the adapter input h", h);
     detail::lowrank_forward<E>(act, h, h, task, {n, d, d, r, k}, down_w, down_b, up_w, up_b, accum_t<E>(1), y, save,
                                where);
@@ -64,7 +104,7 @@ void multitask_adapter_backward(const E* h, const E* g, const int* task, std::si
                                 std::size_t k, const E* down_w, const E* up_w, Act act, const accum_t<E>* save, E* dh,
                                 const AdapterGrads<accum_t<E>>& grads, std::string_view where, Workspace ws = {}) {
     if (act == Act::none) throw ConfigError(patchwork::detail::concat(where, ": an adapter needs ReLU or GELU"));
-    if (n > 0) check::pointer(where, "the task ids", task);
+    detail::check_task_ids(task, n, k, where);
     detail::lowrank_backward<E>(act, h, g, g, task, {n, d, d, r, k}, down_w, up_w, accum_t<E>(1), save, dh,
                                 {grads.down_w, grads.down_b, grads.up_w, grads.up_b}, ws, where);
 }
@@ -81,6 +121,7 @@ void multitask_lora_forward(const E* x, const E* base, const int* task, std::siz
                             std::size_t out, std::size_t r, std::size_t k, const E* a, const E* b, accum_t<E> scale,
                             E* y, accum_t<E>* u, std::string_view where) {
     check::pointer(where, "the base output", base);
+    if (task != nullptr) detail::check_task_ids(task, n, k, where);
     detail::lowrank_forward<E>(Act::none, x, base, task, {n, in, out, r, k}, a, nullptr, b, nullptr, scale, y, u,
                                where);
 }
@@ -98,6 +139,7 @@ void multitask_lora_backward(const E* x, const E* g, const E* base_dx, const int
                              std::size_t in, std::size_t out, std::size_t r, std::size_t k, const E* a, const E* b,
                              accum_t<E> scale, const accum_t<E>* u, E* dx, const LoraGrads<accum_t<E>>& grads,
                              std::string_view where, Workspace ws = {}) {
+    if (task != nullptr) detail::check_task_ids(task, n, k, where);
     detail::lowrank_backward<E>(Act::none, x, g, base_dx, task, {n, in, out, r, k}, a, b, scale, u, dx,
                                 {grads.a, nullptr, grads.b, nullptr}, ws, where);
 }

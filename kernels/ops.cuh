@@ -18,6 +18,7 @@
 #include "patchwork/cuda/gemm_plan.hpp"
 #include "patchwork/cuda/tensor.hpp"
 #include "patchwork/kernels/common.cuh"
+#include "patchwork/kernels/plan.hpp"
 #include "patchwork/layers/activation.hpp"
 #include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/train/loss.hpp"
@@ -25,14 +26,6 @@
 namespace patchwork::kernels {
 
 namespace detail {
-
-/// A per-thread scratch buffer of at least n elements of E (reused between calls).
-template <class E>
-E* scratch(std::size_t n) {
-    thread_local cuda::Buffer<E> buf;
-    buf.reserve(n);
-    return buf.data();
-}
 
 /// Element counts are indexed with int inside some kernels and passed to cuBLAS as int.
 inline int checked_int(std::size_t n, std::string_view what, std::string_view where) {
@@ -44,10 +37,10 @@ inline int checked_int(std::size_t n, std::string_view what, std::string_view wh
 
 // ---- element-wise --------------------------------------------------------
 
-template <class T>
-__global__ void add_row_vector_kernel(T* __restrict__ y, const T* __restrict__ b, std::size_t n, std::size_t cols) {
-    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
-         i += std::size_t(gridDim.x) * blockDim.x)
+/// y[i] += b[i % cols]; I is 32-bit unsigned whenever the sizes fit (see scale_shift.cuh).
+template <class T, class I>
+__global__ void add_row_vector_kernel(T* __restrict__ y, const T* __restrict__ b, I n, I cols) {
+    for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < n; i += I(gridDim.x) * I(blockDim.x))
         y[i] += b[i % cols];
 }
 
@@ -64,14 +57,9 @@ struct device_activation<activation::Relu> {
 template <>
 struct device_activation<activation::Gelu> {
     template <class T>
-    __device__ static T cdf(T x) { return T(0.5) * (T(1) + erf(x * T(0.70710678118654752440))); }
+    __device__ static T value(T x) { return gelu_value(x); }  // core/gelu.hpp
     template <class T>
-    __device__ static T value(T x) { return x * cdf(x); }
-    template <class T>
-    __device__ static T grad(T g, T x, T) {
-        const T pdf = exp(T(-0.5) * x * x) * T(0.39894228040143267794);  // 1 / sqrt(2 pi)
-        return g * (cdf(x) + x * pdf);
-    }
+    __device__ static T grad(T g, T x, T) { return gelu_grad(g, x); }
 };
 template <>
 struct device_activation<activation::Tanh> {
@@ -100,22 +88,28 @@ __global__ void activation_backward_kernel(const T* __restrict__ g, const T* __r
 constexpr unsigned colsum_rows_per_chunk = 256;
 
 /// partial[chunk, c] = sum over the chunk's rows of f(r, c). Block (32, 8):
-/// threadIdx.x picks the column, threadIdx.y strides the chunk's rows.
+/// threadIdx.x picks the column, threadIdx.y strides the chunk's rows; block
+/// row y takes chunks y, y + gridDim.y, ... (a grid holds at most 65535 block
+/// rows; every chunk's sum is the same whichever block takes it).
 template <class T, class F>
-__global__ void column_partial_kernel(F f, std::size_t rows, std::size_t cols, T* __restrict__ partial) {
+__global__ void column_partial_kernel(F f, std::size_t rows, std::size_t cols, std::size_t chunks,
+                                      T* __restrict__ partial) {
     __shared__ T part[8][33];
     const std::size_t c = blockIdx.x * 32 + threadIdx.x;
-    const std::size_t r0 = std::size_t(blockIdx.y) * colsum_rows_per_chunk;
-    const std::size_t r1 = r0 + colsum_rows_per_chunk < rows ? r0 + colsum_rows_per_chunk : rows;
-    T s = T(0);
-    if (c < cols)
-        for (std::size_t r = r0 + threadIdx.y; r < r1; r += 8) s += f(r, c);
-    part[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < cols) {
-        T t = part[0][threadIdx.x];
-        for (int k = 1; k < 8; ++k) t += part[k][threadIdx.x];
-        partial[std::size_t(blockIdx.y) * cols + c] = t;
+    for (std::size_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {
+        const std::size_t r0 = chunk * colsum_rows_per_chunk;
+        const std::size_t r1 = r0 + colsum_rows_per_chunk < rows ? r0 + colsum_rows_per_chunk : rows;
+        T s = T(0);
+        if (c < cols)
+            for (std::size_t r = r0 + threadIdx.y; r < r1; r += 8) s += f(r, c);
+        __syncthreads();  // part is still read for the previous chunk
+        part[threadIdx.y][threadIdx.x] = s;
+        __syncthreads();
+        if (threadIdx.y == 0 && c < cols) {
+            T t = part[0][threadIdx.x];
+            for (int k = 1; k < 8; ++k) t += part[k][threadIdx.x];
+            partial[chunk * cols + c] = t;
+        }
     }
 }
 
@@ -130,19 +124,24 @@ __global__ void column_finish_kernel(const T* __restrict__ partial, std::size_t 
     out[c] += t;
 }
 
-/// out[c] += sum_r f(r, c) for an element functor f (deterministic, two passes).
+/// out[c] += sum_r f(r, c) for an element functor f (deterministic, two passes:
+/// chunk sums of 256 rows into the current context's workspace, then the chunk
+/// sums in chunk order). `max_block_rows` (65535, the grid's limit) is a
+/// parameter only so that tests can make blocks take several chunks.
 template <class T, class F>
-void add_column_sums(F f, std::size_t rows, std::size_t cols, T* out, std::string_view where) {
+void add_column_sums(F f, std::size_t rows, std::size_t cols, T* out, std::string_view where,
+                     std::size_t max_block_rows = 65535) {
     if (rows == 0 || cols == 0) return;
     const std::size_t chunks = ceil_div(rows, colsum_rows_per_chunk);
-    if (chunks > 65535)
-        throw ShapeError(patchwork::detail::concat(where, ": column sums over ", rows,
-                                                   " rows exceed the backend's limit of ", 65535 * 256));
-    T* partial = scratch<T>(chunks * cols);
-    column_partial_kernel<T><<<dim3(unsigned(ceil_div(cols, 32)), unsigned(chunks)), dim3(32, 8), 0, stream()>>>(
-        f, rows, cols, partial);
+    check::extent(where, "the column-sum chunks", chunks, cols);
+    Scratch scratch({}, ws_bytes(chunks * cols, sizeof(T)), where);
+    T* partial = scratch.take<T>(chunks * cols);
+    const unsigned block_rows = unsigned(chunks < max_block_rows ? chunks : max_block_rows);
+    kernels::launch(column_partial_kernel<T, F>, dim3(unsigned(ceil_div(cols, 32)), block_rows), dim3(32, 8), 0,
+                    stream(), f, rows, cols, chunks, partial);
     cuda::check_launch("column_partial_kernel", where);
-    column_finish_kernel<T><<<unsigned(ceil_div(cols, 256)), 256, 0, stream()>>>(partial, chunks, cols, out);
+    kernels::launch(column_finish_kernel<T>, unsigned(ceil_div(cols, 256)), 256, 0, stream(), partial, chunks, cols,
+                    out);
     cuda::check_launch("column_finish_kernel", where);
 }
 
@@ -305,8 +304,14 @@ void add_row_vector(Tensor<T, Cuda>& y, const Tensor<T, Cuda>& b, std::string_vi
     if (b.size() != y.cols())
         throw ShapeError(patchwork::detail::concat(where, ": bias ", b.shape(), " does not fit rows of ", y.shape()));
     if (y.empty()) return;
-    kernels::detail::add_row_vector_kernel<<<kernels::grid_1d(y.size(), 256), 256, 0, kernels::stream()>>>(
-        y.data(), b.data(), y.size(), y.cols());
+    const unsigned blocks = kernels::grid_1d(y.size(), 256);
+    if (y.size() + std::size_t(blocks) * 256 <= 0xffffffffu)
+        kernels::launch(kernels::detail::add_row_vector_kernel<T, unsigned>, blocks, 256, 0, kernels::stream(),
+                        y.data(), b.data(), unsigned(y.size()), unsigned(y.cols()));
+    else
+        kernels::launch(kernels::detail::add_row_vector_kernel<T, unsigned long long>, blocks, 256, 0,
+                        kernels::stream(), y.data(), b.data(), (unsigned long long)y.size(),
+                        (unsigned long long)y.cols());
     check_launch("add_row_vector_kernel", where);
 }
 
@@ -320,16 +325,14 @@ void add_column_sums(const Tensor<T, Cuda>& g, Tensor<T, Cuda>& out, std::string
 
 template <class Fn, class T>
 void activation_forward(const Tensor<T, Cuda>& x, Tensor<T, Cuda>& y, std::string_view where) {
-    kernels::detail::activation_forward_kernel<Fn, T>
-        <<<kernels::grid_1d(x.size(), 256), 256, 0, kernels::stream()>>>(x.data(), y.data(), x.size());
+    kernels::launch(kernels::detail::activation_forward_kernel<Fn, T>, kernels::grid_1d(x.size(), 256), 256, 0, kernels::stream(), x.data(), y.data(), x.size());
     check_launch("activation_forward_kernel", where);
 }
 
 template <class Fn, class T>
 void activation_backward(const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& y,
                          Tensor<T, Cuda>& dx, std::string_view where) {
-    kernels::detail::activation_backward_kernel<Fn, T>
-        <<<kernels::grid_1d(g.size(), 256), 256, 0, kernels::stream()>>>(g.data(), x.data(), y.data(), dx.data(),
+    kernels::launch(kernels::detail::activation_backward_kernel<Fn, T>, kernels::grid_1d(g.size(), 256), 256, 0, kernels::stream(), g.data(), x.data(), y.data(), dx.data(),
                                                                          g.size());
     check_launch("activation_backward_kernel", where);
 }
@@ -341,8 +344,8 @@ void layer_norm_forward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& gamma, 
     const std::size_t n = x.rows(), d = x.cols();
     if (n == 0) return;
     if (n > 0x7fffffffu) kernels::detail::checked_int(n, "layernorm rows", where);
-    kernels::detail::layer_norm_forward_kernel<<<unsigned(n), kernels::detail::row_block_threads(d), 0,
-                                                 kernels::stream()>>>(x.data(), gamma.data(), beta.data(), T(eps),
+    kernels::launch(kernels::detail::layer_norm_forward_kernel<T>, unsigned(n), kernels::detail::row_block_threads(d), 0,
+                                                 kernels::stream(), x.data(), gamma.data(), beta.data(), T(eps),
                                                                       d, xhat.data(), inv_std.data(), y.data());
     check_launch("layer_norm_forward_kernel", where);
 }
@@ -359,8 +362,8 @@ void layer_norm_backward(const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& xhat, 
         kernels::detail::add_column_sums(kernels::detail::load_element<T>{g.data(), d}, n, d, dbeta->data(), where);
     if (dx == nullptr || n == 0) return;
     if (n > 0x7fffffffu) kernels::detail::checked_int(n, "layernorm rows", where);
-    kernels::detail::layer_norm_backward_kernel<<<unsigned(n), kernels::detail::row_block_threads(d), 0,
-                                                  kernels::stream()>>>(g.data(), xhat.data(), inv_std.data(),
+    kernels::launch(kernels::detail::layer_norm_backward_kernel<T>, unsigned(n), kernels::detail::row_block_threads(d), 0,
+                                                  kernels::stream(), g.data(), xhat.data(), inv_std.data(),
                                                                        gamma.data(), d, dx->data());
     check_launch("layer_norm_backward_kernel", where);
 }
@@ -368,8 +371,7 @@ void layer_norm_backward(const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& xhat, 
 template <class T>
 void sgd_update(Tensor<T, Cuda>& w, const Tensor<T, Cuda>& g, Tensor<T, Cuda>& momentum, bool first, double lr,
                 double mu, double weight_decay, bool nesterov, std::string_view where) {
-    kernels::detail::sgd_kernel<<<kernels::grid_1d(w.size(), 256), 256, 0, kernels::stream()>>>(
-        w.data(), g.data(), mu == 0 ? nullptr : momentum.data(), w.size(), T(lr), T(mu), T(weight_decay), first,
+    kernels::launch(kernels::detail::sgd_kernel<T>, kernels::grid_1d(w.size(), 256), 256, 0, kernels::stream(), w.data(), g.data(), mu == 0 ? nullptr : momentum.data(), w.size(), T(lr), T(mu), T(weight_decay), first,
         nesterov);
     check_launch("sgd_kernel", where);
 }
@@ -382,8 +384,7 @@ void adam_update(Tensor<T, Cuda>& w, const Tensor<T, Cuda>& g, Tensor<T, Cuda>& 
     const double bc1 = 1 - std::pow(beta1, double(t));
     const double bc2 = 1 - std::pow(beta2, double(t));
     const bool decay = decoupled && weight_decay != 0;
-    kernels::detail::adam_kernel<<<kernels::grid_1d(w.size(), 256), 256, 0, kernels::stream()>>>(
-        w.data(), g.data(), m.data(), v.data(), w.size(), T(beta1), T(beta2), T(decoupled ? 0 : weight_decay),
+    kernels::launch(kernels::detail::adam_kernel<T>, kernels::grid_1d(w.size(), 256), 256, 0, kernels::stream(), w.data(), g.data(), m.data(), v.data(), w.size(), T(beta1), T(beta2), T(decoupled ? 0 : weight_decay),
         decay ? T(1 - lr * weight_decay) : T(1), T(lr / bc1), T(std::sqrt(bc2)), T(eps), decoupled);
     check_launch("adam_kernel", where);
 }
@@ -401,8 +402,8 @@ Loss<T, Cuda> cross_entropy(const Tensor<T, Cuda>& logits, std::span<const int> 
     thread_local cuda::Buffer<double> row_loss;
     device_labels.upload(labels, "cross_entropy");
     row_loss.reserve(n);
-    kernels::detail::cross_entropy_kernel<<<unsigned(n), kernels::detail::row_block_threads(c), 0,
-                                            kernels::stream()>>>(logits.data(), device_labels.data(), c,
+    kernels::launch(kernels::detail::cross_entropy_kernel<T>, unsigned(n), kernels::detail::row_block_threads(c), 0,
+                                            kernels::stream(), logits.data(), device_labels.data(), c,
                                                                  T(1) / T(n), out.grad.data(), row_loss.data());
     cuda::check_launch("cross_entropy_kernel", "cross_entropy");
     const std::vector<double> per_row = row_loss.download(n, "cross_entropy");  // waits for the stream

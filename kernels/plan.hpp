@@ -88,15 +88,24 @@ struct ReduceGeometry {
 
 /// Workspace the low-rank backward (adapter, LoRA) needs, in bytes, for N
 /// rows, input width c_in, output width c_out, rank r, K tasks, accumulation
-/// type of `accum_bytes` bytes: a = act(z) and dz ([N, r] each) plus the
-/// partial sums of both parameter-gradient reductions.
+/// type of `accum_bytes` bytes: a = act(z) and dz ([N, r] each), the partial
+/// sums of both parameter-gradient reductions, and for a rank above 64 dx's
+/// sum over the passes ([N, c_in]).
 [[nodiscard]] constexpr std::size_t lowrank_backward_workspace_bytes(std::size_t n, std::size_t c_in,
                                                                      std::size_t c_out, std::size_t r,
                                                                      std::size_t k, std::size_t accum_bytes) noexcept {
     const ReduceGeometry up = reduce_geometry(n, c_out, k), down = reduce_geometry(n, c_in, k);
     return 2 * ws_bytes(n * r, accum_bytes) +
            ws_bytes(reduce_partial_elems(up, k, c_out * r + c_out + r), accum_bytes) +
-           ws_bytes(reduce_partial_elems(down, k, c_in * r + c_in + r), accum_bytes);
+           ws_bytes(reduce_partial_elems(down, k, c_in * r + c_in + r), accum_bytes) +
+           (lowrank_passes(r) > 1 ? ws_bytes(n * c_in, accum_bytes) : 0);  // dx's sum over the passes
+}
+
+/// Workspace the low-rank forward takes from the current context: for a rank
+/// above 64, y's sum over the passes ([N, c_out] in the accumulation type).
+[[nodiscard]] constexpr std::size_t lowrank_forward_workspace_bytes(std::size_t n, std::size_t c_out, std::size_t r,
+                                                                    std::size_t accum_bytes) noexcept {
+    return lowrank_passes(r) > 1 ? ws_bytes(n * c_out, accum_bytes) : 0;
 }
 
 /// Workspace of the scale-shift backward (partial sums of dgamma and dbeta).

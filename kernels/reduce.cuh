@@ -16,9 +16,9 @@
 // gradient directly.
 //
 // Workspace: launchers take a Workspace (device memory of at least the bytes
-// the *_workspace_bytes function of plan.hpp gives); an empty one makes the
-// launcher allocate stream-ordered memory (cudaMallocAsync) and free it after
-// its kernels on the same stream.
+// the *_workspace_bytes function of plan.hpp gives, 256-byte aligned); an
+// empty one makes them use the current context's workspace (common.cuh,
+// Scratch).
 #include <cstddef>
 #include <string_view>
 
@@ -27,49 +27,7 @@
 
 namespace patchwork::kernels {
 
-/// Caller-provided device scratch memory (empty: launchers allocate their own).
-struct Workspace {
-    void* ptr = nullptr;
-    std::size_t bytes = 0;
-};
-
 namespace detail {
-
-/// The workspace a launcher uses: the caller's when large enough, else a
-/// stream-ordered allocation released (stream-ordered) at scope end.
-class Scratch {
-public:
-    Scratch(Workspace ws, std::size_t bytes, std::string_view where) : bytes_(bytes) {
-        if (bytes == 0) return;
-        if (ws.ptr != nullptr && ws.bytes >= bytes) {
-            base_ = static_cast<char*>(ws.ptr);
-            return;
-        }
-        void* p = nullptr;
-        cuda::check(cudaMallocAsync(&p, bytes, kernels::stream()), "cudaMallocAsync(kernel workspace)", where);
-        base_ = static_cast<char*>(p);
-        owned_ = true;
-    }
-    ~Scratch() {
-        if (owned_) (void)cudaFreeAsync(base_, kernels::stream());
-    }
-    Scratch(const Scratch&) = delete;
-    Scratch& operator=(const Scratch&) = delete;
-
-    /// The next region of n elements of T (256-byte aligned), or null for n == 0.
-    template <class T>
-    T* take(std::size_t n) {
-        if (n == 0) return nullptr;
-        T* p = reinterpret_cast<T*>(base_ + used_);
-        used_ += ws_bytes(n, sizeof(T));
-        return p;
-    }
-
-private:
-    char* base_ = nullptr;
-    std::size_t bytes_ = 0, used_ = 0;
-    bool owned_ = false;
-};
 
 /// Compacts the rows in [begin, end) whose task is `k` (all rows when `task`
 /// is null and k == 0) into `list` (shared, kThreads entries), kThreads rows
@@ -102,17 +60,26 @@ __device__ inline void for_task_rows(const int* task, int k, long long begin, lo
 ///   grad[k] (+)= scale * sum_{n: task(n) = k} X[n, :]^T P[n, :]
 /// stored [C, r] (CR, e.g. dU = g^T a) or [r, C] (RC, e.g. dD = dz^T h), plus
 /// optionally xsum[k] += sum_n X[n, :] ([K, C]) and psum[k] += sum_n P[n, :] ([K, r]).
+/// P may be null when only xsum is wanted (it is then never read).
 /// With `partial` non-null the block writes (not adds) its sums to the split's
 /// slot of partial = [splits][K][C r + C + r] instead.
+///
+/// Work split: with r > 8 each warp owns 8 rank entries (64 per pass) and
+/// walks every row of the block; with r <= 8 (one group of rank entries) the
+/// 8 warps split the rows instead (warp w takes the compacted rows w, w + 8,
+/// ...) and their sums are added in warp order through shared memory, so
+/// every warp has work and the order is still fixed.
 template <class E, class A, bool CR>
 __global__ void __launch_bounds__(kThreads)
     outer_reduce_kernel(const E* __restrict__ x, const A* __restrict__ p, const int* __restrict__ task, long long n,
                         int c, int r, int k_tasks, long long rows_per_split, A scale, A* __restrict__ grad,
                         A* __restrict__ xsum, A* __restrict__ psum, A* __restrict__ partial) {
     constexpr int JW = 8;  // rank entries per warp per pass (8 warps x 8 = 64 per pass)
+    constexpr int kWarps = int(kThreads) / 32;
     __shared__ int list[kThreads];
     __shared__ int warp_counts[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = kThreads / 32;
+    __shared__ A red[kWarps][2 * JW + 1][32];  // per-warp sums when the warps split the rows
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = kWarps;
     const int col = int(blockIdx.x) * int(kColTile) + lane;
     const int k = int(blockIdx.y);
     const long long begin = (long long)blockIdx.z * rows_per_split;
@@ -120,34 +87,54 @@ __global__ void __launch_bounds__(kThreads)
     const std::size_t per_task = std::size_t(c) * r + c + r;
     A* slot = partial == nullptr ? nullptr : partial + (std::size_t(blockIdx.z) * k_tasks + k) * per_task;
     const bool want_x = xsum != nullptr || slot != nullptr;
-    const bool want_p = (psum != nullptr || slot != nullptr) && blockIdx.x == 0;
+    const bool want_p = p != nullptr && (psum != nullptr || slot != nullptr) && blockIdx.x == 0;
+    const bool spread = r <= JW || p == nullptr;  // one group of rank entries: the warps split the rows
+    const int passes_r = p == nullptr ? 1 : r;
 
-    // Each rank entry j belongs to one warp, each column to one lane: every
-    // sum is one thread's, in row order; no cross-thread combination needed.
-    for (int j0 = 0; j0 < r; j0 += warps * JW) {
+    for (int j0 = 0; j0 < passes_r; j0 += warps * JW) {
         A acc[JW], pacc[JW];
         for (int q = 0; q < JW; ++q) acc[q] = pacc[q] = A(0);
         A xacc = A(0);
         const bool first_pass = j0 == 0;
-        const int jw = j0 + warp * JW;  // this warp's first rank entry
+        const int jw = spread ? 0 : j0 + warp * JW;  // this warp's first rank entry
         for_task_rows(task, k, begin, end, list, warp_counts, [&](long long base, int count) {
-            if (jw >= r && !(first_pass && warp == 0)) return;
-            for (int i = 0; i < count; ++i) {
+            if (!spread && jw >= r && !(first_pass && warp == 0)) return;
+            for (int i = spread ? warp : 0; i < count; i += spread ? warps : 1) {
                 const long long row = base + list[i];
                 const A xv = col < c ? A(load<E>(x[row * c + col])) : A(0);
-                const A* prow = p + row * r;
+                if (p != nullptr) {
+                    const A* prow = p + row * r;
 #pragma unroll
-                for (int q = 0; q < JW; ++q) {
-                    if (jw + q < r) {
-                        const A pv = prow[jw + q];
-                        acc[q] += xv * pv;
-                        pacc[q] += pv;
+                    for (int q = 0; q < JW; ++q) {
+                        if (jw + q < r) {
+                            const A pv = prow[jw + q];
+                            acc[q] += xv * pv;
+                            pacc[q] += pv;
+                        }
                     }
                 }
                 xacc += xv;
             }
         });
-        for (int q = 0; q < JW; ++q) {
+        if (spread) {  // add the warps' sums in warp order; warp 0 writes
+            for (int q = 0; q < JW; ++q) {
+                red[warp][q][lane] = acc[q];
+                red[warp][JW + q][lane] = pacc[q];
+            }
+            red[warp][2 * JW][lane] = xacc;
+            __syncthreads();
+            if (warp != 0) return;
+            for (int q = 0; q < JW; ++q) acc[q] = pacc[q] = A(0);
+            xacc = A(0);
+            for (int w = 0; w < warps; ++w) {
+                for (int q = 0; q < JW; ++q) {
+                    acc[q] += red[w][q][lane];
+                    pacc[q] += red[w][JW + q][lane];
+                }
+                xacc += red[w][2 * JW][lane];
+            }
+        }
+        for (int q = 0; q < JW && p != nullptr; ++q) {
             const int j = jw + q;
             if (j >= r) continue;
             if (col < c) {
@@ -188,19 +175,18 @@ template <class E, class A, bool CR>
 void outer_reduce(const E* x, const A* p, const int* task, std::size_t n, std::size_t c, std::size_t r,
                   std::size_t k_tasks, A scale, A* grad, A* xsum, A* psum, A* partial_ws, std::string_view where) {
     if (n == 0 || (grad == nullptr && xsum == nullptr && psum == nullptr)) return;
+    if (grad != nullptr || psum != nullptr) check::pointer(where, "the reduction's second factor", p);
     const ReduceGeometry g = reduce_geometry(n, c, k_tasks);
     const std::size_t per_task = c * r + c + r;
     A* partial = g.splits > 1 ? partial_ws : nullptr;
     const dim3 grid(unsigned(g.col_tiles), unsigned(k_tasks), unsigned(g.splits));
-    outer_reduce_kernel<E, A, CR><<<grid, kThreads, 0, stream()>>>(
-        x, p, task, (long long)n, int(c), int(r), int(k_tasks), (long long)g.rows_per_split, scale,
+    kernels::launch(outer_reduce_kernel<E, A, CR>, grid, kThreads, 0, stream(), x, p, task, (long long)n, int(c), int(r), int(k_tasks), (long long)g.rows_per_split, scale,
         grad, xsum, psum, partial);
     cuda::check_launch("outer_reduce_kernel", where);
     if (partial == nullptr) return;
     const auto finish = [&](A* dst, std::size_t offset, std::size_t len) {
         if (dst == nullptr) return;
-        finish_reduce_kernel<A><<<grid_1d(k_tasks * len, kThreads), kThreads, 0, stream()>>>(
-            partial, (long long)g.splits, (long long)k_tasks, (long long)per_task, (long long)offset,
+        kernels::launch(finish_reduce_kernel<A>, grid_1d(k_tasks * len, kThreads), kThreads, 0, stream(), partial, (long long)g.splits, (long long)k_tasks, (long long)per_task, (long long)offset,
             (long long)len, dst);
         cuda::check_launch("finish_reduce_kernel", where);
     };
@@ -262,14 +248,13 @@ void colsum(const E* x, const E* y, const int* task, std::size_t n, std::size_t 
     const ReduceGeometry g = reduce_geometry(n, c, k_tasks);
     A* partial = g.splits > 1 ? partial_ws : nullptr;
     const dim3 grid(unsigned(g.col_tiles), unsigned(k_tasks), unsigned(g.splits));
-    colsum_kernel<E, A><<<grid, kThreads, 0, stream()>>>(x, y, task, (long long)n, int(c), int(k_tasks),
+    kernels::launch(colsum_kernel<E, A>, grid, kThreads, 0, stream(), x, y, task, (long long)n, int(c), int(k_tasks),
                                                          (long long)g.rows_per_split, sxy, sx, partial);
     cuda::check_launch("colsum_kernel", where);
     if (partial == nullptr) return;
     const auto finish = [&](A* dst, std::size_t offset) {
         if (dst == nullptr) return;
-        finish_reduce_kernel<A><<<grid_1d(k_tasks * c, kThreads), kThreads, 0, stream()>>>(
-            partial, (long long)g.splits, (long long)k_tasks, (long long)(2 * c), (long long)offset, (long long)c,
+        kernels::launch(finish_reduce_kernel<A>, grid_1d(k_tasks * c, kThreads), kThreads, 0, stream(), partial, (long long)g.splits, (long long)k_tasks, (long long)(2 * c), (long long)offset, (long long)c,
             dst);
         cuda::check_launch("finish_reduce_kernel", where);
     };

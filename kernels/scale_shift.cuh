@@ -21,23 +21,38 @@
 namespace patchwork::kernels {
 namespace detail {
 
-template <class E>
-__global__ void scale_shift_kernel(const E* __restrict__ h, const int* __restrict__ task, int k_tasks, long long n,
-                                   long long d, const E* __restrict__ gamma, const E* __restrict__ beta,
-                                   E* __restrict__ y) {
+/// Grid-stride over the n * d elements; I is the index type: 32-bit unsigned
+/// whenever n * d fits (a 32-bit division per element instead of a 64-bit one,
+/// which the GPU emulates in tens of instructions), 64-bit otherwise.
+template <class E, class I>
+__global__ void scale_shift_kernel(const E* __restrict__ h, const int* __restrict__ task, int k_tasks, I n, I d,
+                                   const E* __restrict__ gamma, const E* __restrict__ beta, E* __restrict__ y) {
     using A = accum_t<E>;
-    const long long total = n * d;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long row = i / d, c = i - row * d;
+    const I total = n * d;
+    for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < total; i += I(gridDim.x) * I(blockDim.x)) {
+        const I row = i / d, c = i - row * d;
         const int t = task == nullptr ? 0 : task[row];
         if (t < 0 || t >= k_tasks) continue;
-        const long long p = (long long)t * d + c;
+        const std::size_t p = std::size_t(t) * d + c;
         A v = A(load<E>(h[i]));
         if (gamma != nullptr) v *= A(load<E>(gamma[p]));
         if (beta != nullptr) v += A(load<E>(beta[p]));
         y[i] = store<E>(v);
     }
+}
+
+/// Launches scale_shift_kernel with 32-bit indices when n * d (and the grid-stride step) fit.
+template <class E>
+void launch_scale_shift(const E* h, const int* task, std::size_t n, std::size_t d, std::size_t k, const E* gamma,
+                        const E* beta, E* y, std::string_view where) {
+    const unsigned blocks = grid_1d(n * d, kThreads);
+    if (n * d + std::size_t(blocks) * kThreads <= 0xffffffffu)
+        kernels::launch(scale_shift_kernel<E, unsigned>, blocks, kThreads, 0, stream(), h, task, int(k), unsigned(n),
+                        unsigned(d), gamma, beta, y);
+    else
+        kernels::launch(scale_shift_kernel<E, unsigned long long>, blocks, kThreads, 0, stream(), h, task, int(k),
+                        (unsigned long long)n, (unsigned long long)d, gamma, beta, y);
+    cuda::check_launch("scale_shift_kernel", where);
 }
 
 inline void check_scale_shift(std::size_t n, std::size_t d, std::size_t k, std::string_view where) {
@@ -57,9 +72,7 @@ void scale_shift_forward(const E* h, const int* task, std::size_t n, std::size_t
     check::pointer(where, "the output", y);
     check::pointer(where, "the scale gamma", gamma);
     check::pointer(where, "the shift beta", beta);
-    scale_shift_kernel<E><<<grid_1d(n * d, kThreads), kThreads, 0, stream()>>>(h, task, int(k), (long long)n,
-                                                                               (long long)d, gamma, beta, y);
-    cuda::check_launch("scale_shift_kernel", where);
+    launch_scale_shift<E>(h, task, n, d, k, gamma, beta, y, where);
 }
 
 template <class E>
@@ -72,9 +85,7 @@ void scale_shift_backward(const E* h, const E* g, const int* task, std::size_t n
     check::pointer(where, "the output gradient", g);
     if (dh != nullptr) {
         check::pointer(where, "the scale gamma", gamma);
-        scale_shift_kernel<E><<<grid_1d(n * d, kThreads), kThreads, 0, stream()>>>(g, task, int(k), (long long)n,
-                                                                                   (long long)d, gamma, nullptr, dh);
-        cuda::check_launch("scale_shift_kernel", where);
+        launch_scale_shift<E>(g, task, n, d, k, gamma, nullptr, dh, where);
     }
     if (dgamma == nullptr && dbeta == nullptr) return;
     if (dgamma != nullptr) check::pointer(where, "the input h (needed for the scale's gradient)", h);

@@ -39,6 +39,7 @@ struct Options {
     std::size_t epochs = 20;
     std::size_t per_class = 1000;  ///< labelled images per new class (0: all)
     std::size_t test_limit = 0;    ///< first N test images only (0: all)
+    std::size_t train_limit = 0;   ///< first N training images only (0: all; smoke runs)
     std::size_t batch = 64;
     double lr = 2e-3;
     std::uint64_t seed = 1;
@@ -48,7 +49,7 @@ struct Options {
 [[noreturn]] void usage(const std::string& why) {
     std::cerr << "gpu_transfer: " << why << "\n"
               << "usage: gpu_transfer [--pretrain-epochs N] [--epochs N] [--per-class N] [--test-limit N]\n"
-                 "                    [--batch N] [--lr X] [--seed N] [--data-dir DIR]\n";
+                 "                    [--train-limit N] [--batch N] [--lr X] [--seed N] [--data-dir DIR]\n";
     std::exit(2);
 }
 
@@ -63,6 +64,7 @@ Options parse(int argc, char** argv) {
             else if (a == "--epochs") o.epochs = std::stoul(v);
             else if (a == "--per-class") o.per_class = std::stoul(v);
             else if (a == "--test-limit") o.test_limit = std::stoul(v);
+            else if (a == "--train-limit") o.train_limit = std::stoul(v);
             else if (a == "--batch") o.batch = std::stoul(v);
             else if (a == "--lr") o.lr = std::stod(v);
             else if (a == "--seed") o.seed = std::stoull(v);
@@ -140,7 +142,8 @@ int main(int argc, char** argv) try {
         std::printf("gpu_transfer: no CUDA device is available; nothing to run (exit 77)\n");
         return 77;
     }
-    const auto train_all = pw::load_fashion_mnist<float>(o.data_dir, pw::Split::train);
+    auto train_all = pw::load_fashion_mnist<float>(o.data_dir, pw::Split::train);
+    if (o.train_limit) train_all = pw::subset(train_all, o.train_limit);
     auto test_all = pw::load_fashion_mnist<float>(o.data_dir, pw::Split::test);
     if (o.test_limit) test_all = pw::subset(test_all, o.test_limit);
     const auto old_train = pw::filter_classes(train_all, {0, 1, 2, 3, 4}, true);

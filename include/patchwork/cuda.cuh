@@ -17,5 +17,5 @@
 #include "patchwork/kernels/mix.cuh"
 #include "patchwork/kernels/multitask.cuh"
 #include "patchwork/kernels/ops.cuh"
-#include "patchwork/kernels/patches.cuh"
+#include "patchwork/kernels/module_ops.cuh"
 #include "patchwork/kernels/scale_shift.cuh"

@@ -26,7 +26,7 @@
 
 // The definitions of the device operations (nvcc only).
 #include "patchwork/kernels/ops.cuh"
-#include "patchwork/kernels/patches.cuh"
+#include "patchwork/kernels/module_ops.cuh"
 
 namespace pw = patchwork;
 using pw::Cpu;
@@ -35,6 +35,15 @@ using pw::Shape;
 using pw::Tensor;
 
 namespace device_test {
+
+/// On the CPU execution of the CUDA code (CI) a 256-thread block runs as 256
+/// threads: the tests take smaller sizes there (still partial blocks and
+/// several blocks per launch).
+#ifdef PATCHWORK_CPU_CUDA
+inline constexpr bool kCpu = true;
+#else
+inline constexpr bool kCpu = false;
+#endif
 
 template <class T>
 Tensor<T> random_tensor(const Shape& s, std::mt19937& rng, double scale = 1.0) {

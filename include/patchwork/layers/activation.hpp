@@ -16,6 +16,7 @@
 #include <string>
 #include <type_traits>
 
+#include "patchwork/core/gelu.hpp"
 #include "patchwork/core/module.hpp"
 #include "patchwork/ops/cuda_ops.hpp"
 
@@ -37,15 +38,9 @@ struct Relu {
 struct Gelu {
     static constexpr const char* name = "gelu";
     template <class T>
-    static T value(T x) noexcept {
-        return x * T(0.5) * (T(1) + std::erf(x * T(std::numbers::sqrt2 / 2)));
-    }
+    static T value(T x) noexcept { return gelu_value(x); }  // core/gelu.hpp, shared with the kernels
     template <class T>
-    static T grad(T g, T x, T /*y*/) noexcept {
-        const T cdf = T(0.5) * (T(1) + std::erf(x * T(std::numbers::sqrt2 / 2)));
-        const T pdf = std::exp(T(-0.5) * x * x) * T(std::numbers::inv_sqrtpi / std::numbers::sqrt2);
-        return g * (cdf + x * pdf);
-    }
+    static T grad(T g, T x, T /*y*/) noexcept { return gelu_grad(g, x); }
 };
 
 /// Tanh: f(x) = tanh x, f'(x) = 1 - tanh(x)^2 = 1 - y^2 (uses the saved output).

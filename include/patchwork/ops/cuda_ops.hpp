@@ -67,7 +67,7 @@ void adam_update(Tensor<T, Cuda>& w, const Tensor<T, Cuda>& g, Tensor<T, Cuda>& 
                  bool decoupled, std::string_view where);
 
 // ---- patches (the fused kernels of kernels/adapter.cuh, scale_shift.cuh, multitask.cuh;
-//      definitions in kernels/patches.cuh) ----
+//      definitions in kernels/module_ops.cuh) ----
 
 /// Bottleneck adapter forward over rows h [N, d]: y = h + act(h D^T + b_d) U^T + b_u; z [N, r] keeps h D^T + b_d.
 template <class T>

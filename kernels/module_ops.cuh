@@ -5,7 +5,8 @@
 // path), then call the raw-pointer launchers of adapter.cuh, scale_shift.cuh
 // and multitask.cuh (one task). For float and double the kernels' gradient
 // type accum_t<T> is T, so parameter gradients accumulate straight into the
-// parameters' gradient tensors.
+// parameters' gradient tensors. Backward scratch memory is the current
+// context's workspace (cuda::Context::workspace).
 #include <string_view>
 
 #include "patchwork/cuda/tensor.hpp"
@@ -25,14 +26,6 @@ void expect_shape(const Tensor<T, Cuda>& t, const Shape& want, std::string_view 
 template <class T>
 T* data_or_null(Tensor<T, Cuda>* t) {
     return t == nullptr ? nullptr : t->data();
-}
-/// A workspace of at least `bytes`, reused from call to call on this thread (the
-/// kernels run in stream order, so one step's use ends before the next begins);
-/// without it each backward would allocate and free its own.
-inline kernels::Workspace workspace(std::size_t bytes) {
-    thread_local cuda::Buffer<unsigned char> buf;
-    buf.reserve(bytes);
-    return {buf.data(), buf.size()};
 }
 }  // namespace detail
 
@@ -62,7 +55,7 @@ void adapter_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const 
                                  z.data(), detail::data_or_null(dh),
                                  {detail::data_or_null(d_down_w), detail::data_or_null(d_down_b),
                                   detail::data_or_null(d_up_w), detail::data_or_null(d_up_b)},
-                                 where, detail::workspace(kernels::adapter_backward_workspace_bytes(n, d, r, sizeof(T))));
+                                 where);
 }
 
 template <class T>
@@ -82,8 +75,7 @@ void scale_shift_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, co
     if (dh != nullptr) dh->resize(h.shape());
     kernels::scale_shift_backward<T>(
         h.data(), g.data(), h.rows(), h.cols(), scale.data(), detail::data_or_null(dh), detail::data_or_null(dscale),
-        detail::data_or_null(dshift), where,
-        detail::workspace(kernels::scale_shift_backward_workspace_bytes(h.rows(), h.cols(), 1, sizeof(T))));
+        detail::data_or_null(dshift), where);
 }
 
 template <class T>
@@ -111,9 +103,7 @@ void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Ten
     if (dx != nullptr) dx->resize(x.shape());
     kernels::multitask_lora_backward<T>(x.data(), g.data(), base_dx.empty() ? nullptr : base_dx.data(), nullptr, n,
                                         in, out, r, 1, a.data(), b.data(), T(s), u.data(), detail::data_or_null(dx),
-                                        {detail::data_or_null(da), detail::data_or_null(db)}, where,
-                                        detail::workspace(kernels::multitask_lora_backward_workspace_bytes(
-                                            n, in, out, r, 1, sizeof(T))));
+                                        {detail::data_or_null(da), detail::data_or_null(db)}, where);
 }
 
 }  // namespace patchwork::cuda

@@ -1,0 +1,704 @@
+#pragma once
+// The project's CPU execution of its CUDA code: a test facility, never
+// installed. With tests/cpu_cuda/include ahead on the include path and
+// PATCHWORK_CPU_CUDA defined, the kernels of patchwork/kernels/ and the
+// device modules compile with the host C++ compiler and run on the CPU:
+//
+//   - kernels::launch (common.cuh) hands a kernel to cpu_cuda::launch, which
+//     checks the configuration as the driver does (at most 1024 threads per
+//     block, grid y and z at most 65535; a bad one is reported by the next
+//     cudaGetLastError) and runs the blocks one after another, the threads of
+//     a block concurrently, as real threads of a pool reused from block to
+//     block (ThreadSanitizer sees them as threads, so a missing
+//     __syncthreads is a data race it reports);
+//   - threadIdx, blockIdx, blockDim, gridDim are thread-local variables set
+//     for each thread; __syncthreads is a barrier of the block; __shared__
+//     variables are function statics (one instance, and blocks run one at a
+//     time: a global lock serialises launches);
+//   - warp shuffles, ballots and __syncwarp exchange values among the 32
+//     lanes of a warp through a per-warp slot array between two warp barriers;
+//   - atomics are std::atomic_ref operations;
+//   - device memory is host memory (256-byte aligned, so AddressSanitizer
+//     sees every out-of-bounds access); copies, memsets and kernels run when
+//     queued, so every stream is always complete and events record host time;
+//   - two devices are reported (so multi-device code paths run), each thread
+//     has its current device, and cudaMalloc remembers the device;
+//   - cuBLAS GEMMs are plain column-major loops written from cuBLAS's
+//     definition (C = alpha op(A) op(B) + beta C, C not read when beta = 0),
+//     independent of patchwork/cuda/gemm_plan.hpp, so the row-major mapping
+//     is tested;
+//   - __nv_bfloat16 is 16-bit storage with round-to-nearest-even conversion.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <map>
+#include <math.h>  // the float overloads of erff, expf, ... in the global namespace, as CUDA has them
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __constant__ static
+
+// ---- types -----------------------------------------------------------------
+
+struct uint3 {
+    unsigned x = 0, y = 0, z = 0;
+};
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+    constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
+};
+
+inline thread_local uint3 threadIdx, blockIdx;
+inline thread_local dim3 blockDim, gridDim;
+inline constexpr int warpSize = 32;
+
+enum cudaError_t {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorInitializationError = 3,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorInvalidDevicePointer = 17,
+    cudaErrorInvalidMemcpyDirection = 21,
+    cudaErrorNoDevice = 100,
+    cudaErrorInvalidDevice = 101,
+    cudaErrorInvalidResourceHandle = 400,
+    cudaErrorLaunchFailure = 719,
+};
+using cudaError = cudaError_t;
+
+enum cudaMemcpyKind {
+    cudaMemcpyHostToHost = 0,
+    cudaMemcpyHostToDevice = 1,
+    cudaMemcpyDeviceToHost = 2,
+    cudaMemcpyDeviceToDevice = 3,
+    cudaMemcpyDefault = 4
+};
+inline constexpr unsigned cudaStreamDefault = 0, cudaStreamNonBlocking = 1;
+
+struct CUstream_st {
+    int device = 0;
+};
+struct CUevent_st {
+    std::chrono::steady_clock::time_point at{};
+    bool recorded = false;
+};
+using cudaStream_t = CUstream_st*;
+using cudaEvent_t = CUevent_st*;
+
+struct cudaDeviceProp {
+    char name[256] = {};
+    std::size_t totalGlobalMem = 0;
+    std::size_t sharedMemPerBlock = 0;
+    int regsPerBlock = 0, warpSize = 32, maxThreadsPerBlock = 1024;
+    int maxThreadsDim[3] = {1024, 1024, 64};
+    int maxGridSize[3] = {2147483647, 65535, 65535};
+    int multiProcessorCount = 1, major = 0, minor = 0;
+    int clockRate = 0, memoryClockRate = 0, memoryBusWidth = 0, l2CacheSize = 0;
+};
+
+// ---- bf16 storage ------------------------------------------------------------
+
+struct __nv_bfloat16 {
+    std::uint16_t bits = 0;
+};
+using nv_bfloat16 = __nv_bfloat16;
+
+inline float __bfloat162float(__nv_bfloat16 h) {
+    const std::uint32_t u = std::uint32_t(h.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+/// Round to nearest, ties to even (NaN stays a quiet NaN).
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    std::uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0) return {std::uint16_t((u >> 16) | 0x0040u)};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return {std::uint16_t(u >> 16)};
+}
+inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+
+// ---- the executor --------------------------------------------------------------
+
+namespace cpu_cuda {
+
+/// A reusable barrier for `count` threads that threads can leave (arrive_and_drop).
+/// Arrivals are counted under a mutex; waiters sleep on an atomic generation
+/// (a futex, no mutex to re-acquire on wake-up), released by the last arrival.
+/// Both give the happens-before edges ThreadSanitizer needs.
+class Barrier {
+public:
+    void reset(int count) {
+        std::lock_guard lock(m_);
+        count_ = count;
+        waiting_ = 0;
+    }
+    void arrive_and_wait() {
+        std::uint64_t gen;
+        {
+            std::lock_guard lock(m_);
+            gen = generation_.load(std::memory_order_relaxed);
+            if (++waiting_ >= count_) {
+                release();
+                return;
+            }
+        }
+        while (generation_.load(std::memory_order_acquire) == gen) generation_.wait(gen, std::memory_order_acquire);
+    }
+    void arrive_and_drop() {
+        std::lock_guard lock(m_);
+        --count_;
+        if (count_ > 0 && waiting_ >= count_) release();
+    }
+
+private:
+    void release() {
+        waiting_ = 0;
+        generation_.fetch_add(1, std::memory_order_acq_rel);
+        generation_.notify_all();
+    }
+    std::mutex m_;
+    int count_ = 0, waiting_ = 0;
+    std::atomic<std::uint64_t> generation_{0};
+};
+
+/// The lanes of one warp: a value slot per lane and the warp's barrier.
+struct Warp {
+    Barrier bar;
+    std::uint64_t slot[32] = {};
+};
+
+/// What the threads of the running block share.
+struct Block {
+    Barrier bar;
+    std::vector<std::unique_ptr<Warp>> warps;
+    dim3 block, grid;
+    uint3 index;
+    int threads = 0;
+};
+
+inline thread_local Block* current_block = nullptr;
+
+[[nodiscard]] inline int linear_thread() {
+    return int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
+}
+[[nodiscard]] inline Warp& this_warp() { return *current_block->warps[std::size_t(linear_thread() / 32)]; }
+
+/// A pool of worker threads, grown to the largest block seen and reused. A
+/// block starts when the launching thread bumps an atomic generation (the
+/// workers sleep on it, a futex); it ends when the last worker counts down.
+class Pool {
+public:
+    ~Pool() {
+        stop_.store(true, std::memory_order_release);
+        generation_.fetch_add(1, std::memory_order_acq_rel);
+        generation_.notify_all();
+        for (auto& t : workers_) t.join();
+    }
+
+    /// Runs body() on block.threads workers (thread i gets threadIdx from i) and waits for all.
+    void run_block(Block& block, const std::function<void()>& body) {
+        while (int(workers_.size()) < block.threads) {
+            const int id = int(workers_.size());
+            workers_.emplace_back([this, id, seen = generation_.load()] { work(id, seen); });
+        }
+        block_ = &block;
+        body_ = &body;
+        remaining_.store(block.threads, std::memory_order_relaxed);
+        generation_.fetch_add(1, std::memory_order_acq_rel);
+        generation_.notify_all();
+        for (int left = remaining_.load(std::memory_order_acquire); left != 0;
+             left = remaining_.load(std::memory_order_acquire))
+            remaining_.wait(left, std::memory_order_acquire);
+        std::exception_ptr e;
+        {
+            std::lock_guard lock(error_mutex_);
+            e = std::exchange(error_, nullptr);
+        }
+        if (e) std::rethrow_exception(e);
+    }
+
+private:
+    void work(int id, std::uint64_t seen) {
+        for (;;) {
+            std::uint64_t gen = generation_.load(std::memory_order_acquire);
+            while (gen == seen) {
+                generation_.wait(gen, std::memory_order_acquire);
+                gen = generation_.load(std::memory_order_acquire);
+            }
+            seen = gen;
+            if (stop_.load(std::memory_order_acquire)) return;
+            Block* block = block_;
+            if (id >= block->threads) continue;
+            const unsigned bx = block->block.x, by = block->block.y;
+            threadIdx = {unsigned(id) % bx, (unsigned(id) / bx) % by, unsigned(id) / (bx * by)};
+            blockIdx = block->index;
+            blockDim = block->block;
+            gridDim = block->grid;
+            current_block = block;
+            try {
+                (*body_)();
+            } catch (...) {
+                std::lock_guard lock(error_mutex_);
+                if (!error_) error_ = std::current_exception();
+            }
+            // A thread that has finished no longer takes part in barriers (as an exited GPU thread).
+            block->warps[std::size_t(id / 32)]->bar.arrive_and_drop();
+            block->bar.arrive_and_drop();
+            current_block = nullptr;
+            if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) remaining_.notify_all();
+        }
+    }
+
+    std::vector<std::thread> workers_;
+    std::atomic<std::uint64_t> generation_{0};
+    std::atomic<int> remaining_{0};
+    std::atomic<bool> stop_{false};
+    Block* block_ = nullptr;
+    const std::function<void()>* body_ = nullptr;
+    std::mutex error_mutex_;
+    std::exception_ptr error_;
+};
+
+/// Process-wide state of the emulated runtime.
+struct Runtime {
+    std::mutex launch_mutex;  ///< one launch (and so one block) runs at a time
+    std::mutex alloc_mutex;
+    std::map<const void*, std::pair<std::size_t, int>> allocations;  ///< pointer -> (bytes, device)
+    Pool pool;
+};
+inline Runtime& runtime() {
+    static Runtime r;
+    return r;
+}
+
+inline constexpr int kDevices = 2;
+inline thread_local int current_device = 0;
+inline thread_local cudaError_t last_error = cudaSuccess;
+
+inline cudaError_t record(cudaError_t e) {
+    if (e != cudaSuccess) last_error = e;
+    return e;
+}
+
+/// Launch a kernel: `body` is the kernel applied to its (copied) arguments.
+inline void launch(dim3 grid, dim3 block, std::size_t shared_bytes, cudaStream_t, const std::function<void()>& body) {
+    const unsigned long long threads = 1ull * block.x * block.y * block.z;
+    if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+        grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535 || shared_bytes > 48 * 1024) {
+        record(cudaErrorInvalidConfiguration);
+        return;
+    }
+    Runtime& rt = runtime();
+    std::lock_guard lock(rt.launch_mutex);
+    Block b;
+    b.block = block;
+    b.grid = grid;
+    b.threads = int(threads);
+    for (int w = 0; w * 32 < b.threads; ++w) b.warps.push_back(std::make_unique<Warp>());
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                b.index = {x, y, z};
+                b.bar.reset(b.threads);
+                for (std::size_t w = 0; w < b.warps.size(); ++w)
+                    b.warps[w]->bar.reset(std::min(32, b.threads - int(w) * 32));
+                rt.pool.run_block(b, body);
+            }
+}
+
+/// Exchange one value per lane among the lanes of the warp: every lane writes
+/// `v`, then reads what lane `src(lane)` wrote.
+template <class T, class Src>
+T exchange(T v, Src src) {
+    static_assert(sizeof(T) <= sizeof(std::uint64_t) && std::is_trivially_copyable_v<T>);
+    Warp& w = this_warp();
+    const int lane = linear_thread() & 31;
+    std::uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    w.slot[lane] = bits;
+    w.bar.arrive_and_wait();
+    T out;
+    const std::uint64_t got = w.slot[src(lane) & 31];
+    std::memcpy(&out, &got, sizeof(T));
+    w.bar.arrive_and_wait();  // nobody overwrites a slot before every lane has read
+    return out;
+}
+
+}  // namespace cpu_cuda
+
+// ---- device built-ins -----------------------------------------------------------
+
+inline void __syncthreads() { cpu_cuda::current_block->bar.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { cpu_cuda::this_warp().bar.arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+template <class T>
+T __shfl_sync(unsigned, T v, int src, int width = 32) {
+    return cpu_cuda::exchange(v, [&](int lane) { return (lane & ~(width - 1)) + (src & (width - 1)); });
+}
+template <class T>
+T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+    return cpu_cuda::exchange(v, [&](int lane) {
+        const int s = lane ^ mask;
+        return (s & ~(width - 1)) == (lane & ~(width - 1)) ? s : lane;
+    });
+}
+template <class T>
+T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+    return cpu_cuda::exchange(v, [&](int lane) {
+        const int s = lane + int(delta);
+        return (s & (width - 1)) >= (lane & (width - 1)) && s < ((lane & ~(width - 1)) + width) ? s : lane;
+    });
+}
+template <class T>
+T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+    return cpu_cuda::exchange(v, [&](int lane) {
+        const int s = lane - int(delta);
+        return s >= (lane & ~(width - 1)) ? s : lane;
+    });
+}
+/// Bit i set when lane i's predicate is true (lanes outside `mask` count as false).
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    cpu_cuda::Warp& w = cpu_cuda::this_warp();
+    const int lane = cpu_cuda::linear_thread() & 31;
+    w.slot[lane] = pred != 0 ? 1 : 0;
+    w.bar.arrive_and_wait();
+    unsigned bits = 0;
+    const int lanes = std::min(32, cpu_cuda::current_block->threads - (cpu_cuda::linear_thread() & ~31));
+    for (int i = 0; i < lanes; ++i)
+        if (w.slot[i] != 0) bits |= 1u << i;
+    w.bar.arrive_and_wait();
+    return bits & mask;
+}
+inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) {
+    const int lanes = std::min(32, cpu_cuda::current_block->threads - (cpu_cuda::linear_thread() & ~31));
+    const unsigned all = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
+    return __ballot_sync(mask, pred) == (all & mask);
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz(unsigned(v)); }
+
+template <class T>
+T atomicAdd(T* p, T v) {
+    return std::atomic_ref<T>(*p).fetch_add(v);
+}
+template <class T>
+T atomicSub(T* p, T v) {
+    return std::atomic_ref<T>(*p).fetch_sub(v);
+}
+template <class T>
+T atomicExch(T* p, T v) {
+    return std::atomic_ref<T>(*p).exchange(v);
+}
+template <class T>
+T atomicCAS(T* p, T expected, T desired) {
+    std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired);
+    return expected;
+}
+template <class T>
+T atomicMax(T* p, T v) {
+    std::atomic_ref<T> a(*p);
+    T old = a.load();
+    while (old < v && !a.compare_exchange_weak(old, v)) {
+    }
+    return old;
+}
+template <class T>
+T atomicMin(T* p, T v) {
+    std::atomic_ref<T> a(*p);
+    T old = a.load();
+    while (v < old && !a.compare_exchange_weak(old, v)) {
+    }
+    return old;
+}
+
+// ---- runtime API ------------------------------------------------------------------
+
+inline const char* cudaGetErrorName(cudaError_t e) {
+    switch (e) {
+        case cudaSuccess: return "cudaSuccess";
+        case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+        case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+        case cudaErrorInitializationError: return "cudaErrorInitializationError";
+        case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+        case cudaErrorInvalidDevicePointer: return "cudaErrorInvalidDevicePointer";
+        case cudaErrorInvalidMemcpyDirection: return "cudaErrorInvalidMemcpyDirection";
+        case cudaErrorNoDevice: return "cudaErrorNoDevice";
+        case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+        case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+        case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    }
+    return "cudaErrorUnknown";
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+    switch (e) {
+        case cudaSuccess: return "no error";
+        case cudaErrorInvalidValue: return "invalid argument";
+        case cudaErrorMemoryAllocation: return "out of memory";
+        case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+        case cudaErrorInvalidDevicePointer: return "invalid device pointer";
+        case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+        case cudaErrorInvalidDevice: return "invalid device ordinal";
+        case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+        default: return "unspecified error";
+    }
+}
+inline cudaError_t cudaGetLastError() { return std::exchange(cpu_cuda::last_error, cudaSuccess); }
+inline cudaError_t cudaPeekAtLastError() { return cpu_cuda::last_error; }
+
+inline cudaError_t cudaGetDeviceCount(int* n) {
+    if (n == nullptr) return cpu_cuda::record(cudaErrorInvalidValue);
+    *n = cpu_cuda::kDevices;
+    return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int d) {
+    if (d < 0 || d >= cpu_cuda::kDevices) return cpu_cuda::record(cudaErrorInvalidDevice);
+    cpu_cuda::current_device = d;
+    return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* d) {
+    if (d == nullptr) return cpu_cuda::record(cudaErrorInvalidValue);
+    *d = cpu_cuda::current_device;
+    return cudaSuccess;
+}
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
+    if (p == nullptr) return cpu_cuda::record(cudaErrorInvalidValue);
+    if (d < 0 || d >= cpu_cuda::kDevices) return cpu_cuda::record(cudaErrorInvalidDevice);
+    *p = cudaDeviceProp{};
+    std::snprintf(p->name, sizeof p->name, "CPU execution of CUDA code (device %d)", d);
+    p->totalGlobalMem = std::size_t(1) << 32;
+    p->sharedMemPerBlock = 48 * 1024;
+    p->major = 9;
+    return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+
+inline cudaError_t cudaMalloc(void** p, std::size_t bytes) {
+    if (p == nullptr) return cpu_cuda::record(cudaErrorInvalidValue);
+    void* q = std::aligned_alloc(256, (std::max<std::size_t>(bytes, 1) + 255) / 256 * 256);
+    if (q == nullptr) return cpu_cuda::record(cudaErrorMemoryAllocation);
+    std::lock_guard lock(cpu_cuda::runtime().alloc_mutex);
+    cpu_cuda::runtime().allocations[q] = {bytes, cpu_cuda::current_device};
+    *p = q;
+    return cudaSuccess;
+}
+template <class T>
+cudaError_t cudaMalloc(T** p, std::size_t bytes) {
+    return cudaMalloc(reinterpret_cast<void**>(p), bytes);
+}
+inline cudaError_t cudaFree(void* p) {
+    if (p == nullptr) return cudaSuccess;
+    {
+        std::lock_guard lock(cpu_cuda::runtime().alloc_mutex);
+        auto& a = cpu_cuda::runtime().allocations;
+        const auto it = a.find(p);
+        if (it == a.end()) return cpu_cuda::record(cudaErrorInvalidDevicePointer);
+        a.erase(it);
+    }
+    std::free(p);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMallocAsync(void** p, std::size_t bytes, cudaStream_t) { return cudaMalloc(p, bytes); }
+template <class T>
+cudaError_t cudaMallocAsync(T** p, std::size_t bytes, cudaStream_t s) {
+    return cudaMallocAsync(reinterpret_cast<void**>(p), bytes, s);
+}
+inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
+
+namespace cpu_cuda {
+/// The device an allocation was made on (-1: not device memory).
+inline int device_of(const void* p) {
+    std::lock_guard lock(runtime().alloc_mutex);
+    auto& a = runtime().allocations;
+    auto it = a.upper_bound(p);
+    if (it == a.begin()) return -1;
+    --it;
+    const char* base = static_cast<const char*>(it->first);
+    return static_cast<const char*>(p) < base + std::max<std::size_t>(it->second.first, 1) ? it->second.second : -1;
+}
+}  // namespace cpu_cuda
+
+inline cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind) {
+    if (bytes == 0) return cudaSuccess;
+    if (dst == nullptr || src == nullptr) return cpu_cuda::record(cudaErrorInvalidValue);
+    const bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+    const bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+    if ((dst_dev && cpu_cuda::device_of(dst) < 0) || (src_dev && cpu_cuda::device_of(src) < 0))
+        return cpu_cuda::record(cudaErrorInvalidValue);
+    std::memmove(dst, src, bytes);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind,
+                                   cudaStream_t = nullptr) {
+    return cudaMemcpy(dst, src, bytes, kind);
+}
+inline cudaError_t cudaMemset(void* p, int byte, std::size_t bytes) {
+    if (bytes == 0) return cudaSuccess;
+    if (cpu_cuda::device_of(p) < 0) return cpu_cuda::record(cudaErrorInvalidValue);
+    std::memset(p, byte, bytes);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemsetAsync(void* p, int byte, std::size_t bytes, cudaStream_t = nullptr) {
+    return cudaMemset(p, byte, bytes);
+}
+
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
+    if (s == nullptr) return cpu_cuda::record(cudaErrorInvalidValue);
+    *s = new CUstream_st{cpu_cuda::current_device};
+    return cudaSuccess;
+}
+inline cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
+inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
+    if (s == nullptr) return cpu_cuda::record(cudaErrorInvalidResourceHandle);
+    delete s;
+    return cudaSuccess;
+}
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
+
+inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
+    if (e == nullptr) return cpu_cuda::record(cudaErrorInvalidValue);
+    *e = new CUevent_st{};
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+    delete e;
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = nullptr) {
+    if (e == nullptr) return cpu_cuda::record(cudaErrorInvalidResourceHandle);
+    e->at = std::chrono::steady_clock::now();
+    e->recorded = true;
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
+    return e == nullptr ? cpu_cuda::record(cudaErrorInvalidResourceHandle) : cudaSuccess;
+}
+inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
+    if (ms == nullptr || a == nullptr || b == nullptr || !a->recorded || !b->recorded)
+        return cpu_cuda::record(cudaErrorInvalidResourceHandle);
+    *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
+    return cudaSuccess;
+}
+
+// ---- cuBLAS -----------------------------------------------------------------------
+
+enum cublasStatus_t {
+    CUBLAS_STATUS_SUCCESS = 0,
+    CUBLAS_STATUS_NOT_INITIALIZED = 1,
+    CUBLAS_STATUS_ALLOC_FAILED = 3,
+    CUBLAS_STATUS_INVALID_VALUE = 7,
+    CUBLAS_STATUS_ARCH_MISMATCH = 8,
+    CUBLAS_STATUS_EXECUTION_FAILED = 13,
+    CUBLAS_STATUS_INTERNAL_ERROR = 14,
+    CUBLAS_STATUS_NOT_SUPPORTED = 15,
+};
+enum cublasOperation_t { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1, CUBLAS_OP_C = 2 };
+enum cublasMath_t {
+    CUBLAS_DEFAULT_MATH = 0,
+    CUBLAS_TENSOR_OP_MATH = 1,
+    CUBLAS_PEDANTIC_MATH = 2,
+    CUBLAS_TF32_TENSOR_OP_MATH = 3,
+};
+struct cublasContext {
+    cudaStream_t stream = nullptr;
+    cublasMath_t math = CUBLAS_DEFAULT_MATH;
+};
+using cublasHandle_t = cublasContext*;
+
+inline const char* cublasGetStatusName(cublasStatus_t s) {
+    switch (s) {
+        case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+        case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+        case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+        case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+        case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+        case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+        case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+        case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    }
+    return "CUBLAS_STATUS_UNKNOWN";
+}
+inline cublasStatus_t cublasCreate(cublasHandle_t* h) {
+    if (h == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+    *h = new cublasContext{};
+    return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasDestroy(cublasHandle_t h) {
+    if (h == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+    delete h;
+    return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) {
+    if (h == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+    h->stream = s;
+    return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasSetMathMode(cublasHandle_t h, cublasMath_t m) {
+    if (h == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+    h->math = m;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+namespace cpu_cuda {
+/// Column-major C [m, n] = alpha op(A) op(B) + beta C, op(A) [m, k], op(B) [k, n];
+/// A is stored [lda, *] (op N: m x k, op T: k x m), likewise B. C is not read when beta = 0.
+template <class T>
+cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                    const T* alpha, const T* a, int lda, const T* b, int ldb, const T* beta, T* c, int ldc) {
+    if (h == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+    const int a_rows = ta == CUBLAS_OP_N ? m : k, b_rows = tb == CUBLAS_OP_N ? k : n;
+    if (m < 0 || n < 0 || k < 0 || lda < std::max(1, a_rows) || ldb < std::max(1, b_rows) || ldc < std::max(1, m) ||
+        alpha == nullptr || beta == nullptr)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    for (int j = 0; j < n; ++j)
+        for (int i = 0; i < m; ++i) {
+            T s = T(0);
+            for (int l = 0; l < k; ++l) {
+                const T av = ta == CUBLAS_OP_N ? a[i + std::size_t(l) * lda] : a[l + std::size_t(i) * lda];
+                const T bv = tb == CUBLAS_OP_N ? b[l + std::size_t(j) * ldb] : b[j + std::size_t(l) * ldb];
+                s += av * bv;
+            }
+            T& out = c[i + std::size_t(j) * ldc];
+            out = *beta == T(0) ? *alpha * s : *alpha * s + *beta * out;
+        }
+    return CUBLAS_STATUS_SUCCESS;
+}
+}  // namespace cpu_cuda
+
+inline cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                                  const float* alpha, const float* a, int lda, const float* b, int ldb,
+                                  const float* beta, float* c, int ldc) {
+    return cpu_cuda::gemm(h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline cublasStatus_t cublasDgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                                  const double* alpha, const double* a, int lda, const double* b, int ldb,
+                                  const double* beta, double* c, int ldc) {
+    return cpu_cuda::gemm(h, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
