@@ -15,7 +15,10 @@ One training step = zero_grad, forward (train mode, dropout probabilities set to
 over the tokens, Linear(384, 4) head, cross-entropy (mean) against seeded random
 labels, backward, AdamW step (lr 1e-4, weight decay 0.01) on the trainable
 parameters (LoRA factors and head, or everything and head). Reported: median
-ms/step of --iters timed steps after --warmup steps (p10 and p90 in the table).
+ms/step of --iters timed steps after --warmup steps (p10 and p90 in the table),
+and the median CPU time of the process per step (its threads added up: close
+to threads x wall time on an idle machine; it includes the thread pool's
+spin-waiting, so on a loaded machine it grows too and only flags the load).
 
 Peak memory: each configuration of --memory (default lora-8x32 and, for
 context, finetune-8x32) runs again in a fresh process (`--only NAME`), which
@@ -122,14 +125,17 @@ def inputs(batch, tokens):
 
 
 def timed(fn, iters, warmup):
+    """Wall seconds of each timed call, and the median CPU seconds of this
+    process per call (all its threads)."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpu = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return times
+        cpu.append(time.process_time() - c0)
+    return times, statistics.median(cpu)
 
 
 def quantile(times, q):
@@ -148,12 +154,13 @@ def run_config(name):
         def forward():
             with torch.no_grad():
                 model(**enc)
-        times = timed(forward, args.iters, args.warmup)
+        times, cpu = timed(forward, args.iters, args.warmup)
         med = statistics.median(times)
         return ([(f"torch.bert.infer.{shape}", batch / med, "sentences/s"),
-                 (f"torch.bert.infer.{shape}.ms", med * 1e3, "ms/batch")],
+                 (f"torch.bert.infer.{shape}.ms", med * 1e3, "ms/batch"),
+                 (f"torch.bert.infer.{shape}.cpu_ms", cpu * 1e3, "cpu-ms/batch")],
                 (name, med * 1e3, quantile(times, 0.1) * 1e3, quantile(times, 0.9) * 1e3,
-                 f"{batch / med:.1f} sentences/s", None))
+                 f"{batch / med:.1f} sentences/s", cpu * 1e3))
     torch.manual_seed(SEED)
     model = load(training=True)
     if kind == "lora":
@@ -174,12 +181,13 @@ def run_config(name):
         loss.backward()
         opt.step()
         last["loss"] = loss.item()
-    times = timed(step, args.iters, args.warmup)
+    times, cpu = timed(step, args.iters, args.warmup)
     med = statistics.median(times)
     trainable = sum(p.numel() for p in params)
-    return ([(f"torch.bert.train.{kind}.{shape}", med * 1e3, "ms/step")],
+    return ([(f"torch.bert.train.{kind}.{shape}", med * 1e3, "ms/step"),
+             (f"torch.bert.train.{kind}.{shape}.cpu_ms", cpu * 1e3, "cpu-ms/step")],
             (name, med * 1e3, quantile(times, 0.1) * 1e3, quantile(times, 0.9) * 1e3,
-             f"{trainable:,} trainable, loss {last['loss']:.4f}", None))
+             f"{trainable:,} trainable, loss {last['loss']:.4f}", cpu * 1e3))
 
 
 def emit(name, value, unit):
@@ -198,6 +206,7 @@ def main():
             emit(*line)
         return
     rows = []
+    load_before = os.getloadavg()[0]
     for name in args.configs.split(","):
         lines, row = run_config(name)
         for line in lines:
@@ -207,10 +216,11 @@ def main():
         emit(*line)
     print(f"# torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
           f"threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), attention {args.attention}, "
-          f"{args.iters} timed after {args.warmup} warm-up, load average {os.getloadavg()[0]:.2f}")
-    print(f"# {'config':<16} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9}  notes")
-    for name, med, p10, p90, note, _ in rows:
-        print(f"# {name:<16} {med:>10.2f} {p10:>9.2f} {p90:>9.2f}  {note}")
+          f"{args.iters} timed after {args.warmup} warm-up, "
+          f"1-minute load average {load_before:.2f} before the timings, {os.getloadavg()[0]:.2f} after")
+    print(f"# {'config':<16} {'median ms':>10} {'p10 ms':>9} {'p90 ms':>9} {'cpu ms':>9}  notes")
+    for name, med, p10, p90, note, cpu in rows:
+        print(f"# {name:<16} {med:>10.2f} {p10:>9.2f} {p90:>9.2f} {cpu:>9.2f}  {note}")
     for name, value, unit in memory:
         print(f"# {name:<40} {value:>9.1f} {unit}")
 
