@@ -20,9 +20,10 @@
 #include "patchwork/policies/lora.hpp"
 #include "patchwork/policies/norm_patch.hpp"
 #include "patchwork/policies/scale_shift.hpp"
-#include "patchwork/policies/search.hpp"
+#include "patchwork/search/search_module.hpp"
 #include "patchwork/policies/tune.hpp"
-#include "patchwork/search/search.hpp"
+#include "patchwork/search/derive.hpp"
+#include "patchwork/search/loop.hpp"
 #include "patchwork/train/loss.hpp"
 
 namespace pw = patchwork;

@@ -8,6 +8,7 @@
 #include "patchwork/policies/bias_only.hpp"
 #include "patchwork/policies/fine_tune.hpp"
 #include "patchwork/policies/frozen.hpp"
+#include "patchwork/policies/lora.hpp"
 #include "patchwork/policies/norm_patch.hpp"
 #include "patchwork/policies/tune.hpp"
 
@@ -56,6 +57,58 @@ TEST_CASE("the innermost policy wins over an enclosing one") {
     CHECK(model.base().get<0>().base().weight.trainable());
     CHECK_FALSE(model.base().get<2>().weight.trainable());
     CHECK(pw::trainable_count(model) == 4 * 3 + 3);
+}
+
+TEST_CASE("a Tune with only injection policies leaves the selection to an enclosing Tune") {
+    using LoraLinear = pw::Tune<Linear64, pw::LoRA<2>>;
+    using Body = pw::Sequential<LoraLinear, pw::BasicRelu<double>, Linear64>;
+    const auto body = [] { return Body(LoraLinear(4, 3), {}, Linear64(3, 2)); };
+
+    // BiasOnly outside: both Linear biases train, and the LoRA factors; no weight.
+    pw::Tune<Body, pw::BiasOnly> bitfit(body());
+    auto& lora_linear = bitfit.base().get<0>().base();
+    CHECK(lora_linear.bias.trainable());
+    CHECK_FALSE(lora_linear.weight.trainable());
+    CHECK(bitfit.base().get<0>().inner().a.trainable());
+    CHECK(bitfit.base().get<0>().inner().b.trainable());
+    CHECK(bitfit.base().get<2>().bias.trainable());
+    CHECK_FALSE(bitfit.base().get<2>().weight.trainable());
+    CHECK(trainable_of_role(bitfit, pw::Role::bias) == 3 + 2);
+    CHECK(pw::trainable_count(bitfit) == 3 + 2 + 2 * (4 + 3));
+
+    // FineTune outside: the LoRA'd Linear's own weight trains too.
+    pw::Tune<Body, pw::FineTune> full(body());
+    CHECK(full.base().get<0>().base().weight.trainable());
+    CHECK(pw::trainable_count(full) == pw::parameter_count(full));
+
+    // No selection anywhere: the pre-trained parameters stay frozen.
+    pw::Tune<Body> none(body());
+    CHECK(pw::trainable_count(none) == 2 * (4 + 3));
+    LoraLinear alone(4, 3);
+    CHECK_FALSE(alone.base().weight.trainable());
+    CHECK_FALSE(alone.base().bias.trainable());
+    CHECK(alone.base().bias.grad.empty());
+
+    // Gradients of the mixed set are exact.
+    pw::Rng rng(5);
+    pw::testing::randomize_parameters(bitfit, rng);
+    check_gradients(bitfit, pw::Shape{3, 4});
+}
+
+TEST_CASE("an inner Tune that lists a selection policy keeps its decision under an enclosing one") {
+    using PinnedLora = pw::Tune<Linear64, pw::Frozen, pw::LoRA<2>>;
+    using Body = pw::Sequential<PinnedLora, pw::BasicRelu<double>, Linear64>;
+    pw::Tune<Body, pw::BiasOnly> model(Body(PinnedLora(4, 3), {}, Linear64(3, 2)));
+    CHECK_FALSE(model.base().get<0>().base().bias.trainable());
+    CHECK_FALSE(model.base().get<0>().base().weight.trainable());
+    CHECK(model.base().get<2>().bias.trainable());
+    CHECK(pw::trainable_count(model) == 2 + 2 * (4 + 3));
+
+    using FineInner = pw::Tune<Linear64, pw::FineTune>;
+    using Body2 = pw::Sequential<FineInner, pw::BasicRelu<double>, Linear64>;
+    pw::Tune<Body2, pw::Frozen> frozen_outside(Body2(FineInner(4, 3), {}, Linear64(3, 2)));
+    CHECK(frozen_outside.base().get<0>().base().weight.trainable());
+    CHECK(pw::trainable_count(frozen_outside) == 4 * 3 + 3);
 }
 
 TEST_CASE("tuned modules keep exact gradients for what trains, and pass the input gradient through") {

@@ -399,18 +399,6 @@ Run run_search(double lambda, const Pretrained& p, const pw::Dataset<float>& tra
     return r;
 }
 
-struct Summary {
-    double mean = 0, sd = 0;
-};
-Summary summarize(const std::vector<double>& v) {
-    Summary s;
-    for (double x : v) s.mean += x;
-    s.mean /= double(v.size());
-    for (double x : v) s.sd += (x - s.mean) * (x - s.mean);
-    s.sd = v.size() > 1 ? std::sqrt(s.sd / double(v.size() - 1)) : 0.0;
-    return s;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -502,7 +490,7 @@ int main(int argc, char** argv) try {
             f.push_back(100 * r->acc.fine);
             ++schemes[join(r->choices, " ")];
         }
-        const auto sp = summarize(pct), sc = summarize(c), sf = summarize(f);
+        const auto sp = pw::mean_sd(pct), sc = pw::mean_sd(c), sf = pw::mean_sd(f);
         std::string chosen;
         for (const auto& [k, v] : schemes) chosen += (chosen.empty() ? "" : "; ") + std::to_string(v) + "x " + k;
         std::printf("%-22s %8.2f +- %5.2f %9.2f +- %5.2f %9.2f +- %5.2f  %s\n", name.c_str(), sp.mean, sp.sd, sc.mean,

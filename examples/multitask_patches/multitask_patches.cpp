@@ -433,23 +433,7 @@ SeedRun run_seed(const Data& d, const Options& o, std::uint64_t seed) {
 
 // -- reporting -------------------------------------------------------------------
 
-struct Stat {
-    double mean = 0, sd = 0;
-};
-
-Stat stat(const std::vector<double>& v) {
-    Stat s;
-    for (double x : v) s.mean += x;
-    s.mean /= double(v.size());
-    if (v.size() > 1) {
-        double ss = 0;
-        for (double x : v) ss += (x - s.mean) * (x - s.mean);
-        s.sd = std::sqrt(ss / double(v.size() - 1));
-    }
-    return s;
-}
-
-std::string fmt(Stat s, bool with_sd) {
+std::string fmt(pw::MeanSd s, bool with_sd) {
     char buf[64];
     if (with_sd) std::snprintf(buf, sizeof buf, "%6.2f +- %4.2f", s.mean, s.sd);
     else std::snprintf(buf, sizeof buf, "%6.2f", s.mean);
@@ -496,17 +480,17 @@ void print_summary(const std::vector<SeedRun>& runs, const std::vector<std::uint
     for (std::size_t i = 0; i < seeds.size(); ++i)
         std::printf("%s%llu", i ? ", " : "", (unsigned long long)seeds[i]);
     std::printf("): accuracy (%%)%s ==\n", sd ? ", mean +- sample standard deviation" : "");
-    std::printf("pre-trained accuracy on classes 0-6: %s%%\n", fmt(stat(pre), sd).c_str());
+    std::printf("pre-trained accuracy on classes 0-6: %s%%\n", fmt(pw::mean_sd(pre), sd).c_str());
     const int w = sd ? 14 : 6;
     std::printf("%-54s %*s %*s %*s %*s %*s %10s %9s %8s\n", "patch", w, "task0", w, "task1", w, "task2", w, "task3", w,
                 "mean", "% backbone", "per task", "time(s)");
     for (std::size_t i = 0; i < rows.size(); ++i) {
         std::printf("%-54s", rows[i].name.c_str());
-        for (std::size_t k = 0; k <= kTasks; ++k) std::printf(" %s", fmt(stat(values(runs, i, k)), sd).c_str());
+        for (std::size_t k = 0; k <= kTasks; ++k) std::printf(" %s", fmt(pw::mean_sd(values(runs, i, k)), sd).c_str());
         std::vector<double> secs;
         for (const auto& run : runs) secs.push_back(run.rows[i].seconds);
         std::printf(" %9.2f%% %9zu %8.1f\n", 100.0 * double(rows[i].patch) / double(runs[0].backbone),
-                    rows[i].per_task, stat(secs).mean);
+                    rows[i].per_task, pw::mean_sd(secs).mean);
     }
 
     // Share of full fine-tuning's gain over head-only training, on the seed means.
@@ -517,8 +501,8 @@ void print_summary(const std::vector<SeedRun>& runs, const std::vector<std::uint
         if (i == head || i == full) continue;
         std::printf("%-54s", rows[i].name.c_str());
         for (std::size_t k = 0; k <= kTasks; ++k) {
-            const double h = stat(values(runs, head, k)).mean, f = stat(values(runs, full, k)).mean;
-            std::printf(" %6.0f%%", 100 * (stat(values(runs, i, k)).mean - h) / (f - h));
+            const double h = pw::mean_sd(values(runs, head, k)).mean, f = pw::mean_sd(values(runs, full, k)).mean;
+            std::printf(" %6.0f%%", 100 * (pw::mean_sd(values(runs, i, k)).mean - h) / (f - h));
         }
         std::printf("\n");
     }
@@ -538,7 +522,7 @@ void print_summary(const std::vector<SeedRun>& runs, const std::vector<std::uint
             const auto a = values(runs, i, k), b = values(runs, ref, k);
             std::vector<double> diff;
             for (std::size_t s = 0; s < a.size(); ++s) diff.push_back(a[s] - b[s]);
-            Stat st = stat(diff);
+            pw::MeanSd st = pw::mean_sd(diff);
             char buf[64];
             if (sd) std::snprintf(buf, sizeof buf, "%+6.2f +- %4.2f", st.mean, st.sd);
             else std::snprintf(buf, sizeof buf, "%+6.2f", st.mean);

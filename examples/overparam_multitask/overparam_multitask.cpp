@@ -225,21 +225,7 @@ Run train(Trunk& trunk, std::vector<pw::Linear>& heads, const pw::Dataset<float>
     return run;
 }
 
-struct Stat {
-    double mean = 0, sd = 0;
-};
-Stat stat(const std::vector<double>& v) {
-    Stat s;
-    for (double x : v) s.mean += x;
-    s.mean /= double(v.size());
-    if (v.size() > 1) {
-        for (double x : v) s.sd += (x - s.mean) * (x - s.mean);
-        s.sd = std::sqrt(s.sd / double(v.size() - 1));
-    }
-    return s;
-}
-
-std::string pm(Stat s, double scale, int digits) {
+std::string pm(pw::MeanSd s, double scale, int digits) {
     char buf[64];
     std::snprintf(buf, sizeof buf, "%.*f ± %.*f", digits, s.mean * scale, digits, s.sd * scale);
     return buf;
@@ -351,10 +337,10 @@ int main(int argc, char** argv) try {
         }
         const std::string name = key.expansion == 0 ? "direct" : "overparam x" + std::to_string(key.expansion);
         std::printf("%-6zu %-14s %10zu %10zu %16s %16s %16s %16s %16s %16s %9.1f\n", key.width, name.c_str(),
-                    list.front().trained_params, list.front().inference_params, pm(stat(acc[0]), 100, 2).c_str(),
-                    pm(stat(acc[1]), 100, 2).c_str(), pm(stat(acc[2]), 100, 2).c_str(),
-                    pm(stat(mean_acc), 100, 2).c_str(), pm(stat(first_loss), 1, 3).c_str(),
-                    pm(stat(last_loss), 1, 3).c_str(), stat(secs).mean);
+                    list.front().trained_params, list.front().inference_params, pm(pw::mean_sd(acc[0]), 100, 2).c_str(),
+                    pm(pw::mean_sd(acc[1]), 100, 2).c_str(), pm(pw::mean_sd(acc[2]), 100, 2).c_str(),
+                    pm(pw::mean_sd(mean_acc), 100, 2).c_str(), pm(pw::mean_sd(first_loss), 1, 3).c_str(),
+                    pm(pw::mean_sd(last_loss), 1, 3).c_str(), pw::mean_sd(secs).mean);
         if (key.expansion != 0 && collapse_diff > 1e-3)
             throw pw::Error("overparam_multitask: collapsing changed a logit by " + std::to_string(collapse_diff));
     }

@@ -38,11 +38,13 @@
 #include "patchwork/policies/norm_patch.hpp"
 #include "patchwork/policies/over_param.hpp"
 #include "patchwork/policies/scale_shift.hpp"
-#include "patchwork/policies/search.hpp"
 #include "patchwork/policies/tune.hpp"
 
 #include "patchwork/search/gates.hpp"
-#include "patchwork/search/search.hpp"
+#include "patchwork/search/derive.hpp"
+#include "patchwork/search/loop.hpp"
+#include "patchwork/search/search_module.hpp"
+#include "patchwork/search/penalty.hpp"
 #include "patchwork/train/batch.hpp"
 #include "patchwork/train/clip.hpp"
 #include "patchwork/train/loss.hpp"
@@ -50,10 +52,12 @@
 #include "patchwork/train/optimizer.hpp"
 #include "patchwork/train/progress.hpp"
 #include "patchwork/train/schedule.hpp"
+#include "patchwork/train/step.hpp"
 #include "patchwork/train/trainer.hpp"
 
 #include "patchwork/io/dataset.hpp"
 #include "patchwork/io/idx.hpp"
+#include "patchwork/io/npy.hpp"
 #include "patchwork/io/parameter_files.hpp"
 
 #include "patchwork/layers/attention.hpp"

@@ -4,7 +4,7 @@
 #include "patchwork/layers/activation.hpp"
 #include "patchwork/layers/linear.hpp"
 #include "patchwork/policies/frozen.hpp"
-#include "patchwork/policies/search.hpp"
+#include "patchwork/search/search_module.hpp"
 
 int main() {
     using Block = patchwork::Sequential<patchwork::Linear, patchwork::Relu>;

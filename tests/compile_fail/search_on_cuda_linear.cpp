@@ -3,7 +3,7 @@
 // expected: patchwork::Tune: on Device = Cuda the policies are Frozen, FineTune, BiasOnly, NormPatch
 #include "patchwork/layers/linear.hpp"
 #include "patchwork/policies/adapter.hpp"
-#include "patchwork/policies/search.hpp"
+#include "patchwork/search/search_module.hpp"
 #include "patchwork/policies/tune.hpp"
 
 int main() {

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <type_traits>
 
 #include "patchwork/core/tensor.hpp"
 
@@ -57,6 +58,21 @@ template <class T>
 void xavier_uniform(Tensor<T>& t, Rng& rng, std::size_t fan_in, std::size_t fan_out) {
     const double bound = std::sqrt(6.0 / double(fan_in + fan_out));
     uniform(t, rng, -bound, bound);
+}
+
+/// Runs `draw(host_tensor)` for `t` wherever it lives: on the CPU it draws
+/// into t itself; for a device tensor it draws the same values into a host
+/// tensor of t's shape and copies them over, so a device model starts from
+/// the CPU model's weights for the same seed.
+template <class T, class D, class Draw>
+void on_host(Tensor<T, D>& t, Draw&& draw) {
+    if constexpr (std::is_same_v<D, Cpu>) {
+        draw(t);
+    } else {
+        Tensor<T> host(t.shape());
+        draw(host);
+        copy(host, t);
+    }
 }
 
 }  // namespace init

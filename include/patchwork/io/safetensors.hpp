@@ -48,16 +48,13 @@
 #include <utility>
 #include <vector>
 
-#if __has_include(<unistd.h>)
-#include <unistd.h>
-#define PATCHWORK_SAFETENSORS_HAVE_FSYNC 1
-#endif
 
 #include <nlohmann/json.hpp>
 
 #include "patchwork/core/error.hpp"
 #include "patchwork/core/shape.hpp"
 #include "patchwork/core/tensor.hpp"
+#include "patchwork/io/atomic_file.hpp"
 
 namespace patchwork {
 
@@ -180,65 +177,6 @@ private:
     static constexpr int max_depth = 16;
     std::string source_;
     std::vector<std::set<std::string>> keys_;
-};
-
-/// The temporary file SafetensorsWriter::save writes: created beside the
-/// target (so the rename stays within one file system), renamed over it by
-/// commit(), removed by the destructor when commit() did not happen.
-class SafetensorsTempFile {
-public:
-    std::FILE* file = nullptr;
-
-    explicit SafetensorsTempFile(const std::filesystem::path& target) : target_(target), name_(target.string()) {
-        const std::filesystem::path dir =
-            target.parent_path().empty() ? std::filesystem::path(".") : target.parent_path();
-        std::random_device rd;
-        int err = 0;
-        for (int attempt = 0; attempt < 16 && !file; ++attempt) {
-            path_ = dir / concat(".", target.filename().string(), ".tmp.", std::hex, rd(), rd());
-            errno = 0;
-            file = std::fopen(path_.string().c_str(), "wbx");  // x: never reuse an existing file
-            err = errno;
-            if (!file && err != EEXIST) break;
-        }
-        if (!file)
-            safetensors_fail(name_, concat("cannot create a temporary file in ", dir.string(),
-                                           " (not writable?): ", std::strerror(err)));
-    }
-    SafetensorsTempFile(const SafetensorsTempFile&) = delete;
-    SafetensorsTempFile& operator=(const SafetensorsTempFile&) = delete;
-    ~SafetensorsTempFile() {
-        if (file) std::fclose(file);
-        if (!committed_) {
-            std::error_code ignore;
-            std::filesystem::remove(path_, ignore);
-        }
-    }
-
-    /// Flush, sync and close the file, then rename it over the target; throws
-    /// IoError (and the destructor removes the file) when anything failed.
-    void commit(bool written, int write_errno) {
-        if (!written) safetensors_fail(name_, concat("write error: ", std::strerror(write_errno)));
-        errno = 0;
-        bool ok = std::fflush(file) == 0;
-#ifdef PATCHWORK_SAFETENSORS_HAVE_FSYNC
-        ok = ok && ::fsync(::fileno(file)) == 0;
-#endif
-        const int err = errno;
-        const bool closed = std::fclose(file) == 0;
-        file = nullptr;
-        if (!ok || !closed) safetensors_fail(name_, concat("write error: ", std::strerror(err ? err : errno)));
-        std::error_code ec;
-        std::filesystem::rename(path_, target_, ec);
-        if (ec) safetensors_fail(name_, concat("cannot replace the file with the finished temporary file: ", ec.message()));
-        committed_ = true;
-    }
-
-private:
-    std::filesystem::path target_;
-    std::string name_;
-    std::filesystem::path path_;
-    bool committed_ = false;
 };
 
 }  // namespace detail
@@ -519,7 +457,7 @@ public:
         const auto order = validated_order(name);  // before anything touches the disk
         const std::string header = header_json(order, name);
 
-        detail::SafetensorsTempFile tmp(path);
+        detail::AtomicFile tmp(path, "safetensors");
         bool ok = true;
         int err = 0;
         write_items(order, header, [&](const void* p, std::size_t n) {

@@ -65,13 +65,7 @@ public:
 
     void reset_parameters(Rng& rng) {
         // Kaiming-uniform with gain 1 (variance 1/fan_in), as is usual for linear layers.
-        if constexpr (std::is_same_v<D, Cpu>) {
-            init::kaiming_uniform(weight.value, rng, in_, 1.0);
-        } else {  // the same draws as on the CPU, then copied to the device
-            Tensor<T> w(weight.value.shape());
-            init::kaiming_uniform(w, rng, in_, 1.0);
-            copy(w, weight.value);
-        }
+        init::on_host(weight.value, [&](Tensor<T>& w) { init::kaiming_uniform(w, rng, in_, 1.0); });
         if (has_bias_) bias.value.zero();
     }
 

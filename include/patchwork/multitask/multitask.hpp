@@ -14,7 +14,8 @@
 //
 // A forward or backward of task k binds bank k into the slots by swapping
 // tensors (std::swap of value and grad: O(1) per parameter, no copy), runs the
-// backbone, and swaps back. Outside a forward/backward the slots hold the
+// backbone, and swaps back. The banks, their names and the binding are
+// TaskBanks (multitask/banks.hpp); this file holds the model and its passes. Outside a forward/backward the slots hold the
 // pre-trained values and no gradient. visit() shows the shared backbone
 // parameters, then per task its bank and its head, never the slots, so
 // optimisers, parameter_report and the safetensors functions (save_base,
@@ -75,30 +76,9 @@
 #include "patchwork/core/parameter.hpp"
 #include "patchwork/core/tensor.hpp"
 #include "patchwork/core/mixed_batch.hpp"
+#include "patchwork/multitask/banks.hpp"
 
 namespace patchwork {
-
-/// Selects the backbone parameters that are per task.
-template <class T>
-using TaskSelector = std::function<bool(const Parameter<T>&)>;
-
-/// Per task: every parameter that is trainable when the model is built (what
-/// the backbone's policies train).
-struct PerTaskTrainable {
-    template <class T>
-    bool operator()(const Parameter<T>& p) const noexcept {
-        return p.trainable();
-    }
-};
-
-/// Per task: every parameter whose role is in `roles` (bit r for Role r, see role_bit).
-struct PerTaskRoles {
-    unsigned roles = 0;
-    template <class T>
-    bool operator()(const Parameter<T>& p) const noexcept {
-        return (roles & role_bit(p.role())) != 0;
-    }
-};
 
 /// Options of a MultiTask model.
 struct MultiTaskOptions {
@@ -130,37 +110,9 @@ public:
     /// One task per head. Bank k starts as a copy of the backbone's values.
     template <class Selector = PerTaskTrainable>
     MultiTask(Backbone backbone, std::vector<Head> heads, Selector per_task = {}, MultiTaskOptions options = {})
-        : backbone_(std::move(backbone)), one_pass_(options.one_pass) {
+        : backbone_(std::move(backbone)), banks_(unnamed(backbone_), per_task, options.per_task_statistics),
+          one_pass_(options.one_pass) {
         if (heads.empty()) throw ConfigError("multitask: at least one task (one head) is needed");
-        backbone_.set_path("");
-        backbone_.visit([&](Parameter<T>& p) {
-            if (!per_task(std::as_const(p))) return;
-            slots_.push_back(&p);
-            slot_trainable_.push_back(p.trainable());
-            slot_rel_.push_back(p.name());
-            pretrained_.push_back(p.value);
-        });
-        if (options.per_task_statistics) {
-            for_each_module(backbone_, [&](auto& m) {
-                if constexpr (requires {
-                                  m.running_mean;
-                                  m.running_var;
-                                  m.fold();
-                              }) {
-                    if constexpr (std::is_same_v<std::remove_cvref_t<decltype(m.running_mean)>, Tensor<T>>) {
-                        stats_.push_back(&m.running_mean);
-                        stats_.push_back(&m.running_var);
-                        stat_rel_.push_back(m.path().empty() ? std::string("running_mean")
-                                                             : m.path() + ".running_mean");
-                        stat_rel_.push_back(m.path().empty() ? std::string("running_var")
-                                                             : m.path() + ".running_var");
-                        pretrained_stats_.push_back(m.running_mean);
-                        pretrained_stats_.push_back(m.running_var);
-                    }
-                }
-            });
-        }
-        for (auto* s : slots_) s->set_trainable(false);
         for (auto& h : heads) add_bank_and_head(std::move(h), -1);
         set_path("");
     }
@@ -206,20 +158,16 @@ public:
     /// Bank parameters of `task` (per-task backbone parameters, in slot order).
     [[nodiscard]] std::deque<Parameter<T>>& bank(int task) {
         check_task(task);
-        return banks_[std::size_t(task)];
+        return banks_.bank(std::size_t(task));
     }
     /// The per-task BatchNorm statistics of `task` (running_mean, running_var per BatchNorm2d).
     [[nodiscard]] std::deque<Parameter<T>>& statistics(int task) {
         check_task(task);
-        return bank_stats_[std::size_t(task)];
+        return banks_.statistics(std::size_t(task));
     }
     /// Number of per-task backbone parameters (slots) and of their scalars.
-    [[nodiscard]] std::size_t slot_count() const noexcept { return slots_.size(); }
-    [[nodiscard]] std::size_t patch_size() const noexcept {
-        std::size_t n = 0;
-        for (const auto& v : pretrained_) n += v.size();
-        return n;
-    }
+    [[nodiscard]] std::size_t slot_count() const noexcept { return banks_.slot_count(); }
+    [[nodiscard]] std::size_t patch_size() const noexcept { return banks_.patch_size(); }
 
     /// Whether forward(x, task_ids) may use the one-pass path (MultiTaskOptions::one_pass).
     void set_one_pass(bool on) noexcept { one_pass_ = on; }
@@ -243,7 +191,7 @@ public:
             }
         });
         if (!statistics_ok) return false;
-        for (const auto* slot : slots_)
+        for (const auto* slot : banks_.slots())
             if (std::find(per_row.begin(), per_row.end(), slot) == per_row.end()) return false;
         return true;
     }
@@ -264,7 +212,7 @@ public:
         last_pass_ = MixedPass::none;
         const Tensor<T>* feat = nullptr;
         {
-            Binding bind(*this, task);
+            Binding bind(banks_, task);
             feat = &backbone_.forward(x);
         }
         Head& h = heads_[std::size_t(task)];
@@ -303,7 +251,7 @@ public:
                                        ": backward needs a forward first (no forward since the model was built, or "
                                        "the last one failed)"));
         if (state_ == State::single) {
-            Binding bind(*this, last_task_);
+            Binding bind(banks_, last_task_);
             const Tensor<T>& dfeat = heads_[std::size_t(last_task_)].backward(dy);
             backbone_.set_input_grad(input_grad_);
             const Tensor<T>& dx = backbone_.backward(dfeat);
@@ -321,14 +269,15 @@ public:
         for (std::size_t gi = groups_.size(); gi-- > 0;) {
             const Group& g = groups_[gi];
             gather(dy, g.rows, out_row, group_dy_);
-            Binding bind(*this, g.task);
+            Binding bind(banks_, g.task);
             // The layers hold the state of the last group's forward only; redo
             // this group's forward (its running statistics restored after).
             if (gi + 1 != groups_.size()) {
-                snapshot_.resize(stats_.size());
-                for (std::size_t i = 0; i < stats_.size(); ++i) snapshot_[i] = *stats_[i];
+                const auto& stats = banks_.statistics_slots();
+                snapshot_.resize(stats.size());
+                for (std::size_t i = 0; i < stats.size(); ++i) snapshot_[i] = *stats[i];
                 backbone_.forward(group_x_[gi]);
-                for (std::size_t i = 0; i < stats_.size(); ++i) *stats_[i] = snapshot_[i];
+                for (std::size_t i = 0; i < stats.size(); ++i) *stats[i] = snapshot_[i];
             }
             const Tensor<T>& dfeat = heads_[std::size_t(g.task)].backward(group_dy_);
             const Tensor<T>& dxg = backbone_.backward(dfeat);
@@ -364,13 +313,8 @@ public:
     /// Re-draws the backbone and the heads; every bank restarts from the new backbone values.
     void reset_parameters(Rng& rng) {
         backbone_.reset_parameters(rng);
-        for (std::size_t i = 0; i < slots_.size(); ++i) pretrained_[i] = slots_[i]->value;
-        for (std::size_t i = 0; i < stats_.size(); ++i) pretrained_stats_[i] = *stats_[i];
-        for (std::size_t k = 0; k < tasks(); ++k) {
-            for (std::size_t i = 0; i < slots_.size(); ++i) banks_[k][i].value = pretrained_[i];
-            for (std::size_t i = 0; i < stats_.size(); ++i) bank_stats_[k][i].value = pretrained_stats_[i];
-            heads_[k].reset_parameters(rng);
-        }
+        banks_.restart();
+        for (std::size_t k = 0; k < tasks(); ++k) heads_[k].reset_parameters(rng);
     }
 
     void set_path(const std::string& p) {
@@ -386,42 +330,17 @@ private:
         std::vector<std::size_t> rows;
     };
 
-    /// Swaps bank `task` into the slots for its lifetime (and back out).
-    class Binding {
-    public:
-        Binding(MultiTask& m, int task) : m_(m), k_(std::size_t(task)) { m_.swap_bank(k_, true); }
-        ~Binding() { m_.swap_bank(k_, false); }
-        Binding(const Binding&) = delete;
-        Binding& operator=(const Binding&) = delete;
+    using Binding = typename TaskBanks<T>::Binding;
 
-    private:
-        MultiTask& m_;
-        std::size_t k_;
-    };
-
-    /// While alive: `ctx_` is this thread's active mixed batch, and each slot
-    /// reads as trainable when any task's bank of it is (so that modules which
-    /// skip a backward when nothing below them trains still run it); the slots
-    /// keep their pre-trained values and receive no gradient (the modules route
-    /// per-row work to the banks).
+    /// While alive: `ctx_` is this thread's active mixed batch, and the slots
+    /// read as trainable where a bank trains (TaskBanks::OnePassTrainable).
     class OnePass {
     public:
-        explicit OnePass(MultiTask& m) : m_(m), scope_(&m.ctx_) {
-            for (std::size_t i = 0; i < m_.slots_.size(); ++i) {
-                bool any = false;
-                for (auto& bank : m_.banks_) any = any || bank[i].trainable();
-                if (any) m_.slots_[i]->set_trainable(true);
-            }
-        }
-        ~OnePass() {
-            for (auto* s : m_.slots_) s->set_trainable(false);
-        }
-        OnePass(const OnePass&) = delete;
-        OnePass& operator=(const OnePass&) = delete;
+        explicit OnePass(MultiTask& m) : scope_(&m.ctx_), trainable_(m.banks_) {}
 
     private:
-        MultiTask& m_;
         MixedBatchScope<T> scope_;
+        typename TaskBanks<T>::OnePassTrainable trainable_;
     };
 
     /// One backbone pass: rows sorted by task (a stable counting sort, so each
@@ -444,16 +363,7 @@ private:
         ctx_.reset(n, K);
         for (std::size_t k = 0; k < K; ++k)
             if (start[k + 1] > start[k]) ctx_.add_segment(int(k), start[k], start[k + 1]);
-        std::vector<Parameter<T>*> bank_of(K);
-        for (std::size_t i = 0; i < slots_.size(); ++i) {
-            for (std::size_t k = 0; k < K; ++k) bank_of[k] = &banks_[k][i];
-            ctx_.add_slot(slots_[i], bank_of);
-        }
-        std::vector<Tensor<T>*> stat_of(K);
-        for (std::size_t i = 0; i < stats_.size(); ++i) {
-            for (std::size_t k = 0; k < K; ++k) stat_of[k] = &bank_stats_[k][i].value;
-            ctx_.add_statistic(stats_[i], stat_of);
-        }
+        banks_.describe(ctx_);
 
         if (!sorted) gather(x, order_, row, xp_);
         const Tensor<T>* feat = nullptr;
@@ -547,7 +457,7 @@ private:
             const Group& g = groups_[gi];
             gather(x, g.rows, row, group_x_[gi]);
             {
-                Binding bind(*this, g.task);
+                Binding bind(banks_, g.task);
                 group_feat_[gi] = backbone_.forward(group_x_[gi]);
             }
             Head& h = heads_[std::size_t(g.task)];
@@ -573,50 +483,19 @@ private:
                                         first_task, " rows of ", y_.size() / x_shape_[0], " values"));
     }
 
-    void swap_bank(std::size_t k, bool bind) noexcept {
-        auto& bank = banks_[k];
-        for (std::size_t i = 0; i < slots_.size(); ++i) {
-            Parameter<T>& s = *slots_[i];
-            Parameter<T>& b = bank[i];
-            std::swap(s.value, b.value);
-            std::swap(s.grad, b.grad);
-            // While bound the slot trains exactly when the bank does; the
-            // gradient buffer it would allocate is already there (swapped in).
-            if (bind) s.set_trainable(b.trainable());
-            else s.set_trainable(false);
-        }
-        auto& st = bank_stats_[k];
-        for (std::size_t i = 0; i < stats_.size(); ++i) std::swap(*stats_[i], st[i].value);
-    }
-
     template <class F>
     void visit_all(F&& f) {
         backbone_.visit([&](Parameter<T>& p) {
-            if (std::find(slots_.begin(), slots_.end(), &p) == slots_.end()) f(p, false);
+            if (!banks_.is_slot(&p)) f(p, false);
         });
         for (std::size_t k = 0; k < tasks(); ++k) {
-            for (auto& p : banks_[k]) f(p, false);
-            for (auto& p : bank_stats_[k]) f(p, true);
+            banks_.visit(k, f);
             heads_[k].visit([&](Parameter<T>& p) { f(p, false); });
         }
     }
 
     int add_bank_and_head(Head head, int init_from) {
-        const int k = int(tasks());
-        auto& bank = banks_.emplace_back();
-        for (std::size_t i = 0; i < slots_.size(); ++i) {
-            Parameter<T>& p = bank.emplace_back(slots_[i]->leaf(), slots_[i]->role(), slots_[i]->value.shape(),
-                                                slot_trainable_[i], k);
-            p.value = init_from < 0 ? pretrained_[i] : banks_[std::size_t(init_from)][i].value;
-        }
-        auto& st = bank_stats_.emplace_back();
-        for (std::size_t i = 0; i < stats_.size(); ++i) {
-            const std::string& rel = stat_rel_[i];
-            const auto dot = rel.rfind('.');
-            Parameter<T>& p = st.emplace_back(dot == std::string::npos ? rel : rel.substr(dot + 1), Role::norm_shift,
-                                              stats_[i]->shape(), false, k);
-            p.value = init_from < 0 ? pretrained_stats_[i] : bank_stats_[std::size_t(init_from)][i].value;
-        }
+        const int k = banks_.add(init_from);
         Head& h = heads_.emplace_back(std::move(head));
         h.visit([&](Parameter<T>& p) { p.set_task(k); });
         name_task(std::size_t(k));
@@ -630,8 +509,7 @@ private:
             const auto dot = rel.rfind('.');
             return child_path(dot == std::string::npos ? prefix : prefix + "." + rel.substr(0, dot));
         };
-        for (std::size_t i = 0; i < slots_.size(); ++i) banks_[k][i].set_prefix(module_of(slot_rel_[i]));
-        for (std::size_t i = 0; i < stats_.size(); ++i) bank_stats_[k][i].set_prefix(module_of(stat_rel_[i]));
+        banks_.name(k, module_of);
         heads_[k].set_path(child_path(prefix + ".head"));
         heads_[k].visit([&](Parameter<T>& p) { p.set_task(int(k)); });
     }
@@ -658,17 +536,15 @@ private:
             std::copy_n(src.data() + r * row, row, dst.data() + rows[r] * row);
     }
 
+    /// The backbone with its path cleared, so slot names are relative to it.
+    static Backbone& unnamed(Backbone& b) {
+        b.set_path("");
+        return b;
+    }
+
     Backbone backbone_;
-    std::vector<Parameter<T>*> slots_;
-    std::vector<bool> slot_trainable_;
-    std::vector<std::string> slot_rel_;  ///< slot names relative to the backbone
-    std::vector<Tensor<T>> pretrained_;  ///< slot values at construction
-    std::vector<Tensor<T>*> stats_;      ///< running_mean, running_var of each BatchNorm2d
-    std::vector<std::string> stat_rel_;
-    std::vector<Tensor<T>> pretrained_stats_;
-    // deques: adding a task never moves existing parameters (optimisers hold pointers).
-    std::deque<std::deque<Parameter<T>>> banks_;
-    std::deque<std::deque<Parameter<T>>> bank_stats_;
+    TaskBanks<T> banks_;
+    // a deque: adding a task never moves existing heads (optimisers hold pointers).
     std::deque<Head> heads_;
     int active_ = 0;
 

@@ -33,6 +33,7 @@
 #include "patchwork/train/loss.hpp"
 #include "patchwork/train/metrics.hpp"
 #include "patchwork/train/optimizer.hpp"
+#include "patchwork/train/step.hpp"
 #include "patchwork/train/trainer.hpp"
 
 namespace patchwork {
@@ -89,8 +90,8 @@ MultiTaskHistory fit_multitask(MT& model, O& opt, std::vector<S>& sources, const
     Rng rng(options.seed);
     std::ostream& out = options.out ? *options.out : std::cout;
     MultiTaskHistory history;
-    const bool input_grad_before = model.input_grad();
-    model.set_input_grad(false);
+    // The first layer never needs dL/dx; the caller's setting comes back on every exit.
+    const InputGradientOff<MT> no_input_grad(model);
     for (std::size_t epoch = 0; epoch < options.epochs; ++epoch) {
         const auto t0 = std::chrono::steady_clock::now();
         std::size_t total = 0;
@@ -117,16 +118,16 @@ MultiTaskHistory fit_multitask(MT& model, O& opt, std::vector<S>& sources, const
             auto& src = sources[task];
             auto&& batch = src.batch(next[task]++ % src.batches());
             const Batch<T>& b = batch;
-            zero_grad(model);
-            const Tensor<T>& y = model.forward(b.x, int(task));
-            Loss<T> loss = detail::call_loss<T>(loss_fn, y, b);
-            if (!std::isfinite(double(loss.value)))
-                throw Error(detail::concat("fit_multitask: the loss of task ", task, " is ", double(loss.value),
-                                           " at epoch ", epoch, " step ", step));
-            model.backward(loss.grad);
-            opt.step();
+            const StepResult r = train_step(
+                model, opt, [&]() -> const Tensor<T>& { return model.forward(b.x, int(task)); },
+                [&](const Tensor<T>& y) { return detail::call_loss<T>(loss_fn, y, b); }, "fit_multitask",
+                [&](double v) {
+                    return detail::concat("fit_multitask: the loss of task ", task, " is ", v, " at epoch ", epoch,
+                                          " step ", step);
+                },
+                std::vector<Parameter<T>*>{}, 0.0);
             const std::size_t n = detail::batch_samples(b);
-            stats.loss[task] += double(loss.value) * double(n);
+            stats.loss[task] += r.loss * double(n);
             samples[task] += n;
             ++stats.steps[task];
             ++history.steps;
@@ -142,7 +143,6 @@ MultiTaskHistory fit_multitask(MT& model, O& opt, std::vector<S>& sources, const
         }
         history.epochs.push_back(std::move(stats));
     }
-    model.set_input_grad(input_grad_before);
     return history;
 }
 

@@ -39,6 +39,7 @@
 #include "patchwork/core/mixed_batch.hpp"
 #include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/ops/gemm.hpp"
+#include "patchwork/policies/injection.hpp"
 #include "patchwork/policies/policy.hpp"
 
 namespace patchwork {
@@ -53,7 +54,8 @@ using adapter_function_t = std::conditional_t<A == AdapterActivation::relu, acti
 
 /// Module M followed by a residual bottleneck adapter of width Bottleneck.
 template <class Inner, std::size_t Bottleneck, AdapterActivation Act = AdapterActivation::relu>
-class AdapterModule : public ModuleBase {
+class AdapterModule : public InjectionModule<AdapterModule<Inner, Bottleneck, Act>, Inner> {
+    using Base = InjectionModule<AdapterModule, Inner>;
     static_assert(Module<Inner>, "patchwork::Adapter<r>: the wrapped type must satisfy patchwork::Module");
     static_assert(Inner::fixed_width,
                   "patchwork::Adapter<r> needs a module whose output width is known (a Linear, a LayerNorm, or a "
@@ -64,9 +66,8 @@ public:
     using Scalar = typename Inner::Scalar;
     using Device = device_of_t<Inner>;
     using Function = detail::adapter_function_t<Act>;
-    static constexpr const char* kind() { return Inner::kind(); }
-    static constexpr unsigned roles = Inner::roles;
-    static constexpr bool fixed_width = true;
+    static constexpr const char* own_name = "adapter";  ///< parameters read "<path>.adapter.down.weight", ...
+    static constexpr bool mixed_rows = true;             ///< applies per-task parameters per row (visit_mixed)
     static constexpr std::size_t bottleneck = Bottleneck;
     static constexpr AdapterActivation activation_kind = Act;
 
@@ -75,17 +76,20 @@ public:
         requires std::constructible_from<Inner, Args...> &&
                  (sizeof...(Args) != 1 || (!std::same_as<std::remove_cvref_t<Args>, AdapterModule> && ...))
     explicit AdapterModule(Args&&... args)
-        : inner_(std::forward<Args>(args)...), width_(checked_width(inner_.out_features())),
+        : Base(std::in_place, std::forward<Args>(args)...),
+          width_(Base::checked_width(inner_.out_features(), detail::concat("Adapter<", Bottleneck, ">"))),
           down_weight("down.weight", Role::adapter, Shape{Bottleneck, width_}),
           down_bias("down.bias", Role::adapter, Shape{Bottleneck}),
           up_weight("up.weight", Role::adapter, Shape{width_, Bottleneck}),
           up_bias("up.bias", Role::adapter, Shape{width_}) {
         reset_adapter(default_rng());
-        set_path("");
+        this->set_path("");
     }
 
 private:
-    Inner inner_;
+    using Base::inner_;
+    using Base::input_grad_;
+    using Base::path_;
     std::size_t width_;
 
 public:
@@ -94,9 +98,6 @@ public:
     Parameter<Scalar, Device> up_weight;    ///< U, [d, r], zero at the start
     Parameter<Scalar, Device> up_bias;      ///< b_u, [d], zero at the start
 
-    /// The wrapped module.
-    [[nodiscard]] Inner& inner() noexcept { return inner_; }
-    [[nodiscard]] const Inner& inner() const noexcept { return inner_; }
     [[nodiscard]] std::size_t out_features() const noexcept { return width_; }
 
     /// Re-draws the wrapped module, then restarts the adapter as the identity.
@@ -122,7 +123,7 @@ public:
     const Tensor<Scalar, Device>& backward(const Tensor<Scalar, Device>& dy) {
         check_same_shape(dy, y_.shape(), path_, "adapter output gradient");
         if constexpr (std::is_same_v<Device, Cuda>) {
-            const bool through_inner = input_grad_ || any_trainable(inner_);
+            const bool through_inner = this->through_inner();
             auto grad_of = [](auto& p) { return p.wants_grad() ? &p.grad : nullptr; };
             cuda::adapter_backward(h_.get(y_.shape(), path_, "wrapped module's output"), dy, down_weight.value,
                                    up_weight.value, Act == AdapterActivation::gelu, z_,
@@ -132,17 +133,6 @@ public:
             return wrapped_backward(inner_, dh_, input_grad_, empty_);
         } else {
             return cpu_backward(dy);
-        }
-    }
-
-    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch).
-    template <class F>
-    void visit_mixed(F&& f) {
-        if constexpr (std::is_same_v<Device, Cpu>) {
-            f(down_weight);
-            f(down_bias);
-            f(up_weight);
-            f(up_bias);
         }
     }
 
@@ -174,7 +164,7 @@ private:
         // Per segment of a mixed batch, with that segment's task's D, b_d, U, b_u (derivation at the top of
         // this file); one segment of all rows otherwise.
         const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
-        const bool through_inner = input_grad_ || any_trainable(inner_);
+        const bool through_inner = this->through_inner();
         if (through_inner) dh_ = dy;
         for_each_segment(mb, dy, path_, "adapter output gradient", [&](int task, std::size_t r0, std::size_t n) {
             const Eigen::Index first = Eigen::Index(r0), rows = Eigen::Index(n);
@@ -205,49 +195,19 @@ private:
     }
 
 public:
-    /// f(wrapped module) (see for_each_module).
+    /// The adapter's own parameters (see InjectionModule::visit).
     template <class F>
-    void visit_children(F&& f) {
-        f(inner_);
-    }
-    template <class F>
-    void visit(F&& f) {
-        inner_.visit(f);
+    void visit_own(F&& f) {
         f(down_weight);
         f(down_bias);
         f(up_weight);
         f(up_bias);
     }
 
-    /// The wrapped module keeps the path; the adapter's parameters read "<path>.adapter.down.weight", ...
-    void set_path(const std::string& p) {
-        path_ = p;
-        inner_.set_path(p);
-        const std::string own = child_path("adapter");
-        down_weight.set_prefix(own);
-        down_bias.set_prefix(own);
-        up_weight.set_prefix(own);
-        up_bias.set_prefix(own);
-    }
-
 private:
-    static std::size_t checked_width(std::size_t d) {
-        if (d == 0)
-            throw ConfigError(detail::concat("adapter: the wrapped ", Inner::kind(),
-                                             " reports an output width of 0; Adapter<", Bottleneck,
-                                             "> needs a module whose output width is known"));
-        return d;
-    }
-
     void reset_adapter(Rng& rng) {
         // Kaiming-uniform with the ReLU gain for D; U and b_u zero, so y = h.
-        if constexpr (std::is_same_v<Device, Cpu>) {
-            init::kaiming_uniform(down_weight.value, rng, width_);
-        } else {  // the same draws as on the CPU, then copied to the device
-            Tensor<Scalar> w(down_weight.value.shape());
-            init::kaiming_uniform(w, rng, width_);
-            copy(w, down_weight.value);
-        }
+        init::on_host(down_weight.value, [&](Tensor<Scalar>& w) { init::kaiming_uniform(w, rng, width_); });
         down_bias.value.zero();
         up_weight.value.zero();
         up_bias.value.zero();

@@ -40,6 +40,7 @@
 #include "patchwork/layers/linear.hpp"
 #include "patchwork/core/mixed_batch.hpp"
 #include "patchwork/ops/gemm.hpp"
+#include "patchwork/policies/injection.hpp"
 #include "patchwork/policies/policy.hpp"
 
 namespace patchwork {
@@ -49,11 +50,41 @@ template <class M>
 inline constexpr bool lora_applies = false;
 template <class T, class D>
 inline constexpr bool lora_applies<BasicLinear<T, D>> = true;
+
+// The low-rank path on the CPU, over any rows of a batch (Eigen matrix blocks),
+// shared by LoRAModule and the search's LoRA branch (search/branches.hpp).
+// Derivation at the top of this file.
+
+/// u = x A^T, then y += s u B^T (y holds the base output).
+template <class T, class X, class U, class Y>
+void lora_forward_rows(const X& x, const Tensor<T>& a, const Tensor<T>& b, T s, U&& u, Y&& y) {
+    ops::gemm_nt(x, a.matrix(), u, T(1), T(0));
+    ops::gemm_nt(u, b.matrix(), y, s, T(1));
+}
+
+/// dB += s g^T u and, when A trains or `need_gb`, gb = g B and dA += s gb^T x.
+/// Returns whether gb was computed.
+template <class T, class G, class U, class X, class GB>
+bool lora_factor_grads_rows(const G& g, const U& u, const X& x, Parameter<T>& a, Parameter<T>& b, T s, GB&& gb,
+                            bool need_gb) {
+    if (b.wants_grad()) ops::gemm_tn(g, u, b.grad.matrix(), s, T(1));
+    if (!(a.wants_grad() || need_gb)) return false;
+    ops::gemm_nn(g, b.value.matrix(), gb, T(1), T(0));
+    if (a.wants_grad()) ops::gemm_tn(gb, x, a.grad.matrix(), s, T(1));
+    return true;
+}
+
+/// dx = beta dx + s gb A: the low-rank path's part of the input gradient.
+template <class T, class GB, class DX>
+void lora_input_grad_rows(const GB& gb, const Tensor<T>& a, T s, DX&& dx, T beta) {
+    ops::gemm_nn(gb, a.matrix(), dx, s, beta);
+}
 }  // namespace detail
 
 /// A Linear layer with a trainable rank-Rank update scaled by Alpha / Rank.
 template <class Inner, std::size_t Rank, std::size_t Alpha = Rank>
-class LoRAModule : public ModuleBase {
+class LoRAModule : public InjectionModule<LoRAModule<Inner, Rank, Alpha>, Inner> {
+    using Base = InjectionModule<LoRAModule, Inner>;
     static_assert(detail::lora_applies<Inner>,
                   "patchwork::LoRA<r> applies only to a Linear layer; to use LoRA in a block, tune each of its "
                   "Linear layers: Sequential<Tune<Linear, LoRA<8>>, Relu, ...>");
@@ -62,9 +93,7 @@ class LoRAModule : public ModuleBase {
 public:
     using Scalar = typename Inner::Scalar;
     using Device = device_of_t<Inner>;
-    static constexpr const char* kind() { return Inner::kind(); }
-    static constexpr unsigned roles = Inner::roles;
-    static constexpr bool fixed_width = true;
+    static constexpr const char* own_name = "lora";  ///< the factors read "<path>.lora.a" and "<path>.lora.b"
     static constexpr std::size_t rank = Rank;
     static constexpr std::size_t alpha = Alpha;
 
@@ -73,14 +102,16 @@ public:
         requires std::constructible_from<Inner, Args...> &&
                  (sizeof...(Args) != 1 || (!std::same_as<std::remove_cvref_t<Args>, LoRAModule> && ...))
     explicit LoRAModule(Args&&... args)
-        : inner_(std::forward<Args>(args)...), a("a", Role::lora, Shape{Rank, inner_.in_features()}),
+        : Base(std::in_place, std::forward<Args>(args)...), a("a", Role::lora, Shape{Rank, inner_.in_features()}),
           b("b", Role::lora, Shape{inner_.out_features(), Rank}) {
         reset_lora(default_rng());
-        set_path("");
+        this->set_path("");
     }
 
 private:
-    Inner inner_;
+    using Base::inner_;
+    using Base::input_grad_;
+    using Base::path_;
     Scalar scale_ = Scalar(double(Alpha) / double(Rank));
     bool merged_ = false;
 
@@ -88,9 +119,6 @@ public:
     Parameter<Scalar, Device> a;  ///< A, [r, in]
     Parameter<Scalar, Device> b;  ///< B, [out, r], zero at the start
 
-    /// The wrapped Linear.
-    [[nodiscard]] Inner& inner() noexcept { return inner_; }
-    [[nodiscard]] const Inner& inner() const noexcept { return inner_; }
     [[nodiscard]] std::size_t in_features() const noexcept { return inner_.in_features(); }
     [[nodiscard]] std::size_t out_features() const noexcept { return inner_.out_features(); }
 
@@ -193,11 +221,9 @@ private:
         y_ = base;
         for_each_segment(mb, in, path_, "lora input", [&](int task, std::size_t r0, std::size_t n) {
             const Eigen::Index first = Eigen::Index(r0), rows = Eigen::Index(n);
-            auto u = u_.matrix().middleRows(first, rows);
-            ops::gemm_nt(in.matrix().middleRows(first, rows), mixed_use(mb, a, task).value.matrix(), u, T(1),
-                         T(0));  // u = x A^T
-            ops::gemm_nt(u, mixed_use(mb, b, task).value.matrix(), y_.matrix().middleRows(first, rows), scale_,
-                         T(1));  // + s u B^T
+            detail::lora_forward_rows(in.matrix().middleRows(first, rows), mixed_use(mb, a, task).value,
+                                      mixed_use(mb, b, task).value, scale_, u_.matrix().middleRows(first, rows),
+                                      y_.matrix().middleRows(first, rows));
         });
         return y_;
     }
@@ -212,14 +238,9 @@ private:
             const Eigen::Index first = Eigen::Index(r0), rows = Eigen::Index(n);
             Parameter<T>& ap = mixed_use(mb, a, task);
             Parameter<T>& bp = mixed_use(mb, b, task);
-            const auto g = dy.matrix().middleRows(first, rows);
-            if (bp.wants_grad()) ops::gemm_tn(g, u_.matrix().middleRows(first, rows), bp.grad.matrix(), scale_, T(1));
-            if (!(ap.wants_grad() || input_grad_)) return;
-            auto gb = gb_.matrix().middleRows(first, rows);
-            ops::gemm_nn(g, bp.value.matrix(), gb, T(1), T(0));  // g B
-            if (ap.wants_grad())
-                ops::gemm_tn(gb, inner_.last_input().matrix().middleRows(first, rows), ap.grad.matrix(), scale_,
-                             T(1));
+            detail::lora_factor_grads_rows(dy.matrix().middleRows(first, rows), u_.matrix().middleRows(first, rows),
+                                           inner_.last_input().matrix().middleRows(first, rows), ap, bp, scale_,
+                                           gb_.matrix().middleRows(first, rows), input_grad_);
         });
         inner_.set_input_grad(input_grad_);
         const Tensor<T>& base_dx = inner_.backward(dy);
@@ -227,44 +248,24 @@ private:
         dx_ = base_dx;
         for_each_segment(mb, dx_, path_, "lora input gradient", [&](int task, std::size_t r0, std::size_t n) {
             const Eigen::Index first = Eigen::Index(r0), rows = Eigen::Index(n);
-            ops::gemm_nn(gb_.matrix().middleRows(first, rows), mixed_use(mb, a, task).value.matrix(),
-                         dx_.matrix().middleRows(first, rows), scale_, T(1));  // + s (g B) A
+            detail::lora_input_grad_rows(gb_.matrix().middleRows(first, rows), mixed_use(mb, a, task).value, scale_,
+                                         dx_.matrix().middleRows(first, rows), T(1));  // + s (g B) A
         });
         return dx_;
     }
 
 public:
-    /// f(wrapped module) (see for_each_module).
+    /// The factors (see InjectionModule::visit).
     template <class F>
-    void visit_children(F&& f) {
-        f(inner_);
-    }
-    template <class F>
-    void visit(F&& f) {
-        inner_.visit(f);
+    void visit_own(F&& f) {
         f(a);
         f(b);
-    }
-
-    /// The Linear keeps the path; the factors read "<path>.lora.a" and "<path>.lora.b".
-    void set_path(const std::string& p) {
-        path_ = p;
-        inner_.set_path(p);
-        const std::string own = child_path("lora");
-        a.set_prefix(own);
-        b.set_prefix(own);
     }
 
 private:
     void reset_lora(Rng& rng) {
         // Kaiming-uniform with gain 1 for A (as for the Linear's own weight); B zero, so s B A = 0.
-        if constexpr (std::is_same_v<Device, Cpu>) {
-            init::kaiming_uniform(a.value, rng, inner_.in_features(), 1.0);
-        } else {  // the same draws as on the CPU, then copied to the device
-            Tensor<Scalar> w(a.value.shape());
-            init::kaiming_uniform(w, rng, inner_.in_features(), 1.0);
-            copy(w, a.value);
-        }
+        init::on_host(a.value, [&](Tensor<Scalar>& w) { init::kaiming_uniform(w, rng, inner_.in_features(), 1.0); });
         b.value.zero();
     }
 

@@ -30,13 +30,15 @@
 #include "patchwork/core/module.hpp"
 #include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/core/mixed_batch.hpp"
+#include "patchwork/policies/injection.hpp"
 #include "patchwork/policies/policy.hpp"
 
 namespace patchwork {
 
 /// Module M followed by a trainable per-channel scale and shift.
 template <class Inner>
-class ScaleShiftModule : public ModuleBase {
+class ScaleShiftModule : public InjectionModule<ScaleShiftModule<Inner>, Inner> {
+    using Base = InjectionModule<ScaleShiftModule, Inner>;
     static_assert(Module<Inner>, "patchwork::ScaleShift: the wrapped type must satisfy patchwork::Module");
     static_assert(Inner::fixed_width,
                   "patchwork::ScaleShift needs a module whose output width is known (a Linear, a LayerNorm, or a "
@@ -45,32 +47,31 @@ class ScaleShiftModule : public ModuleBase {
 public:
     using Scalar = typename Inner::Scalar;
     using Device = device_of_t<Inner>;
-    static constexpr const char* kind() { return Inner::kind(); }
-    static constexpr unsigned roles = Inner::roles;
-    static constexpr bool fixed_width = true;
+    static constexpr const char* own_name = "scale_shift";  ///< parameters read "<path>.scale_shift.scale", ".shift"
+    static constexpr bool mixed_rows = true;                 ///< applies per-task parameters per row (visit_mixed)
 
     /// Build the wrapped module from its constructor arguments (or from a module).
     template <class... Args>
         requires std::constructible_from<Inner, Args...> &&
                  (sizeof...(Args) != 1 || (!std::same_as<std::remove_cvref_t<Args>, ScaleShiftModule> && ...))
     explicit ScaleShiftModule(Args&&... args)
-        : inner_(std::forward<Args>(args)...), width_(checked_width(inner_.out_features())),
+        : Base(std::in_place, std::forward<Args>(args)...),
+          width_(Base::checked_width(inner_.out_features(), "ScaleShift")),
           scale("scale", Role::scale_shift, Shape{width_}), shift("shift", Role::scale_shift, Shape{width_}) {
         reset_patch();
-        set_path("");
+        this->set_path("");
     }
 
 private:
-    Inner inner_;
+    using Base::inner_;
+    using Base::input_grad_;
+    using Base::path_;
     std::size_t width_;
 
 public:
     Parameter<Scalar, Device> scale;  ///< s, [d], one at the start
     Parameter<Scalar, Device> shift;  ///< t, [d], zero at the start
 
-    /// The wrapped module.
-    [[nodiscard]] Inner& inner() noexcept { return inner_; }
-    [[nodiscard]] const Inner& inner() const noexcept { return inner_; }
     [[nodiscard]] std::size_t out_features() const noexcept { return width_; }
 
     /// Re-draws the wrapped module, then restarts the patch as the identity.
@@ -94,7 +95,7 @@ public:
     const Tensor<Scalar, Device>& backward(const Tensor<Scalar, Device>& dy) {
         check_same_shape(dy, y_.shape(), path_, "scale_shift output gradient");
         if constexpr (std::is_same_v<Device, Cuda>) {
-            const bool through_inner = input_grad_ || any_trainable(inner_);
+            const bool through_inner = this->through_inner();
             cuda::scale_shift_backward(h_.get(y_.shape(), path_, "wrapped module's output"), dy, scale.value,
                                        through_inner ? &dh_ : nullptr, scale.wants_grad() ? &scale.grad : nullptr,
                                        shift.wants_grad() ? &shift.grad : nullptr, path_);
@@ -102,15 +103,6 @@ public:
             return wrapped_backward(inner_, dh_, input_grad_, empty_);
         } else {
             return cpu_backward(dy);
-        }
-    }
-
-    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch).
-    template <class F>
-    void visit_mixed(F&& f) {
-        if constexpr (std::is_same_v<Device, Cpu>) {
-            f(scale);
-            f(shift);
         }
     }
 
@@ -137,7 +129,7 @@ private:
         using T = Scalar;
         // Per segment of a mixed batch, with that segment's task's s, t (derivation at the top of this file).
         const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
-        const bool through_inner = input_grad_ || any_trainable(inner_);
+        const bool through_inner = this->through_inner();
         if (through_inner) dh_.resize(dy.shape());
         const std::size_t d = width_;
         for_each_segment(mb, dy, path_, "scale_shift output gradient", [&](int task, std::size_t r0, std::size_t n) {
@@ -168,36 +160,14 @@ private:
     }
 
 public:
-    /// f(wrapped module) (see for_each_module).
+    /// The patch's own parameters (see InjectionModule::visit).
     template <class F>
-    void visit_children(F&& f) {
-        f(inner_);
-    }
-    template <class F>
-    void visit(F&& f) {
-        inner_.visit(f);
+    void visit_own(F&& f) {
         f(scale);
         f(shift);
     }
 
-    /// The wrapped module keeps the path; the patch reads "<path>.scale_shift.scale" and ".shift".
-    void set_path(const std::string& p) {
-        path_ = p;
-        inner_.set_path(p);
-        const std::string own = child_path("scale_shift");
-        scale.set_prefix(own);
-        shift.set_prefix(own);
-    }
-
 private:
-    static std::size_t checked_width(std::size_t d) {
-        if (d == 0)
-            throw ConfigError(detail::concat("scale_shift: the wrapped ", Inner::kind(),
-                                             " reports an output width of 0; ScaleShift needs a module whose "
-                                             "output width is known"));
-        return d;
-    }
-
     void reset_patch() {
         scale.value.fill(Scalar(1));
         shift.value.zero();

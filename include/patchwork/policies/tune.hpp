@@ -6,8 +6,14 @@
 //   Tune<Model, FineTune>                    everything trains
 //
 // Injection policies wrap M in the order listed (the first is innermost).
-// Selection policies decide which pre-trained parameters train; with none
-// listed the pre-trained parameters are frozen. Tune adds no path level:
+// Selection policies decide which pre-trained parameters train. The most
+// specific decision wins: a Tune that lists a selection policy decides the
+// pre-trained parameters no inner Tune has decided; a Tune that lists none
+// leaves them to an enclosing Tune, and they are frozen if no enclosing Tune
+// lists a selection policy either:
+//
+//   Tune<Block, BiasOnly>  around  Tune<Linear, LoRA<8>>          the Linear's bias trains (with A, B)
+//   Tune<Block, BiasOnly>  around  Tune<Linear, Frozen, LoRA<8>>  the Linear's bias stays frozen Tune adds no path level:
 // parameter names read as the module's own ("linear0.weight",
 // "linear0.lora.a"). Forward and backward are those of the wrapped module.
 #include <concepts>
@@ -125,13 +131,20 @@ public:
     }
 
 private:
+    /// A Tune that lists a selection policy decides every pre-trained
+    /// parameter not decided by an inner Tune. One that lists only injection
+    /// policies freezes them but leaves the decision open, so that an
+    /// enclosing Tune's selection policy still applies (BiasOnly around
+    /// Tune<Linear, LoRA<8>> trains that Linear's bias too).
     void apply_selection() {
         inner_.visit([](Parameter<Scalar, Device>& p) {
             if (is_injected(p.role()) || p.policy_decided()) return;
             p.set_trainable((detail::selects<Policies>(p.role()) || ...));
-            p.mark_policy_decided();
+            if constexpr (has_selection) p.mark_policy_decided();
         });
     }
+
+    static constexpr bool has_selection = (SelectionPolicy<Policies> || ...);
 
     Inner inner_;
 };

@@ -2,6 +2,7 @@
 // Classification metrics over logits [N, C] (leading dimensions flattened into rows):
 //   argmax_rows(z)_n = argmax_c z_nc      (the first index on ties)
 //   accuracy(z, y)   = (1/N) sum_n [argmax_rows(z)_n == y_n]
+#include <cmath>
 #include <cstddef>
 #include <span>
 #include <vector>
@@ -45,6 +46,23 @@ template <class T>
 template <class T>
 [[nodiscard]] double accuracy(const Tensor<T>& logits, std::span<const int> labels) {
     return double(count_correct(logits, labels)) / double(logits.rows());
+}
+
+/// Mean and sample standard deviation (divisor n - 1; 0 for fewer than two
+/// values) of repeated measurements, e.g. accuracies over seeds.
+struct MeanSd {
+    double mean = 0, sd = 0;
+};
+
+[[nodiscard]] inline MeanSd mean_sd(std::span<const double> v) {
+    MeanSd s;
+    for (double x : v) s.mean += x;
+    s.mean /= double(v.size());
+    if (v.size() > 1) {
+        for (double x : v) s.sd += (x - s.mean) * (x - s.mean);
+        s.sd = std::sqrt(s.sd / double(v.size() - 1));
+    }
+    return s;
 }
 
 }  // namespace patchwork

@@ -349,43 +349,35 @@ void adam_update(Parameter<T, D>& p, AdamState<T, D>& s, const O& o, double lr, 
 
 }  // namespace detail
 
-/// Adam with bias correction; weight decay is L2 added to the gradient.
-template <class T, class D = Cpu>
-class BasicAdam : public detail::OptimizerBase<T, D, AdamOptions, AdamState<T, D>, BasicAdam<T, D>> {
-    using Base = detail::OptimizerBase<T, D, AdamOptions, AdamState<T, D>, BasicAdam<T, D>>;
+namespace detail {
+/// Adam and AdamW: one implementation, `Decoupled` choosing the weight decay
+/// (L2 added to the gradient, or AdamW's p <- p (1 - lr wd)); Options carries
+/// the defaults (AdamOptions, AdamWOptions).
+template <class T, class D, class Opts, bool Decoupled>
+class AdamFamily : public OptimizerBase<T, D, Opts, AdamState<T, D>, AdamFamily<T, D, Opts, Decoupled>> {
+    using Base = OptimizerBase<T, D, Opts, AdamState<T, D>, AdamFamily<T, D, Opts, Decoupled>>;
     friend Base;
 
 public:
-    static constexpr const char* name = "Adam";
-    using Options = AdamOptions;
+    static constexpr const char* name = Decoupled ? "AdamW" : "Adam";
+    using Options = Opts;
 
-    explicit BasicAdam(std::vector<Parameter<T, D>*> params, AdamOptions options = {})
-        : Base(std::move(params), options) {}
+    explicit AdamFamily(std::vector<Parameter<T, D>*> params, Opts options = {}) : Base(std::move(params), options) {}
 
 private:
-    static void update(Parameter<T, D>& p, AdamState<T, D>& s, const AdamOptions& o, double lr) {
-        detail::adam_update<false>(p, s, o, lr, name);
+    static void update(Parameter<T, D>& p, AdamState<T, D>& s, const Opts& o, double lr) {
+        adam_update<Decoupled>(p, s, o, lr, name);
     }
 };
+}  // namespace detail
+
+/// Adam with bias correction; weight decay is L2 added to the gradient.
+template <class T, class D = Cpu>
+using BasicAdam = detail::AdamFamily<T, D, AdamOptions, false>;
 
 /// AdamW: Adam with decoupled weight decay, p <- p (1 - lr wd) before each update.
 template <class T, class D = Cpu>
-class BasicAdamW : public detail::OptimizerBase<T, D, AdamWOptions, AdamState<T, D>, BasicAdamW<T, D>> {
-    using Base = detail::OptimizerBase<T, D, AdamWOptions, AdamState<T, D>, BasicAdamW<T, D>>;
-    friend Base;
-
-public:
-    static constexpr const char* name = "AdamW";
-    using Options = AdamWOptions;
-
-    explicit BasicAdamW(std::vector<Parameter<T, D>*> params, AdamWOptions options = {})
-        : Base(std::move(params), options) {}
-
-private:
-    static void update(Parameter<T, D>& p, AdamState<T, D>& s, const AdamWOptions& o, double lr) {
-        detail::adam_update<true>(p, s, o, lr, name);
-    }
-};
+using BasicAdamW = detail::AdamFamily<T, D, AdamWOptions, true>;
 
 using SGD = BasicSGD<float>;
 using Adam = BasicAdam<float>;

@@ -8,6 +8,7 @@
 //   model.backward(dL/dy)                     (the model's input gradient is off)
 //   clip_grad_norm(model, clip_norm)          (when clip_norm > 0)
 //   opt.step()
+// (train_step of train/step.hpp, which fit_multitask and search::run share).
 // The epoch loss is the sample-weighted mean of the batch losses, i.e. the mean
 // over every sample of the epoch (each batch loss is a mean over its rows).
 // When batches carry one label per output row, training accuracy (argmax) is
@@ -47,6 +48,7 @@
 #include "patchwork/train/optimizer.hpp"
 #include "patchwork/train/progress.hpp"
 #include "patchwork/train/schedule.hpp"
+#include "patchwork/train/step.hpp"
 
 namespace patchwork {
 
@@ -161,16 +163,8 @@ History fit(M& model, O& opt, S& source, F&& loss_fn, const TrainOptions& option
         progress.emplace(options.out ? *options.out : std::cout, options.interactive, options.log_every);
 
     const std::vector<Parameter<T>*> params = trainable_parameters(model);
-    // The first layer never needs dL/dx; restore the caller's setting afterwards.
-    bool input_grad_before = true;
-    if constexpr (requires { { model.input_grad() } -> std::convertible_to<bool>; })
-        input_grad_before = model.input_grad();
-    model.set_input_grad(false);
-    struct Restore {
-        M& m;
-        bool on;
-        ~Restore() { m.set_input_grad(on); }
-    } restore{model, input_grad_before};
+    // The first layer never needs dL/dx; the caller's setting comes back on every exit.
+    const InputGradientOff<M> no_input_grad(model);
 
     History history;
     const auto run_start = clock::now();
@@ -187,28 +181,28 @@ History fit(M& model, O& opt, S& source, F&& loss_fn, const TrainOptions& option
         const auto epoch_start = clock::now();
         for (std::size_t i = 0; i < steps; ++i, ++global_step) {
             if (options.schedule) opt.set_lr_factor(options.schedule(global_step));
-            zero_grad(model);
             auto&& batch = source.batch(i);
             const Batch<T>& b = batch;
-            const Tensor<T>& y = model.forward(b.x);
-            Loss<T> loss = detail::call_loss<T>(loss_fn, y, b);
-            if (!std::isfinite(double(loss.value)))
-                throw Error(detail::concat("fit: the loss is ", double(loss.value), " at epoch ", epoch, " step ", i,
-                                           " (global step ", global_step, ", lr ", opt.lr(), ")"));
-            if (!(loss.grad.shape() == y.shape()))
-                throw ShapeError(detail::concat("fit: the loss gradient ", loss.grad.shape(),
-                                                " does not match the model output ", y.shape()));
+            const StepResult r = train_step(
+                model, opt, [&]() -> const Tensor<T>& { return model.forward(b.x); },
+                [&](const Tensor<T>& y) {
+                    Loss<T> loss = detail::call_loss<T>(loss_fn, y, b);
+                    if (std::isfinite(double(loss.value)) && detail::has_class_labels(y, b)) {
+                        correct += count_correct(y, std::span<const int>(b.labels));
+                        labelled += b.labels.size();
+                    }
+                    return loss;
+                },
+                "fit",
+                [&](double v) {
+                    return detail::concat("fit: the loss is ", v, " at epoch ", epoch, " step ", i, " (global step ",
+                                          global_step, ", lr ", opt.lr(), ")");
+                },
+                params, options.clip_norm);
             const std::size_t n = detail::batch_samples(b);
-            loss_sum += double(loss.value) * double(n);
+            loss_sum += r.loss * double(n);
             stats.samples += n;
-            if (detail::has_class_labels(y, b)) {
-                correct += count_correct(y, std::span<const int>(b.labels));
-                labelled += b.labels.size();
-            }
-            model.backward(loss.grad);
-            if (options.clip_norm > 0)
-                stats.max_grad_norm = std::max(stats.max_grad_norm, clip_grad_norm(params, options.clip_norm));
-            opt.step();
+            if (options.clip_norm > 0) stats.max_grad_norm = std::max(stats.max_grad_norm, r.grad_norm);
             ++stats.steps;
 
             if (progress) {
@@ -217,7 +211,7 @@ History fit(M& model, O& opt, S& source, F&& loss_fn, const TrainOptions& option
                                   .epochs = options.epochs,
                                   .step = i + 1,
                                   .steps = steps,
-                                  .loss = stats.samples ? loss_sum / double(stats.samples) : double(loss.value),
+                                  .loss = stats.samples ? loss_sum / double(stats.samples) : r.loss,
                                   .samples_per_second = elapsed > 0 ? double(stats.samples) / elapsed : 0.0,
                                   .elapsed_seconds = elapsed});
             }

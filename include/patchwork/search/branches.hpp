@@ -1,0 +1,235 @@
+#pragma once
+// The branches of a searched module (search/search_module.hpp): how each candidate
+// policy is realised, given the frozen base output h = base(x) that the
+// module computes once.
+//
+//   Frozen                      o = h                         FrozenBranch
+//   Adapter<r>, ScaleShift      o = P(h): the injection       HeadBranch
+//                               policy around an Identity
+//   LoRA<r, a> (Linear only)    o = h + s (x A^T) B^T         LoraBranch (the LoRA math of policies/lora.hpp)
+//   FineTune, BiasOnly,         o = copy(x): a trainable      CopyBranch
+//   NormPatch (selection)       copy of the base
+//
+// Each branch's backward takes G_k = g_k dL/dy and adds its part to dL/dh (the
+// shared base's output gradient) or to dL/dx directly.
+#include <cstddef>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "patchwork/core/module.hpp"
+#include "patchwork/layers/identity.hpp"
+#include "patchwork/layers/linear.hpp"
+#include "patchwork/policies/adapter.hpp"
+#include "patchwork/policies/frozen.hpp"
+#include "patchwork/policies/lora.hpp"
+#include "patchwork/policies/policy.hpp"
+#include "patchwork/policies/tune.hpp"
+
+namespace patchwork {
+
+namespace detail {
+
+template <class P>
+inline constexpr bool is_lora_policy = false;
+template <std::size_t R, std::size_t A>
+inline constexpr bool is_lora_policy<LoRA<R, A>> = true;
+
+template <class P>
+inline constexpr bool is_adapter_policy = false;
+template <std::size_t R, AdapterActivation Act>
+inline constexpr bool is_adapter_policy<Adapter<R, Act>> = true;
+
+/// "Adapter<32>", "LoRA<8, 16>", "FineTune": the policy as it is spelled in C++.
+template <class P>
+std::string policy_label() {
+    if constexpr (is_lora_policy<P>) return concat("LoRA<", P::rank, ", ", P::alpha, ">");
+    else if constexpr (is_adapter_policy<P>) {
+        if constexpr (P::activation_kind == AdapterActivation::gelu)
+            return concat("Adapter<", P::bottleneck, ", AdapterActivation::gelu>");
+        else return concat("Adapter<", P::bottleneck, ">");
+    } else return P::name();
+}
+
+/// How a candidate is realised inside a searched module.
+enum class BranchKind { shared, head, lora, copy };
+
+template <class P>
+constexpr BranchKind branch_kind() {
+    if constexpr (std::is_same_v<P, Frozen>) return BranchKind::shared;
+    else if constexpr (SelectionPolicy<P>) return BranchKind::copy;
+    else if constexpr (is_lora_policy<P>) return BranchKind::lora;
+    else return BranchKind::head;
+}
+
+/// The candidate Frozen: the shared base output itself.
+template <class Inner, class P>
+class FrozenBranch {
+public:
+    using T = typename Inner::Scalar;
+    explicit FrozenBranch(const Inner&) {}
+    const Tensor<T>& forward(const Tensor<T>&, const Tensor<T>& h) { return h; }
+    /// dL/dh += g (into dh); nothing for x.
+    void backward(const Tensor<T>& g, Tensor<T>& dh, bool& dh_used, Tensor<T>&, bool&, bool need_dh) {
+        if (need_dh) accumulate(dh, dh_used, g);
+    }
+    template <class F>
+    void visit(F&&) {}
+    void set_path(const std::string&, bool) {}
+    void reset(const Inner&, Rng&) {}
+    void release() {}
+    static constexpr std::size_t added_parameters(const Inner&) { return 0; }
+
+    static void accumulate(Tensor<T>& acc, bool& used, const Tensor<T>& g) {
+        if (!used) {
+            acc = g;
+            used = true;
+        } else {
+            acc.matrix() += g.matrix();
+        }
+    }
+};
+
+/// An injection candidate (Adapter, ScaleShift, ...) applied to the shared base output h.
+template <class Inner, class P>
+class HeadBranch {
+public:
+    using T = typename Inner::Scalar;
+    using Head = typename P::template module<BasicIdentity<T>>;
+
+    explicit HeadBranch(const Inner& base) : head_(BasicIdentity<T>(base.out_features())) {}
+    const Tensor<T>& forward(const Tensor<T>&, const Tensor<T>& h) { return head_.forward(h); }
+    void backward(const Tensor<T>& g, Tensor<T>& dh, bool& dh_used, Tensor<T>&, bool&, bool need_dh) {
+        head_.set_input_grad(need_dh);
+        const Tensor<T>& d = head_.backward(g);
+        if (need_dh) FrozenBranch<Inner, P>::accumulate(dh, dh_used, d);
+    }
+    template <class F>
+    void visit(F&& f) {
+        head_.visit(f);
+    }
+    void set_path(const std::string& p, bool) { head_.set_path(p); }
+    void reset(const Inner&, Rng& rng) { head_.reset_parameters(rng); }
+    void release() {
+        head_.visit([](auto& p) {
+            p.set_trainable(false);
+            p.value.release();
+        });
+    }
+    [[nodiscard]] Head& head() noexcept { return head_; }
+
+private:
+    Head head_;
+};
+
+/// LoRA on a Linear base: o = h + s (x A^T) B^T, with A Kaiming-uniform and B zero (as LoRAModule).
+template <class Inner, class P>
+class LoraBranch {
+    static_assert(lora_applies<Inner>,
+                  "patchwork::Search: the LoRA<r> candidate applies only to a Linear layer; search each Linear of "
+                  "a block separately: Sequential<Tune<Linear, Search<Frozen, LoRA<8>>>, Relu, ...>");
+
+public:
+    using T = typename Inner::Scalar;
+    explicit LoraBranch(const Inner& base)
+        : a("a", Role::lora, Shape{P::rank, base.in_features()}), b("b", Role::lora, Shape{base.out_features(), P::rank}) {
+        reset(base, default_rng());
+    }
+    const Tensor<T>& forward(const Tensor<T>& x, const Tensor<T>& h) {
+        // The same low-rank path as LoRAModule (policies/lora.hpp), over all rows.
+        x_ = x;
+        u_.resize(x.shape().with_back(P::rank));
+        y_ = h;
+        lora_forward_rows(x.matrix(), a.value, b.value, scale_, u_.matrix(), y_.matrix());
+        return y_;
+    }
+    // dB += s g^T u; dA += s (g B)^T x; dL/dh += g; dL/dx += s (g B) A.
+    void backward(const Tensor<T>& g, Tensor<T>& dh, bool& dh_used, Tensor<T>& dx, bool& dx_used, bool need_dx) {
+        const Tensor<T>& x = x_.get(g.shape().with_back(a.value.shape()[1]), "", "LoRA branch input");
+        gb_.resize(g.shape().with_back(P::rank));
+        lora_factor_grads_rows(g.matrix(), u_.matrix(), x.matrix(), a, b, scale_, gb_.matrix(), need_dx);
+        if (!need_dx) return;
+        FrozenBranch<Inner, P>::accumulate(dh, dh_used, g);
+        if (!dx_used) dx.resize(x.shape());
+        lora_input_grad_rows(gb_.matrix(), a.value, scale_, dx.matrix(), dx_used ? T(1) : T(0));
+        dx_used = true;
+    }
+    template <class F>
+    void visit(F&& f) {
+        f(a);
+        f(b);
+    }
+    void set_path(const std::string& p, bool) {
+        const std::string own = p.empty() ? "lora" : p + ".lora";
+        a.set_prefix(own);
+        b.set_prefix(own);
+    }
+    void reset(const Inner& base, Rng& rng) {
+        init::kaiming_uniform(a.value, rng, base.in_features());
+        b.value.zero();
+    }
+    void release() {
+        for (auto* p : {&a, &b}) {
+            p->set_trainable(false);
+            p->value.release();
+        }
+    }
+
+    Parameter<T> a, b;
+
+private:
+    T scale_ = T(double(P::alpha) / double(P::rank));
+    Saved<T> x_;
+    Tensor<T> u_, y_, gb_;
+};
+
+/// A selection candidate (FineTune, BiasOnly, NormPatch): its own copy of the
+/// base, initialised from the pre-trained weights; the policy picks what trains.
+template <class Inner, class P>
+class CopyBranch {
+public:
+    using T = typename Inner::Scalar;
+    explicit CopyBranch(const Inner& base) : copy_(base) {}
+    const Tensor<T>& forward(const Tensor<T>& x, const Tensor<T>&) { return copy_.forward(x); }
+    void backward(const Tensor<T>& g, Tensor<T>&, bool&, Tensor<T>& dx, bool& dx_used, bool need_dx) {
+        copy_.set_input_grad(need_dx);
+        const Tensor<T>& d = copy_.backward(g);
+        if (need_dx) FrozenBranch<Inner, P>::accumulate(dx, dx_used, d);
+    }
+    template <class F>
+    void visit(F&& f) {
+        copy_.visit(f);
+    }
+    void set_path(const std::string& p, bool) { copy_.set_path(p); }
+    /// Re-copies the pre-trained weights (keeping which parameters train).
+    void reset(const Inner& base, Rng&) { sync(base); }
+    void sync(const Inner& base) {
+        std::vector<const Tensor<T>*> src;
+        const_cast<Inner&>(base).visit([&](auto& p) { src.push_back(&p.value); });
+        std::size_t i = 0;
+        copy_.visit([&](auto& p) { p.value = *src[i++]; });
+    }
+    void release() {
+        copy_.visit([](auto& p) {
+            p.set_trainable(false);
+            p.value.release();
+        });
+    }
+    [[nodiscard]] Tune<Inner, P>& module() noexcept { return copy_; }
+
+private:
+    Tune<Inner, P> copy_;
+};
+
+template <class Inner, class P>
+struct branch_for {
+    static constexpr BranchKind kind = branch_kind<P>();
+    using type = std::conditional_t<
+        kind == BranchKind::shared, FrozenBranch<Inner, P>,
+        std::conditional_t<kind == BranchKind::copy, CopyBranch<Inner, P>,
+                           std::conditional_t<kind == BranchKind::lora, LoraBranch<Inner, P>, HeadBranch<Inner, P>>>>;
+};
+
+}  // namespace detail
+
+}  // namespace patchwork
