@@ -72,6 +72,17 @@ __device__ inline A act_grad(A g, A z) {
     else return g;
 }
 
+/// Blocks per SM the low-rank kernels ask ptxas to fit (the second argument of
+/// __launch_bounds__), per storage type E and rank bucket RP: a register
+/// budget of 65536 / (256 blocks) that holds each instantiation without
+/// spilling (-Xptxas -v on sm_90, docs/kernels.md). Left to itself, ptxas
+/// picked budgets that spilled a few bytes (fp32 RP = 16, double RP = 32).
+template <class E, int RP>
+inline constexpr int lowrank_min_blocks =
+    sizeof(accum_t<E>) > 4 ? (RP >= 32 ? 1 : RP == 16 ? 2 : 3)            // double
+    : sizeof(E) == 2       ? (RP == 8 ? 4 : RP == 16 ? 2 : RP == 32 ? 3 : 1)  // bf16 storage
+                           : (RP == 8 ? 4 : RP == 64 ? 2 : 3);               // float
+
 /// Shared memory of the low-rank kernels.
 template <class A, int RP>
 struct LowrankShared {
@@ -160,7 +171,7 @@ __device__ inline void finish_tile_task(LowrankShared<A, RP>& sh, int k) {
 }
 
 template <class E, Act F, int RP>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, (lowrank_min_blocks<E, RP>))
     lowrank_forward_kernel(const E* __restrict__ x, const E* res, const int* __restrict__ task,
                            int k_tasks, long long n, int c_in, int c_out, int r, const E* __restrict__ w1,
                            const E* __restrict__ b1, const E* __restrict__ w2, const E* __restrict__ b2,
@@ -218,7 +229,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <class E, Act F, int RP>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, (lowrank_min_blocks<E, RP>))
     lowrank_backward_kernel(const E* __restrict__ g, const E* dres, const int* __restrict__ task,
                             int k_tasks, long long n, int c_in, int c_out, int r, const E* __restrict__ w1,
                             const E* __restrict__ w2, accum_t<E> scale, const accum_t<E>* __restrict__ save,

@@ -195,7 +195,8 @@ TEST_CASE("training steps of a tuned Sequential model on the device follow the C
         oc.zero_grad();
         od.zero_grad();
         const auto lc = pw::cross_entropy(cpu.forward(x), std::span<const int>(y));
-        const auto ld = pw::cross_entropy(dev.forward(Tensor<float, Cuda>(x)), std::span<const int>(y));
+        const Tensor<float, Cuda> xd(x);  // alive until the backward: modules keep a pointer to their input
+        const auto ld = pw::cross_entropy(dev.forward(xd), std::span<const int>(y));
         CHECK(std::abs(lc.value - ld.value) <= 1e-5f * std::abs(lc.value));
         cpu.backward(lc.grad);
         dev.backward(ld.grad);
