@@ -13,7 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "patchwork/cuda/context.hpp"
-#include "patchwork/cuda/error.hpp"
+#include "patchwork/cuda/cuda_error.hpp"
 
 namespace patchwork::kernels {
 

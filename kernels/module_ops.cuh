@@ -9,7 +9,7 @@
 // context's workspace (cuda::Context::workspace).
 #include <string_view>
 
-#include "patchwork/cuda/tensor.hpp"
+#include "patchwork/cuda/device_tensor.hpp"
 #include "patchwork/kernels/adapter.cuh"
 #include "patchwork/kernels/multitask.cuh"
 #include "patchwork/kernels/scale_shift.cuh"

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "patchwork/cuda/gemm_plan.hpp"
-#include "patchwork/cuda/tensor.hpp"
+#include "patchwork/cuda/device_tensor.hpp"
 #include "patchwork/kernels/common.cuh"
 #include "patchwork/kernels/plan.hpp"
 #include "patchwork/layers/activation.hpp"

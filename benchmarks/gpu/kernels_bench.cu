@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "patchwork/cuda/tensor.hpp"
+#include "patchwork/cuda/device_tensor.hpp"
 #include "patchwork/kernels/adapter.cuh"
 #include "patchwork/kernels/mix.cuh"
 #include "patchwork/kernels/multitask.cuh"

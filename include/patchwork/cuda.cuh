@@ -10,8 +10,8 @@
 #include "patchwork/patchwork.hpp"
 
 #include "patchwork/cuda/context.hpp"
-#include "patchwork/cuda/error.hpp"
-#include "patchwork/cuda/tensor.hpp"
+#include "patchwork/cuda/cuda_error.hpp"
+#include "patchwork/cuda/device_tensor.hpp"
 #include "patchwork/kernels/adapter.cuh"
 #include "patchwork/kernels/common.cuh"
 #include "patchwork/kernels/mix.cuh"

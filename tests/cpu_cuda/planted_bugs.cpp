@@ -17,7 +17,7 @@
 
 #include <doctest/doctest.h>
 
-#include "patchwork/cuda/tensor.hpp"
+#include "patchwork/cuda/device_tensor.hpp"
 #include "patchwork/kernels/common.cuh"
 
 namespace pk = patchwork::kernels;

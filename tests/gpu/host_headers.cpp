@@ -10,9 +10,9 @@
 
 #include "patchwork/cuda/context.hpp"
 #include "patchwork/core/random.hpp"
-#include "patchwork/cuda/error.hpp"
+#include "patchwork/cuda/cuda_error.hpp"
 #include "patchwork/cuda/gemm_plan.hpp"
-#include "patchwork/cuda/tensor.hpp"
+#include "patchwork/cuda/device_tensor.hpp"
 
 namespace pw = patchwork;
 

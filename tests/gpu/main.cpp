@@ -5,7 +5,7 @@
 
 #include <doctest/doctest.h>
 
-#include "patchwork/cuda/error.hpp"
+#include "patchwork/cuda/cuda_error.hpp"
 
 int main(int argc, char** argv) {
     if (patchwork::cuda::device_count() == 0) {

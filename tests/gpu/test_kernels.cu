@@ -20,7 +20,7 @@
 
 #include "kernel_reference.hpp"
 #include "patchwork/core/random.hpp"
-#include "patchwork/cuda/tensor.hpp"
+#include "patchwork/cuda/device_tensor.hpp"
 #include "patchwork/kernels/adapter.cuh"
 #include "patchwork/kernels/mix.cuh"
 #include "patchwork/kernels/multitask.cuh"

@@ -20,7 +20,7 @@
 namespace patchwork {
 
 /// Device tags. Tensor<T, Cuda> is defined by the CUDA backend
-/// (patchwork/cuda/tensor.hpp); modules whose Device is Cuda run their
+/// (patchwork/cuda/device_tensor.hpp); modules whose Device is Cuda run their
 /// forward and backward on the GPU.
 struct Cpu {};
 struct Cuda {};

@@ -17,7 +17,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
-#include "patchwork/cuda/error.hpp"
+#include "patchwork/cuda/cuda_error.hpp"
 
 namespace patchwork::cuda {
 

@@ -19,7 +19,7 @@
 
 #include "patchwork/core/tensor.hpp"
 #include "patchwork/cuda/context.hpp"
-#include "patchwork/cuda/error.hpp"
+#include "patchwork/cuda/cuda_error.hpp"
 
 namespace patchwork {
 namespace cuda {
