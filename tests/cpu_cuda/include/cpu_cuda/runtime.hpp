@@ -8,15 +8,18 @@
 //     checks the configuration as the driver does (at most 1024 threads per
 //     block, grid y and z at most 65535; a bad one is reported by the next
 //     cudaGetLastError) and runs the blocks one after another, the threads of
-//     a block concurrently, as real threads of a pool reused from block to
-//     block (ThreadSanitizer sees them as threads, so a missing
-//     __syncthreads is a data race it reports);
+//     a block concurrently: as fibers on the launching thread (ucontext,
+//     switched at every barrier and warp exchange; AddressSanitizer is told
+//     of each stack switch), or, under ThreadSanitizer (or with
+//     PATCHWORK_CPU_CUDA_THREADS=1), as real threads of a pool reused from
+//     block to block, so that a missing __syncthreads is a data race that
+//     ThreadSanitizer reports;
 //   - threadIdx, blockIdx, blockDim, gridDim are thread-local variables set
 //     for each thread; __syncthreads is a barrier of the block; __shared__
 //     variables are function statics (one instance, and blocks run one at a
 //     time: a global lock serialises launches);
 //   - warp shuffles, ballots and __syncwarp exchange values among the 32
-//     lanes of a warp through a per-warp slot array between two warp barriers;
+//     lanes of a warp through per-warp slot arrays and a warp barrier;
 //   - atomics are std::atomic_ref operations;
 //   - device memory is host memory (256-byte aligned, so AddressSanitizer
 //     sees every out-of-bounds access); copies, memsets and kernels run when
@@ -47,6 +50,11 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include <ucontext.h>
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #define __global__
 #define __device__
@@ -144,6 +152,11 @@ inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); 
 
 namespace cpu_cuda {
 
+/// Set while a block's threads run as fibers on the calling thread.
+inline thread_local bool in_fiber = false;
+/// Switch from the running fiber back to the scheduler (defined with FiberPool).
+inline void fiber_yield();
+
 /// A reusable barrier for `count` threads that threads can leave (arrive_and_drop).
 /// Arrivals are counted under a mutex; waiters sleep on an atomic generation
 /// (a futex, no mutex to re-acquire on wake-up), released by the last arrival.
@@ -156,6 +169,16 @@ public:
         waiting_ = 0;
     }
     void arrive_and_wait() {
+        if (in_fiber) {  // one OS thread: no lock; the others run while this fiber yields
+            const std::uint64_t gen = generation_.load(std::memory_order_relaxed);
+            if (++waiting_ >= count_) {
+                waiting_ = 0;
+                generation_.store(gen + 1, std::memory_order_relaxed);
+                return;
+            }
+            while (generation_.load(std::memory_order_relaxed) == gen) fiber_yield();
+            return;
+        }
         std::uint64_t gen;
         {
             std::lock_guard lock(m_);
@@ -184,10 +207,14 @@ private:
     std::atomic<std::uint64_t> generation_{0};
 };
 
-/// The lanes of one warp: a value slot per lane and the warp's barrier.
+/// The lanes of one warp: the warp's barrier and two sets of value slots, used
+/// in turn by successive exchanges. One barrier per exchange suffices: a lane
+/// writing set s for exchange i + 2 has passed the barrier of exchange i + 1,
+/// which every lane reaches only after reading set s for exchange i.
 struct Warp {
     Barrier bar;
-    std::uint64_t slot[32] = {};
+    std::uint64_t slot[2][32] = {};
+    int turn[32] = {};  ///< per lane: the set its next exchange uses
 };
 
 /// What the threads of the running block share.
@@ -206,15 +233,18 @@ inline thread_local Block* current_block = nullptr;
 }
 [[nodiscard]] inline Warp& this_warp() { return *current_block->warps[std::size_t(linear_thread() / 32)]; }
 
-/// A pool of worker threads, grown to the largest block seen and reused. A
-/// block starts when the launching thread bumps an atomic generation (the
-/// workers sleep on it, a futex); it ends when the last worker counts down.
+/// A pool of worker threads, grown to the largest block seen and reused. The
+/// workers of each warp-sized group sleep on their group's atomic generation
+/// (a futex); a block wakes the groups it needs only, and ends when the last
+/// of its workers counts down.
 class Pool {
 public:
     ~Pool() {
         stop_.store(true, std::memory_order_release);
-        generation_.fetch_add(1, std::memory_order_acq_rel);
-        generation_.notify_all();
+        for (auto& g : generation_) {
+            g.fetch_add(1, std::memory_order_acq_rel);
+            g.notify_all();
+        }
         for (auto& t : workers_) t.join();
     }
 
@@ -222,13 +252,18 @@ public:
     void run_block(Block& block, const std::function<void()>& body) {
         while (int(workers_.size()) < block.threads) {
             const int id = int(workers_.size());
-            workers_.emplace_back([this, id, seen = generation_.load()] { work(id, seen); });
+            workers_.emplace_back([this, id, seen = generation_[std::size_t(id / 32)].load()] { work(id, seen); });
         }
         block_ = &block;
         body_ = &body;
-        remaining_.store(block.threads, std::memory_order_relaxed);
-        generation_.fetch_add(1, std::memory_order_acq_rel);
-        generation_.notify_all();
+        // Every woken worker counts down, also the idle ones of a partly used
+        // group: none may still read block_ when the next block is set up.
+        const int groups = (block.threads + 31) / 32;
+        remaining_.store(std::min(int(workers_.size()), groups * 32), std::memory_order_relaxed);
+        for (int g = 0; g < groups; ++g) {
+            generation_[std::size_t(g)].fetch_add(1, std::memory_order_acq_rel);
+            generation_[std::size_t(g)].notify_all();
+        }
         for (int left = remaining_.load(std::memory_order_acquire); left != 0;
              left = remaining_.load(std::memory_order_acquire))
             remaining_.wait(left, std::memory_order_acquire);
@@ -242,16 +277,20 @@ public:
 
 private:
     void work(int id, std::uint64_t seen) {
+        std::atomic<std::uint64_t>& generation = generation_[std::size_t(id / 32)];
         for (;;) {
-            std::uint64_t gen = generation_.load(std::memory_order_acquire);
+            std::uint64_t gen = generation.load(std::memory_order_acquire);
             while (gen == seen) {
-                generation_.wait(gen, std::memory_order_acquire);
-                gen = generation_.load(std::memory_order_acquire);
+                generation.wait(gen, std::memory_order_acquire);
+                gen = generation.load(std::memory_order_acquire);
             }
             seen = gen;
             if (stop_.load(std::memory_order_acquire)) return;
             Block* block = block_;
-            if (id >= block->threads) continue;
+            if (id >= block->threads) {  // the group's last warp is partly idle
+                if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) remaining_.notify_all();
+                continue;
+            }
             const unsigned bx = block->block.x, by = block->block.y;
             threadIdx = {unsigned(id) % bx, (unsigned(id) / bx) % by, unsigned(id) / (bx * by)};
             blockIdx = block->index;
@@ -273,7 +312,7 @@ private:
     }
 
     std::vector<std::thread> workers_;
-    std::atomic<std::uint64_t> generation_{0};
+    std::atomic<std::uint64_t> generation_[32] = {};  ///< one per group of 32 workers (1024 threads at most)
     std::atomic<int> remaining_{0};
     std::atomic<bool> stop_{false};
     Block* block_ = nullptr;
@@ -282,12 +321,143 @@ private:
     std::exception_ptr error_;
 };
 
+/// The threads of a block as fibers (ucontext) on the launching thread, run
+/// round-robin: a fiber runs until it waits at a barrier (and yields) or
+/// returns. Far cheaper than waking 256 OS threads per barrier; the
+/// ThreadSanitizer build uses the threaded Pool instead, so that a missing
+/// barrier is a data race between real threads. AddressSanitizer is told of
+/// every stack switch.
+class FiberPool {
+public:
+    static constexpr std::size_t kStackBytes = 256 * 1024;
+
+    void run_block(Block& block, const std::function<void()>& body) {
+        while (int(fibers_.size()) < block.threads) fibers_.push_back(std::make_unique<Fiber>());
+        block_ = &block;
+        body_ = &body;
+        error_ = nullptr;
+        const unsigned bx = block.block.x, by = block.block.y;
+        for (int i = 0; i < block.threads; ++i) {
+            Fiber& f = *fibers_[std::size_t(i)];
+            if (!f.stack) f.stack.reset(new char[kStackBytes]);  // untouched until used
+            f.idx = {unsigned(i) % bx, (unsigned(i) / bx) % by, unsigned(i) / (bx * by)};
+            f.done = false;
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = f.stack.get();
+            f.ctx.uc_stack.ss_size = kStackBytes;
+            f.ctx.uc_link = &main_;
+            makecontext(&f.ctx, &FiberPool::entry, 0);
+        }
+        FiberPool* saved = running;
+        running = this;
+        in_fiber = true;
+        blockIdx = block.index;
+        blockDim = block.block;
+        gridDim = block.grid;
+        current_block = &block;
+        for (int live = block.threads; live > 0;) {
+            for (int i = 0; i < block.threads; ++i) {
+                Fiber& f = *fibers_[std::size_t(i)];
+                if (f.done) continue;
+                current_ = i;
+                threadIdx = f.idx;
+                switch_to(f);
+                if (f.done) --live;
+            }
+        }
+        in_fiber = false;
+        current_block = nullptr;
+        running = saved;
+        if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+    }
+
+    static inline thread_local FiberPool* running = nullptr;
+
+    /// From the running fiber back to the scheduler; returns when it is resumed.
+    void yield() {
+        Fiber& f = *fibers_[std::size_t(current_)];
+#ifdef __SANITIZE_ADDRESS__
+        void* fake = nullptr;
+        __sanitizer_start_switch_fiber(&fake, main_bottom_, main_size_);
+        swapcontext(&f.ctx, &main_);
+        __sanitizer_finish_switch_fiber(fake, &main_bottom_, &main_size_);
+#else
+        swapcontext(&f.ctx, &main_);
+#endif
+    }
+
+private:
+    struct Fiber {
+        ucontext_t ctx{};
+        std::unique_ptr<char[]> stack;
+        uint3 idx;
+        bool done = false;
+    };
+
+    void switch_to(Fiber& f) {
+#ifdef __SANITIZE_ADDRESS__
+        void* fake = nullptr;
+        __sanitizer_start_switch_fiber(&fake, f.stack.get(), kStackBytes);
+        swapcontext(&main_, &f.ctx);
+        __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+        swapcontext(&main_, &f.ctx);
+#endif
+    }
+
+    static void entry() {
+        FiberPool& p = *running;
+#ifdef __SANITIZE_ADDRESS__
+        __sanitizer_finish_switch_fiber(nullptr, &p.main_bottom_, &p.main_size_);
+#endif
+        try {
+            (*p.body_)();
+        } catch (...) {
+            if (!p.error_) p.error_ = std::current_exception();
+        }
+        const int id = p.current_;
+        Fiber& f = *p.fibers_[std::size_t(id)];
+        p.block_->warps[std::size_t(id / 32)]->bar.arrive_and_drop();
+        p.block_->bar.arrive_and_drop();
+        f.done = true;
+#ifdef __SANITIZE_ADDRESS__
+        __sanitizer_start_switch_fiber(nullptr, p.main_bottom_, p.main_size_);  // this fiber ends
+#endif
+    }  // returns to uc_link: the scheduler
+
+    std::vector<std::unique_ptr<Fiber>> fibers_;
+    ucontext_t main_{};
+    Block* block_ = nullptr;
+    const std::function<void()>* body_ = nullptr;
+    std::exception_ptr error_;
+    int current_ = 0;
+    const void* main_bottom_ = nullptr;
+    std::size_t main_size_ = 0;
+};
+
+inline void fiber_yield() { FiberPool::running->yield(); }
+
+/// Threads of a block as real threads under ThreadSanitizer (or with
+/// PATCHWORK_CPU_CUDA_THREADS=1 in the environment), as fibers otherwise.
+[[nodiscard]] inline bool use_threads() {
+#ifdef __SANITIZE_THREAD__
+    return true;
+#else
+    static const bool threads = [] {
+        const char* e = std::getenv("PATCHWORK_CPU_CUDA_THREADS");
+        return e != nullptr && e[0] == '1';
+    }();
+    return threads;
+#endif
+}
+
 /// Process-wide state of the emulated runtime.
 struct Runtime {
     std::mutex launch_mutex;  ///< one launch (and so one block) runs at a time
     std::mutex alloc_mutex;
     std::map<const void*, std::pair<std::size_t, int>> allocations;  ///< pointer -> (bytes, device)
     Pool pool;
+    FiberPool fibers;
 };
 inline Runtime& runtime() {
     static Runtime r;
@@ -323,9 +493,12 @@ inline void launch(dim3 grid, dim3 block, std::size_t shared_bytes, cudaStream_t
             for (unsigned x = 0; x < grid.x; ++x) {
                 b.index = {x, y, z};
                 b.bar.reset(b.threads);
-                for (std::size_t w = 0; w < b.warps.size(); ++w)
+                for (std::size_t w = 0; w < b.warps.size(); ++w) {
                     b.warps[w]->bar.reset(std::min(32, b.threads - int(w) * 32));
-                rt.pool.run_block(b, body);
+                    std::fill(std::begin(b.warps[w]->turn), std::end(b.warps[w]->turn), 0);
+                }
+                if (use_threads()) rt.pool.run_block(b, body);
+                else rt.fibers.run_block(b, body);
             }
 }
 
@@ -336,14 +509,15 @@ T exchange(T v, Src src) {
     static_assert(sizeof(T) <= sizeof(std::uint64_t) && std::is_trivially_copyable_v<T>);
     Warp& w = this_warp();
     const int lane = linear_thread() & 31;
+    const int set = w.turn[lane];
+    w.turn[lane] = set ^ 1;
     std::uint64_t bits = 0;
     std::memcpy(&bits, &v, sizeof(T));
-    w.slot[lane] = bits;
+    w.slot[set][lane] = bits;
     w.bar.arrive_and_wait();
     T out;
-    const std::uint64_t got = w.slot[src(lane) & 31];
+    const std::uint64_t got = w.slot[set][src(lane) & 31];
     std::memcpy(&out, &got, sizeof(T));
-    w.bar.arrive_and_wait();  // nobody overwrites a slot before every lane has read
     return out;
 }
 
@@ -385,13 +559,14 @@ T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
 inline unsigned __ballot_sync(unsigned mask, int pred) {
     cpu_cuda::Warp& w = cpu_cuda::this_warp();
     const int lane = cpu_cuda::linear_thread() & 31;
-    w.slot[lane] = pred != 0 ? 1 : 0;
+    const int set = w.turn[lane];
+    w.turn[lane] = set ^ 1;
+    w.slot[set][lane] = pred != 0 ? 1 : 0;
     w.bar.arrive_and_wait();
     unsigned bits = 0;
     const int lanes = std::min(32, cpu_cuda::current_block->threads - (cpu_cuda::linear_thread() & ~31));
     for (int i = 0; i < lanes; ++i)
-        if (w.slot[i] != 0) bits |= 1u << i;
-    w.bar.arrive_and_wait();
+        if (w.slot[set][i] != 0) bits |= 1u << i;
     return bits & mask;
 }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
