@@ -59,6 +59,9 @@
 #include "patchwork/io/idx.hpp"
 #include "patchwork/io/npy.hpp"
 #include "patchwork/io/parameter_files.hpp"
+#include "patchwork/io/wordnet.hpp"
+
+#include "patchwork/text/wordpiece.hpp"
 
 #include "patchwork/layers/attention.hpp"
 #include "patchwork/layers/dropout.hpp"
