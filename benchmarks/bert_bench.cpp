@@ -14,6 +14,7 @@
 //
 //   bert_bench [--model DIR] [--iters 20] [--warmup 3] [--configs a,b] [--only NAME]
 #include <sys/resource.h>
+#include <time.h>
 
 #include <chrono>
 #include <cstdio>
@@ -54,14 +55,27 @@ pw::TokenBatch random_batch(std::size_t b, std::size_t t, std::uint64_t seed) {
     return x;
 }
 
+double cpu_seconds() {
+    timespec t{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
+/// CPU time (all threads of the process) of each timed run, median; beside the
+/// wall time it shows how much of a run a loaded machine took away.
+std::vector<double> cpu_times;
+
 template <class F>
 std::vector<double> timed(F&& f, int iters, int warmup) {
     for (int i = 0; i < warmup; ++i) f();
     std::vector<double> s;
+    cpu_times.clear();
     for (int i = 0; i < iters; ++i) {
+        const double c0 = cpu_seconds();
         const auto t0 = std::chrono::steady_clock::now();
         f();
         s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        cpu_times.push_back(cpu_seconds() - c0);
     }
     return s;
 }
@@ -75,6 +89,7 @@ struct Row {
     std::string name;
     double median_ms, p10_ms, p90_ms;
     std::string note;
+    double cpu_ms = bench::median(cpu_times) * 1e3;  ///< of the timings just taken
 };
 
 template <class Model>
@@ -168,8 +183,15 @@ int main(int argc, char** argv) {
     std::vector<Row> rows;
     for (const auto& c : bench::split(configs)) rows.push_back(run(dir, c, iters, warmup));
     std::printf("# %s\n", bench::build_info(threads).c_str());
-    std::printf("# %-16s %10s %9s %9s  notes\n", "config", "median ms", "p10 ms", "p90 ms");
+    double load = 0;
+    if (FILE* f = std::fopen("/proc/loadavg", "r")) {
+        if (std::fscanf(f, "%lf", &load) != 1) load = 0;
+        std::fclose(f);
+    }
+    std::printf("# 1-minute load average %.2f after the timings\n", load);
+    std::printf("# %-16s %10s %9s %9s %9s  notes\n", "config", "median ms", "p10 ms", "p90 ms", "cpu ms");
     for (const auto& r : rows)
-        std::printf("# %-16s %10.2f %9.2f %9.2f  %s\n", r.name.c_str(), r.median_ms, r.p10_ms, r.p90_ms, r.note.c_str());
+        std::printf("# %-16s %10.2f %9.2f %9.2f %9.2f  %s\n", r.name.c_str(), r.median_ms, r.p10_ms, r.p90_ms,
+                    r.cpu_ms, r.note.c_str());
     return 0;
 }

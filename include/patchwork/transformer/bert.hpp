@@ -471,7 +471,8 @@ public:
     }
 
     const Tensor<T>& backward(const Tensor<T>& dy) {
-        const std::size_t B = shape_.rank() ? shape_[0] : 0, L = shape_.rank() ? shape_[1] : 0, D = shape_.back();
+        if (shape_.rank() != 3) throw Error("pooler: backward needs a forward first");
+        const std::size_t B = shape_[0], L = shape_[1], D = shape_[2];
         check_same_shape(dy, Shape{B, D}, "pooler", "pooled gradient");
         dh_.resize(shape_);
         for (std::size_t r = 0; r < B * L; ++r)
