@@ -68,3 +68,4 @@
 #include "patchwork/layers/embedding.hpp"
 #include "patchwork/transformer/bert.hpp"
 #include "patchwork/transformer/hf_checkpoint.hpp"
+#include "patchwork/transformer/peft.hpp"
