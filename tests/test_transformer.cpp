@@ -273,6 +273,23 @@ TEST_CASE("bert model: policies on the slots, gradients and what trains") {
 }
 
 TEST_CASE("bert model: per-layer architecture search over a BertLayer") {
+    // Loading a checkpoint reaches the FineTune candidate's copy of each layer too.
+    {
+        using Plain = pw::BertModel<pw::BertEncoder<pw::bert::Plain, double>>;
+        using Searched = pw::BertModel<pw::BertEncoder<SearchSpec, double>>;
+        Plain plain(tiny_config());
+        pw::Rng rng(17);
+        pw::testing::randomize_parameters(plain, rng, 0.3);
+        pw::testing::TempDir dir;
+        pw::hf::save_bert(plain, dir.path);
+        Searched searched = pw::hf::load_bert<Searched>(dir.path);
+        const pw::TokenBatch b = tiny_batch();
+        const pw::Tensor<double> expected = plain.forward(b);
+        // Every candidate mixes to the plain model's output: Frozen is the base, the
+        // adapter starts as the identity, and the FineTune copy holds the loaded weights.
+        const pw::Tensor<double> got = searched.forward(b);
+        for (std::size_t i = 0; i < got.size(); ++i) CHECK(got[i] == doctest::Approx(expected[i]).epsilon(1e-12));
+    }
     auto probe = make_probe<pw::BertModel<pw::BertEncoder<SearchSpec, double>>>();
     std::size_t arch = 0;
     probe.model.visit([&](auto& p) { arch += p.role() == pw::Role::architecture ? p.size() : 0; });

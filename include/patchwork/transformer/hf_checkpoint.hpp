@@ -17,7 +17,8 @@
 // the file); a tensor the model does not use is an error too, unless it is
 // listed in LoadOptions::ignore (by default the pooler and the position_ids
 // buffer, which BertModel does not use) or allow_unused is set. Nothing
-// changes in the model unless the whole file checks out.
+// changes in the model unless the whole file checks out. Searched layers'
+// selection candidates (copies of the base) get the loaded weights as well.
 #include <bit>
 #include <cstdint>
 #include <cstdio>
@@ -252,6 +253,11 @@ void load_bert_weights(Model& model, const std::filesystem::path& file, const Lo
         }
     }
     for (std::size_t i = 0; i < params.size(); ++i) detail::read_converted<T>(f, *found[i], params[i].second->value.data(), file);
+    // Searched modules keep trainable copies of their base for selection
+    // candidates (FineTune, ...): give them the loaded weights too.
+    for_each_module(model, [](auto& m) {
+        if constexpr (requires { m.sync_copies(); }) m.sync_copies();
+    });
 }
 
 /// Build a Model (a BertModel<...>) from a Hugging Face model folder: config.json and model.safetensors.
