@@ -213,6 +213,31 @@ TEST_CASE("the prefix base_model.model.bert. of a task model's adapter is accept
     CHECK(worst_token_error(model.forward(b), ref.tensor<double>("last_hidden_state"), b) <= 1e-5);
 }
 
+TEST_CASE("modules_to_save: refused, or skipped when asked (a task model's head)") {
+    TempDir tmp("peft");
+    const fs::path d = tmp / "cls";
+    edited_copy(d, [](nlohmann::json& j) { j["modules_to_save"] = {"classifier"}; },
+                [](const std::string& n, pw::Tensor<float>&) { return n; });
+    {  // add the head's tensor under PEFT's name
+        const auto f = pw::read_safetensors(d / "adapter_model.safetensors");
+        std::vector<pw::Tensor<float>> ts;
+        for (const auto& e : f.entries()) ts.push_back(f.tensor<float>(e.name));
+        pw::SafetensorsWriter w;
+        for (std::size_t i = 0; i < ts.size(); ++i) w.add(f.entries()[i].name, ts[i]);
+        const pw::Tensor<float> head(pw::Shape{3, 32});
+        w.add("base_model.model.classifier.weight", head);
+        w.save(d / "adapter_model.safetensors");
+    }
+    auto model = tiny<LoraBert<float>>();
+    CHECK_ERROR(pw::ConfigError, pw::hf::load_peft_lora(model, d), d / "adapter_config.json", "\"modules_to_save\"");
+    pw::hf::PeftLoadOptions skip;
+    skip.skip_modules_to_save = true;
+    pw::hf::load_peft_lora(model, d, skip);
+    const auto ref = pw::read_safetensors(data_dir() / "outputs.safetensors");
+    const pw::TokenBatch b = batch(ref);
+    CHECK(worst_token_error(model.forward(b), ref.tensor<double>("last_hidden_state"), b) <= 1e-5);
+}
+
 TEST_CASE("a saved adapter has exactly PEFT's config, keys, shapes and values") {
     auto model = tiny<LoraBert<float>>();
     pw::hf::load_peft_lora(model, data_dir() / "adapter");

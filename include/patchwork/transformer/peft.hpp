@@ -23,7 +23,9 @@
 // every expected tensor present with its shape and no other tensor; options
 // patchwork does not implement (use_rslora, use_dora, bias other than "none",
 // modules_to_save, rank_pattern, alpha_pattern, layers_to_transform,
-// fan_in_fan_out, ...) rejected. File and JSON problems are IoError, settings
+// fan_in_fan_out, ...) rejected; modules_to_save (a task head trained in
+// full) is refused too, unless PeftLoadOptions::skip_modules_to_save leaves
+// its tensors to the caller. File and JSON problems are IoError, settings
 // that do not fit the model ConfigError; both name the file and the key.
 //
 // The writer produces the same config fields, with the same defaults, as
@@ -66,6 +68,13 @@ struct PeftSaveOptions {
     bool inference_mode = true;
     /// Tensor names begin "base_model.model." and, for a task model's adapter, "bert." after it.
     bool bert_prefix = false;
+};
+
+struct PeftLoadOptions {
+    /// Accept "modules_to_save" (a task head PEFT trains in full, e.g. "classifier") and leave its
+    /// tensors ("base_model.model.<module>.weight", ...) unread: the caller reads them from the
+    /// file itself. Otherwise such an adapter is refused.
+    bool skip_modules_to_save = false;
 };
 
 namespace peft_detail {
@@ -281,7 +290,7 @@ void save_peft_lora(Model& model, const std::filesystem::path& dir, const PeftSa
 /// into the LoRA slots of `model`: A and B copied, scale = lora_alpha / r.
 /// The model is unchanged when anything fails.
 template <class Model>
-void load_peft_lora(Model& model, const std::filesystem::path& dir) {
+void load_peft_lora(Model& model, const std::filesystem::path& dir, const PeftLoadOptions& options = {}) {
     using T = typename Model::Scalar;
     using peft_detail::config_fail;
     using peft_detail::io_fail;
@@ -323,10 +332,17 @@ void load_peft_lora(Model& model, const std::filesystem::path& dir) {
     if (has("bias") && j["bias"] != "none")
         config_fail(cfg_file, "\"bias\" is " + j["bias"].dump() +
                                   ": trained biases in the adapter are not supported; only \"none\" is");
+    std::vector<std::string> skipped;  // tensor name prefixes of modules_to_save, when accepted
+    if (options.skip_modules_to_save && has("modules_to_save")) {
+        if (!j["modules_to_save"].is_array() ||
+            !std::all_of(j["modules_to_save"].begin(), j["modules_to_save"].end(), [](const auto& m) { return m.is_string(); }))
+            io_fail(cfg_file, "\"modules_to_save\" must be a list of names, got " + j["modules_to_save"].dump());
+        for (const auto& m : j["modules_to_save"]) skipped.push_back("base_model.model." + m.get<std::string>() + ".");
+    }
     for (const char* key : {"rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "layers_pattern",
                             "layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
                             "exclude_modules"})
-        if (has(key) && !j[key].empty())
+        if (has(key) && !j[key].empty() && !(options.skip_modules_to_save && std::string(key) == "modules_to_save"))
             config_fail(cfg_file, patchwork::detail::concat("\"", key, "\" is ", j[key].dump(), ": not supported (",
                                                             "the adapter must put one r and lora_alpha on the same "
                                                             "projections of every layer, and nothing else)"));
@@ -386,6 +402,7 @@ void load_peft_lora(Model& model, const std::filesystem::path& dir) {
     for (const auto& e : f.entries()) {
         bool used = false;
         for (const auto& u : found) used = used || u.first == &e;
+        for (const auto& sk : skipped) used = used || e.name.rfind(sk, 0) == 0;
         if (!used)
             io_fail(st_file, "unexpected tensor '" + e.name +
                                  "' (no LoRA slot of the model takes it; patchwork expects only lora_A and lora_B of "
