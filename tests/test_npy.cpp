@@ -2,6 +2,7 @@
 // make_fixtures.py), writing what numpy reads, and clear errors on bad files.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -40,10 +41,11 @@ std::vector<unsigned char> npy_bytes(std::string header, std::size_t data_bytes)
     const std::size_t total = (10 + header.size() + 1 + 63) / 64 * 64;
     header.append(total - 10 - header.size() - 1, ' ');
     header += '\n';
-    std::vector<unsigned char> b = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, static_cast<unsigned char>(header.size() & 0xff),
-                                    static_cast<unsigned char>(header.size() >> 8)};
-    b.insert(b.end(), header.begin(), header.end());
-    b.resize(b.size() + data_bytes, 0);
+    std::vector<unsigned char> b(10 + header.size() + data_bytes, 0);
+    const unsigned char prefix[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, static_cast<unsigned char>(header.size() & 0xff),
+                                      static_cast<unsigned char>(header.size() >> 8)};
+    std::copy(prefix, prefix + 10, b.begin());
+    std::copy(header.begin(), header.end(), b.begin() + 10);
     return b;
 }
 

@@ -549,7 +549,7 @@ pw::Tensor<double> row_of(const pw::Tensor<double>& x, std::size_t r) {
 /// one single-task pass per sequence: outputs and every gradient.
 template <class MT>
 void check_mixed_against_single(MT& mt, const pw::Tensor<double>& x, const std::vector<int>& tasks,
-                                const std::vector<std::int32_t>& mask) {
+                                const std::vector<std::int32_t>& mask, pw::MixedPass pass = pw::MixedPass::one_pass) {
     const std::size_t B = x.dim(0), T = x.dim(1);
     pw::Rng rng(31);
     pw::Tensor<double> y, g;
@@ -558,7 +558,7 @@ void check_mixed_against_single(MT& mt, const pw::Tensor<double>& x, const std::
         pw::AttentionMask scope(mask, B, T);
         pw::zero_grad(mt);
         y = mt.forward(x, tasks);
-        CHECK(mt.last_mixed_pass() == pw::MixedPass::one_pass);
+        CHECK(mt.last_mixed_pass() == pass);
         g = pw::Tensor<double>(y.shape());
         pw::init::normal(g, rng, 0, 1);
         mt.backward(g);
@@ -607,5 +607,22 @@ TEST_CASE("multitask: one BERT encoder, LoRA banks per task, mixed batches whose
     }
     SUBCASE("padded sequences, rows grouped by task") {
         check_mixed_against_single(mt, x, {0, 0, 1}, {1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0});
+    }
+    // The rows are sorted by task inside; each keeps its own attention-mask row.
+    SUBCASE("padded sequences, tasks in any order") {
+        check_mixed_against_single(mt, x, {1, 0, 1}, {1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0});
+        check_mixed_against_single(mt, x, {1, 1, 0}, {1, 1, 0, 0, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1});
+    }
+    SUBCASE("padded sequences, one backbone pass per task (grouped)") {
+        mt.set_one_pass(false);
+        check_mixed_against_single(mt, x, {1, 0, 1}, {1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0},
+                                   pw::MixedPass::grouped);
+        mt.set_one_pass(true);
+    }
+    SUBCASE("a mask for another batch size is a clear error") {
+        const std::vector<std::int32_t> mask(2 * 5, 1);
+        pw::AttentionMask scope(mask, 2, 5);
+        const std::vector<int> tasks{0, 1, 0};
+        CHECK_THROWS_AS(mt.forward(x, tasks), pw::ShapeError);
     }
 }

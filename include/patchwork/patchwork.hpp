@@ -1,8 +1,8 @@
 #pragma once
 // patchwork: parameter-efficient, multi-task adaptation of pre-trained models.
-// One include for everything on the CPU. The xtensor view (core/xtensor.hpp)
-// is included too; include the individual headers instead to keep compile
-// times down.
+// One include for everything on the CPU, except the xtensor view of a tensor
+// (core/xtensor.hpp: pw::xt(t)), whose headers are slow to compile; include it
+// where you use it. Including the individual headers keeps compile times down.
 
 #include "patchwork/core/error.hpp"
 #include "patchwork/core/module.hpp"
@@ -11,11 +11,13 @@
 #include "patchwork/core/report.hpp"
 #include "patchwork/core/shape.hpp"
 #include "patchwork/core/tensor.hpp"
-#include "patchwork/core/xtensor.hpp"
 
 #include "patchwork/layers/activation.hpp"
+#include "patchwork/layers/attention.hpp"
 #include "patchwork/layers/batch_norm.hpp"
 #include "patchwork/layers/conv2d.hpp"
+#include "patchwork/layers/dropout.hpp"
+#include "patchwork/layers/embedding.hpp"
 #include "patchwork/layers/identity.hpp"
 #include "patchwork/layers/layer_norm.hpp"
 #include "patchwork/layers/linear.hpp"
@@ -63,9 +65,6 @@
 
 #include "patchwork/text/wordpiece.hpp"
 
-#include "patchwork/layers/attention.hpp"
-#include "patchwork/layers/dropout.hpp"
-#include "patchwork/layers/embedding.hpp"
 #include "patchwork/transformer/bert.hpp"
 #include "patchwork/transformer/hf_checkpoint.hpp"
 #include "patchwork/transformer/peft.hpp"

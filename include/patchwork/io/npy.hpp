@@ -382,18 +382,17 @@ void save_npy(const std::filesystem::path& path, const Tensor<T>& t) {
     const std::size_t total = (prefix + header.size() + 1 + 63) / 64 * 64;
     header.append(total - prefix - header.size() - 1, ' ');
     header += '\n';
-    std::vector<unsigned char> out;
-    out.reserve(total + t.size() * sizeof(T));
+    // One buffer, filled by offset: magic and version, header length, header, data.
+    std::vector<unsigned char> out(total + t.size() * sizeof(T));
     const unsigned char magic[8] = {0x93, 'N', 'U', 'M', 'P', 'Y', static_cast<unsigned char>(v2 ? 2 : 1), 0};
-    out.insert(out.end(), magic, magic + 8);
+    std::memcpy(out.data(), magic, 8);
     const std::size_t len = header.size();
-    for (std::size_t k = 0; k < (v2 ? 4u : 2u); ++k) out.push_back(static_cast<unsigned char>((len >> (8 * k)) & 0xff));
-    out.insert(out.end(), header.begin(), header.end());
-    for (std::size_t i = 0; i < t.size(); ++i) {
-        unsigned char b[sizeof(T)];
-        std::memcpy(b, &t[i], sizeof(T));
-        if constexpr (std::endian::native == std::endian::big) std::reverse(b, b + sizeof(T));
-        out.insert(out.end(), b, b + sizeof(T));
+    for (std::size_t k = 0; k < (v2 ? 4u : 2u); ++k) out[8 + k] = static_cast<unsigned char>((len >> (8 * k)) & 0xff);
+    std::memcpy(out.data() + prefix, header.data(), len);
+    unsigned char* data = out.data() + total;
+    for (std::size_t i = 0; i < t.size(); ++i, data += sizeof(T)) {
+        std::memcpy(data, &t[i], sizeof(T));
+        if constexpr (std::endian::native == std::endian::big) std::reverse(data, data + sizeof(T));
     }
     detail::AtomicFile file(path, "npy");
     errno = 0;

@@ -64,8 +64,10 @@
 // backbone); construct it in place.
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <deque>
 #include <functional>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -76,6 +78,7 @@
 #include "patchwork/core/parameter.hpp"
 #include "patchwork/core/tensor.hpp"
 #include "patchwork/core/mixed_batch.hpp"
+#include "patchwork/layers/attention.hpp"
 #include "patchwork/multitask/banks.hpp"
 
 namespace patchwork {
@@ -239,6 +242,10 @@ public:
                                             " task ids for a batch of ", n, " rows ", x.shape(),
                                             " (one task id per row)"));
         for (std::size_t i = 0; i < n; ++i) check_task(task_ids[i], i);
+        mask_ = detail::current_attention_mask();
+        if (mask_.data != nullptr && mask_.batch != n)
+            throw ShapeError(detail::concat(detail::display_path(path_), ": the attention mask is ", mask_.batch,
+                                            " x ", mask_.tokens, ", the mixed batch has ", n, " rows ", x.shape()));
         x_shape_ = x.shape();
         if (one_pass_ && one_pass_supported()) return forward_one_pass(x, task_ids);
         return forward_grouped(x, task_ids);
@@ -276,6 +283,8 @@ public:
                 const auto& stats = banks_.statistics_slots();
                 snapshot_.resize(stats.size());
                 for (std::size_t i = 0; i < stats.size(); ++i) snapshot_[i] = *stats[i];
+                std::optional<AttentionMask> group_mask;
+                open_group_mask(gi, group_mask);
                 backbone_.forward(group_x_[gi]);
                 for (std::size_t i = 0; i < stats.size(); ++i) *stats[i] = snapshot_[i];
             }
@@ -368,6 +377,9 @@ private:
         if (!sorted) gather(x, order_, row, xp_);
         const Tensor<T>* feat = nullptr;
         {
+            // Sorted rows keep their attention-mask rows (when a mask is active).
+            std::optional<AttentionMask> sorted_mask;
+            if (!sorted && mask_.data != nullptr) sorted_mask.emplace(mask_rows(order_, mask_p_), n, mask_.tokens);
             OnePass pass(*this);
             feat = &backbone_.forward(sorted ? x : xp_);
         }
@@ -456,7 +468,13 @@ private:
         for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
             const Group& g = groups_[gi];
             gather(x, g.rows, row, group_x_[gi]);
+            if (mask_.data != nullptr) {
+                if (group_mask_.size() <= gi) group_mask_.resize(gi + 1);
+                mask_rows(g.rows, group_mask_[gi]);
+            }
             {
+                std::optional<AttentionMask> group_mask;
+                open_group_mask(gi, group_mask);
                 Binding bind(banks_, g.task);
                 group_feat_[gi] = backbone_.forward(group_x_[gi]);
             }
@@ -475,6 +493,20 @@ private:
         state_ = State::mixed;
         last_pass_ = MixedPass::grouped;
         return y_;
+    }
+
+    /// The attention-mask rows of batch rows `rows`, in that order (into `buf`).
+    std::span<const std::int32_t> mask_rows(const std::vector<std::size_t>& rows, std::vector<std::int32_t>& buf) const {
+        const std::size_t t = mask_.tokens;
+        buf.resize(rows.size() * t);
+        for (std::size_t r = 0; r < rows.size(); ++r) std::copy_n(mask_.data + rows[r] * t, t, buf.data() + r * t);
+        return buf;
+    }
+
+    /// When the mixed forward had an attention mask: makes `scope` the mask of
+    /// group gi's rows (gathered by that forward) while it lives.
+    void open_group_mask(std::size_t gi, std::optional<AttentionMask>& scope) const {
+        if (mask_.data != nullptr) scope.emplace(group_mask_[gi], groups_[gi].rows.size(), mask_.tokens);
     }
 
     [[noreturn]] void throw_head_width(int task, const Shape& got, std::size_t rows, int first_task) const {
@@ -560,6 +592,11 @@ private:
     // the row order (sorted row i is input row order_[i]) and buffers.
     MixedBatch<T> ctx_;
     std::vector<std::size_t> order_;
+    // The attention mask (layers/attention.hpp) active at the last mixed
+    // forward, and its rows in the order the backbone saw them.
+    detail::MaskView mask_;
+    std::vector<std::int32_t> mask_p_;
+    std::vector<std::vector<std::int32_t>> group_mask_;
     Tensor<T> xp_, dfeat_;
     Shape feat_shape_;
 };
