@@ -153,10 +153,10 @@ int main(int argc, char** argv) try {
 
     // 1. Pre-train body + head on the old classes, on the device.
     pw::manual_seed(o.seed);
-    pw::Sequential<pw::Tune<Body, pw::FineTune>, Linear> base(
-        pw::Tune<Body, pw::FineTune>(Body(Linear(784, 256), LayerNorm(256), Relu{}, Linear(256, 256), LayerNorm(256),
-                                          Relu{})),
-        Linear(256, 5));
+    // A plain Body (every parameter trains): a Body copied out of a Tune would
+    // carry that Tune's decisions into the Tunes below.
+    pw::Sequential<Body, Linear> base(
+        Body(Linear(784, 256), LayerNorm(256), Relu{}, Linear(256, 256), LayerNorm(256), Relu{}), Linear(256, 5));
     {
         base.set_input_grad(false);
         pw::BasicAdamW<float, Cuda> opt(pw::trainable_parameters(base), {.lr = 2e-3, .weight_decay = 1e-4});
@@ -165,7 +165,7 @@ int main(int argc, char** argv) try {
         std::printf("pre-trained on %zu images of classes 0-4: %.2f%% test accuracy\n", old_train.size(),
                     100 * accuracy(base, old_test));
     }
-    const Body& body = base.get<0>().inner();
+    const Body& body = base.get<0>();
 
     // 2. Adapt to the new classes under each policy; every run starts from the same new head.
     pw::manual_seed(o.seed + 1);

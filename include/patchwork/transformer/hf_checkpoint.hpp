@@ -22,6 +22,7 @@
 #include <bit>
 #include <cstdint>
 #include <cstdio>
+#include <cerrno>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -30,6 +31,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "patchwork/io/atomic_file.hpp"
 #include "patchwork/io/safetensors.hpp"
 #include "patchwork/transformer/bert.hpp"
 
@@ -115,24 +117,11 @@ inline double get_number(const nlohmann::json& j, const char* key, double fallba
 
 /// Write `text` to `path` through a temporary file and a rename.
 inline void write_text_atomically(const std::filesystem::path& path, const std::string& text) {
-    const std::filesystem::path tmp = path.string() + ".tmp";
-    {
-        std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-        if (!out) fail(path, "cannot open a temporary file for writing");
-        out << text;
-        out.flush();
-        if (!out) {
-            std::error_code ec;
-            std::filesystem::remove(tmp, ec);
-            fail(path, "write failed");
-        }
-    }
-    std::error_code ec;
-    std::filesystem::rename(tmp, path, ec);
-    if (ec) {
-        std::filesystem::remove(tmp, ec);
-        fail(path, "cannot rename the temporary file into place");
-    }
+    // A uniquely named temporary beside the target, synced, then renamed over it (io/atomic_file.hpp).
+    patchwork::detail::AtomicFile file(path, "hf");
+    errno = 0;
+    const bool written = std::fwrite(text.data(), 1, text.size(), file.file) == text.size();
+    file.commit(written, errno);
 }
 
 }  // namespace detail

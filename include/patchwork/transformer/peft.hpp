@@ -32,6 +32,7 @@
 // peft 0.21.2's LoraConfig.save_pretrained, and the tensors of the model's
 // scalar type (F32 for a float model, as PEFT writes them). Both files are
 // written through a temporary file and a rename (io/atomic_file.hpp).
+#include <array>
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
@@ -155,10 +156,10 @@ void scan(Model& model, std::vector<std::string>& projections, std::vector<Slot<
 /// PEFT's module selection for a list of names: the module's full name equals
 /// an entry or ends with "." + the entry; for a string: the whole name matches
 /// it as a regular expression (Python's re.fullmatch; std::regex ECMAScript here).
-inline bool targeted(const nlohmann::json& targets, const std::string& module, const std::filesystem::path& file) {
+inline bool targeted(const nlohmann::json& targets, const std::string& module_name, const std::filesystem::path& file) {
     if (targets.is_string()) {
         try {
-            return std::regex_match(module, std::regex(targets.get<std::string>()));
+            return std::regex_match(module_name, std::regex(targets.get<std::string>()));
         } catch (const std::regex_error& e) {
             config_fail(file, "\"target_modules\" " + targets.dump() + " is not a regular expression patchwork can read: " +
                                   e.what());
@@ -166,8 +167,8 @@ inline bool targeted(const nlohmann::json& targets, const std::string& module, c
     }
     for (const auto& t : targets) {
         const std::string s = t.get<std::string>();
-        if (module == s || (module.size() > s.size() && module.compare(module.size() - s.size(), s.size(), s) == 0 &&
-                            module[module.size() - s.size() - 1] == '.'))
+        if (module_name == s || (module_name.size() > s.size() && module_name.compare(module_name.size() - s.size(), s.size(), s) == 0 &&
+                            module_name[module_name.size() - s.size() - 1] == '.'))
             return true;
     }
     return false;
@@ -384,7 +385,9 @@ void load_peft_lora(Model& model, const std::filesystem::path& dir, const PeftLo
         if (e.name.rfind("base_model.model.bert.", 0) == 0) prefix = "base_model.model.bert.";
     std::vector<std::pair<const SafetensorsEntry*, Parameter<T>*>> found;
     for (const auto& s : slots) {
-        for (auto [suffix, p] : {std::pair{".lora_A.weight", s.a}, std::pair{".lora_B.weight", s.b}}) {
+        const std::array<std::pair<const char*, Parameter<T>*>, 2> factors{{{".lora_A.weight", s.a},
+                                                                            {".lora_B.weight", s.b}}};
+        for (const auto& [suffix, p] : factors) {
             const std::string key = prefix + s.path + suffix;
             const SafetensorsEntry* e = f.find(key);
             if (!e)
