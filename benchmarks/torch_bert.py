@@ -27,6 +27,13 @@ loading included; VmHWM of /proc/self/status beside it, which should agree) and
 its RSS just before the model is loaded (Python, torch, transformers and peft
 imported). These runs come first, before this process imports torch.
 
+Measure on an idle machine. On the 2-core build machine with one other busy
+process (load average about 2-3), 2 threads were far slower than 1: inference
+1x16 486 ms against 19 ms, LoRA 8x32 3.7 s against 0.19 s per step, with CPU
+time equal to wall time (one thread of the pool spins while the other waits
+for a core). A table whose cpu ms is not near 2x the median ms was loaded;
+--threads 1 gives figures that hold up better there.
+
 Output: one JSON object a line, {"name": ..., "value": ..., "unit": ...}, then a
 table for people (lines starting with '#').
 
