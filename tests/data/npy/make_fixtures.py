@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the .npy files tests/test_npy.cpp reads, with numpy.save (numpy 2.x).
+"""Writes the .npy files tests/test_npy.cpp reads, with numpy.save (made with numpy 2.4.6, Python 3.11.7).
 
 Each file holds a small array whose values the test recomputes:
 v[i] = i * 0.5 - 3 in C order of the array's shape (for bool: i % 3 == 0;
