@@ -151,10 +151,7 @@ Row run(const fs::path& dir, const std::string& name, int iters, int warmup) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    const char* cache = std::getenv("PATCHWORK_MODEL_DIR");
-    fs::path dir = cache && *cache ? fs::path(cache) / "all-MiniLM-L6-v2"
-                                   : fs::path(std::getenv("HOME") ? std::getenv("HOME") : "/root") /
-                                         ".cache/patchwork/models/all-MiniLM-L6-v2";
+    fs::path dir = pw::hf::model_cache_dir();
     int iters = 20, warmup = 3;
     std::string configs = "infer-32x64,infer-1x16,lora-8x32,lora-32x64,finetune-8x32,finetune-32x64", only;
     for (int i = 1; i + 1 < argc; i += 2) {

@@ -39,11 +39,7 @@ constexpr bool reduced = false;
 constexpr bool reduced = true;  // -O0: Eigen is ~50x slower
 #endif
 
-fs::path model_dir() {
-    if (const char* d = std::getenv("PATCHWORK_MODEL_DIR"); d && *d) return fs::path(d) / "all-MiniLM-L6-v2";
-    const char* home = std::getenv("HOME");
-    return fs::path(home && *home ? home : "/root") / ".cache/patchwork/models/all-MiniLM-L6-v2";
-}
+fs::path model_dir() { return pw::hf::model_cache_dir(); }
 fs::path fixture_dir() {
     const char* d = std::getenv("PATCHWORK_TEST_DATA");
     return fs::path(d && *d ? d : "tests/data") / "minilm";
@@ -219,7 +215,9 @@ void check_lora_step(const std::string& grads, const std::string& loss_name, dou
     const double loss_err = std::abs(double(ce.value) - ref_loss) / std::abs(ref_loss);
     double worst = 0;
     std::string worst_name;
-    for (auto& [name, p] : factors) {
+    for (const auto& factor : factors) {  // not a structured binding: INFO captures name (clang 14)
+        const std::string& name = factor.first;
+        const auto* p = factor.second;
         const auto g = ref.tensor<double>(grads + "." + name);
         const double err = rel(p->grad.data(), g.data(), g.size());
         INFO(name, ": relative error ", err);

@@ -164,7 +164,8 @@ TEST_CASE("over_param: weight_of and compact between forward and backward leave 
 // ---------------------------------------------------------------- initialisation
 
 TEST_CASE("over_param: from_weight reproduces the pre-trained weight exactly, for every shape and depth") {
-    for (const auto& [in, out] : std::vector<std::pair<std::size_t, std::size_t>>{{7, 3}, {3, 7}, {6, 6}}) {
+    for (const auto& shape : std::vector<std::pair<std::size_t, std::size_t>>{{7, 3}, {3, 7}, {6, 6}}) {
+        const std::size_t in = shape.first, out = shape.second;  // not bound: CAPTURE takes them (clang 14)
         for (std::size_t e : {1u, 2u, 3u}) {
             CAPTURE(in);
             CAPTURE(out);
@@ -202,7 +203,8 @@ TEST_CASE("over_param: from_weight keeps random factors (the extra width is used
 
 TEST_CASE("over_param: random init keeps the product's variance at the Linear's 1/in") {
     pw::manual_seed(5);
-    for (const auto& [in, out] : std::vector<std::pair<std::size_t, std::size_t>>{{200, 100}, {100, 200}}) {
+    for (const auto& shape : std::vector<std::pair<std::size_t, std::size_t>>{{200, 100}, {100, 200}}) {
+        const std::size_t in = shape.first, out = shape.second;  // not bound: CAPTURE takes them (clang 14)
         pw::Tune<Linear64, TwoShared> two(Linear64(in, out), opts(2, 1, pw::OverParamInit::random));
         pw::Tune<Linear64, UMV> three(Linear64(in, out), opts(2, 1, pw::OverParamInit::random));
         pw::Tune<Linear64, Deep> four(Linear64(in, out), opts(3, 2, pw::OverParamInit::random));
@@ -458,4 +460,9 @@ TEST_CASE("over_param: float layers, the umbrella policy name and the kind") {
     pw::Tune<Block, pw::Frozen> frozen(Block(pw::Tune<pw::Linear, pw::OverParam<>>(pw::Linear(4, 3)), {}));
     CHECK(trainable_names(frozen) ==
           std::set<std::string>{"linear0.overparam.factor0", "linear0.overparam.factor1", "linear0.overparam.factor2"});
+    // The same with a Linear copied out of a fine-tuned Tune: its bias is the
+    // outer Frozen's to decide, not the fine-tuning's.
+    pw::Tune<pw::Linear, pw::FineTune> tuned(4, 3);
+    pw::Tune<Block, pw::Frozen> frozen_copy(Block(pw::Tune<pw::Linear, pw::OverParam<>>(tuned.base()), {}));
+    CHECK(trainable_names(frozen_copy) == trainable_names(frozen));
 }

@@ -253,12 +253,15 @@ TEST_CASE("a saved adapter has exactly PEFT's config, keys, shapes and values") 
     const std::string peft_text = slurp(data_dir() / "adapter/adapter_config.json");
     const std::string ours_text = slurp(out / "adapter_config.json");
     const auto peft_cfg = nlohmann::json::parse(peft_text), ours = nlohmann::json::parse(ours_text);
-    for (const auto& [k, v] : peft_cfg.items()) {
+    for (const auto& item : peft_cfg.items()) {  // not bound: INFO takes the key (clang 14)
+        const std::string& k = item.key();
+        const auto& v = item.value();
         INFO("field ", k);
         REQUIRE(ours.contains(k));
         CHECK(ours[k] == v);
     }
-    for (const auto& [k, v] : ours.items()) {
+    for (const auto& item : ours.items()) {
+        const std::string& k = item.key();
         INFO("field ", k);
         CHECK(peft_cfg.contains(k));
     }
@@ -365,7 +368,7 @@ TEST_CASE("bad adapter folders: a clear error naming the file and the problem, a
                     data_dir() / "adapter" / "adapter_config.json", "encoder.layer.0.attention.self.query");
     }
     SUBCASE("unsupported options") {
-        for (const auto& [key, value] : std::vector<std::pair<std::string, nlohmann::json>>{
+        for (const auto& option : std::vector<std::pair<std::string, nlohmann::json>>{
                  {"use_rslora", true},
                  {"use_dora", true},
                  {"bias", "all"},
@@ -373,6 +376,8 @@ TEST_CASE("bad adapter folders: a clear error naming the file and the problem, a
                  {"modules_to_save", {"classifier"}},
                  {"rank_pattern", {{"value", 8}}},
                  {"layers_to_transform", {0}}}) {
+            const std::string& key = option.first;  // not bound: INFO and the lambda take them (clang 14)
+            const nlohmann::json& value = option.second;
             INFO(key);
             const fs::path d = copy("opt_" + key, [&](nlohmann::json& j) { j[key] = value; }, same_tensors);
             CHECK_ERROR(pw::ConfigError, load(d), d / "adapter_config.json", "\"" + key + "\"");

@@ -111,6 +111,32 @@ TEST_CASE("an inner Tune that lists a selection policy keeps its decision under 
     CHECK(pw::trainable_count(frozen_outside) == 4 * 3 + 3);
 }
 
+TEST_CASE("a module copied out of one Tune takes the decision of the Tune it is put in") {
+    // Fine-tuned, then copied (or moved) into a frozen Tune: frozen, because
+    // the copy's marks belong to the Tune it came from.
+    pw::Tune<Block64, pw::FineTune> tuned(make_block());
+    REQUIRE(pw::trainable_count(tuned) == pw::parameter_count(tuned));
+    Block64 copy = tuned.base();
+    pw::Tune<Block64, pw::Frozen> frozen(copy);
+    CHECK(pw::trainable_count(frozen) == 0);
+    pw::Tune<Block64, pw::BiasOnly> bitfit(std::move(copy));
+    CHECK(pw::trainable_count(bitfit) == 5 + 3);
+    CHECK(trainable_of_role(bitfit, pw::Role::bias) == 5 + 3);
+
+    // A policy still inside the copy keeps its decision (and a copy of a whole
+    // Tune keeps all of them).
+    using FineInner = pw::Tune<Linear64, pw::FineTune>;
+    using Body = pw::Sequential<FineInner, pw::BasicRelu<double>, Linear64>;
+    pw::Tune<Body, pw::FineTune> all(Body(FineInner(4, 3), {}, Linear64(3, 2)));
+    pw::Tune<Body, pw::Frozen> outer_frozen(all.base());
+    CHECK(outer_frozen.base().get<0>().base().weight.trainable());
+    CHECK_FALSE(outer_frozen.base().get<2>().weight.trainable());
+    CHECK(pw::trainable_count(outer_frozen) == 4 * 3 + 3);
+    pw::Tune<Body, pw::Frozen> again = outer_frozen;
+    pw::Tune<pw::Tune<Body, pw::Frozen>, pw::FineTune> wrapped(again);
+    CHECK(pw::trainable_count(wrapped) == 4 * 3 + 3);
+}
+
 TEST_CASE("tuned modules keep exact gradients for what trains, and pass the input gradient through") {
     pw::Rng rng(2);
     pw::Tune<Block64, pw::NormPatch> patch(make_block());

@@ -24,8 +24,7 @@ namespace fs = std::filesystem;
 int main(int argc, char** argv) {
     fs::path dir;
     if (argc > 1) dir = argv[1];
-    else if (const char* d = std::getenv("PATCHWORK_MODEL_DIR"); d && *d) dir = fs::path(d) / "all-MiniLM-L6-v2";
-    else dir = fs::path(std::getenv("HOME") ? std::getenv("HOME") : "/root") / ".cache/patchwork/models/all-MiniLM-L6-v2";
+    else dir = pw::hf::model_cache_dir();
     if (!fs::exists(dir / "model.safetensors")) {
         std::printf("no model at %s: run scripts/fetch-model first\n", dir.string().c_str());
         return 77;

@@ -43,7 +43,7 @@ constexpr bool kCpu = false;
 // Under ThreadSanitizer every thread of a block is a real thread, about 100
 // times slower: the sweeps keep one size of each kind there (every kernel,
 // partial tiles, split reductions, a multi-pass rank are still reached).
-#ifdef __SANITIZE_THREAD__
+#ifdef CPU_CUDA_TSAN  // tests/cpu_cuda/include/cpu_cuda/runtime.hpp
 constexpr bool kTsan = true;
 #else
 constexpr bool kTsan = false;
@@ -521,7 +521,7 @@ TEST_CASE("ContextScope makes the context's device current, and restores the pre
     }
     REQUIRE(cudaGetDevice(&dev) == cudaSuccess);
     CHECK(dev == 0);
-    CHECK_THROWS_WITH_AS(pw::cuda::Context(pw::cuda::device_count()), doctest::Contains("does not exist"),
+    CHECK_THROWS_WITH_AS((void)pw::cuda::Context(pw::cuda::device_count()), doctest::Contains("does not exist"),
                          pw::CudaError);
 }
 

@@ -152,6 +152,21 @@ void for_each_module(M& m, F&& f) {
     }
 }
 
+/// Forget every policy decision inside `m` (Parameter::policy_decided), then
+/// let each policy module inside it that decides parameters (a Tune with a
+/// selection policy, a searched module, an over-parameterised Linear, a
+/// BertModel: those with a `remark_decided()` member) mark its own again.
+/// A policy module calls it on what it wraps when it is built: a module copied
+/// out of a Tune<M, FineTune> and wrapped in a Tune<M, Frozen> is frozen,
+/// while the decisions of policies still inside it stand.
+template <class M>
+void renew_decisions(M& m) {
+    m.visit([](auto& p) { p.clear_policy_decided(); });
+    for_each_module(m, [](auto& sub) {
+        if constexpr (requires { sub.remark_decided(); }) sub.remark_decided();
+    });
+}
+
 /// Parameters full fine-tuning of `m` would train: every pre-trained (not
 /// injected) parameter, once. A module that holds copies of its pre-trained
 /// weights (a searched module's FineTune candidate) says how many are its own

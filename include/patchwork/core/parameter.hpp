@@ -122,8 +122,11 @@ public:
 
     /// Set by the innermost policy that decided this parameter's trainability;
     /// outer policies leave such parameters alone (the most specific wins).
+    /// A copy carries the mark, so a module built from a copy renews them
+    /// (renew_decisions in core/module.hpp).
     [[nodiscard]] bool policy_decided() const noexcept { return decided_; }
     void mark_policy_decided() noexcept { decided_ = true; }
+    void clear_policy_decided() noexcept { decided_ = false; }
 
     /// Called by the owning module when its path changes.
     void set_prefix(const std::string& module_path) {

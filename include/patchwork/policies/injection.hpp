@@ -57,8 +57,8 @@ public:
     /// batch (see MixedBatch): its own parameters, on the CPU, for wrappers
     /// that declare `static constexpr bool mixed_rows = true` (and apply
     /// them segment by segment).
-    template <class F>
-        requires requires { Derived::mixed_rows; }
+    template <class F, class D = Derived>  // D: clang 14 looks up Derived's members too early otherwise
+        requires requires { D::mixed_rows; }
     void visit_mixed(F&& f) {
         if constexpr (std::is_same_v<Device, Cpu>) derived().visit_own(f);
     }

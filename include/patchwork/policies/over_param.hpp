@@ -165,10 +165,19 @@ public:
         flip_ = inner_.out_features() > inner_.in_features();
         // The Linear's weight is the product from now on, never trained directly.
         inner_.weight.set_trainable(false);
-        inner_.weight.mark_policy_decided();
         make_factors();
         init_factors(default_rng());
+        renew_decisions(*this);  // a bias copied out of another policy's module is undecided here
         set_path(inner_.path());
+    }
+
+    /// Marks the Linear's weight, the factors and the collapsed per-task weights
+    /// as decided by this module (see renew_decisions).
+    void remark_decided() {
+        inner_.weight.mark_policy_decided();
+        for (auto& list : factors_)
+            for (auto& p : list) p.mark_policy_decided();
+        for (auto& w : task_weights_) w.mark_policy_decided();
     }
 
     /// The wrapped Linear (its weight holds the last formed product).

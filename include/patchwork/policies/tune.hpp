@@ -98,6 +98,7 @@ public:
         requires std::constructible_from<Inner, Args...> &&
                  (sizeof...(Args) != 1 || (!std::same_as<std::remove_cvref_t<Args>, Tune> && ...))
     explicit Tune(Args&&... args) : inner_(std::forward<Args>(args)...) {
+        renew_decisions(inner_);  // marks copied from elsewhere do not count here
         apply_selection();
         set_path("");
     }
@@ -122,6 +123,14 @@ public:
     template <class F>
     void visit(F&& f) {
         inner_.visit(f);
+    }
+    /// Marks again the parameters this Tune decided: with a selection policy,
+    /// every pre-trained parameter inside it (see renew_decisions).
+    void remark_decided() {
+        if constexpr (has_selection)
+            inner_.visit([](Parameter<Scalar, Device>& p) {
+                if (!is_injected(p.role())) p.mark_policy_decided();
+            });
     }
     /// Re-draws the injected parameters as well (adapters restart as the identity).
     void reset_parameters(Rng& rng) { inner_.reset_parameters(rng); }

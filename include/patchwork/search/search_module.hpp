@@ -89,11 +89,16 @@ public:
           branches_(typename detail::branch_for<Inner, Cands>::type(base_)...) {
         base_.visit([&](auto& p) {
             p.set_trainable(false);
-            p.mark_policy_decided();
             base_count_ += p.size();
         });
+        renew_decisions(*this);  // the base (remark_decided), and what policies inside it decided
         reset_alpha(default_rng());
         set_path("");
+    }
+
+    /// Marks the base's parameters as decided (frozen by the search; see renew_decisions).
+    void remark_decided() {
+        base_.visit([](auto& p) { p.mark_policy_decided(); });
     }
 
     /// The shared, frozen pre-trained module.

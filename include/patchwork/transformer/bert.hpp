@@ -520,6 +520,13 @@ public:
     BertEmbeddings<T> embeddings;
     Encoder encoder;
 
+    /// Marks every pre-trained parameter as decided (see renew_decisions).
+    void remark_decided() {
+        visit([](Parameter<T>& p) {
+            if (!is_injected(p.role())) p.mark_policy_decided();
+        });
+    }
+
     [[nodiscard]] const BertConfig& config() const noexcept { return config_; }
     [[nodiscard]] std::size_t out_features() const noexcept { return config_.hidden_size; }
 

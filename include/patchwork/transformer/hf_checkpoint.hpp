@@ -22,6 +22,7 @@
 #include <bit>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cerrno>
 #include <filesystem>
 #include <fstream>
@@ -247,6 +248,15 @@ void load_bert_weights(Model& model, const std::filesystem::path& file, const Lo
     for_each_module(model, [](auto& m) {
         if constexpr (requires { m.sync_copies(); }) m.sync_copies();
     });
+}
+
+/// Where scripts/fetch-model caches a Hugging Face model folder:
+/// $PATCHWORK_MODEL_DIR/<name> when that variable is set, else
+/// $HOME/.cache/patchwork/models/<name>.
+[[nodiscard]] inline std::filesystem::path model_cache_dir(const std::string& name = "all-MiniLM-L6-v2") {
+    if (const char* d = std::getenv("PATCHWORK_MODEL_DIR"); d && *d) return std::filesystem::path(d) / name;
+    const char* home = std::getenv("HOME");
+    return std::filesystem::path(home && *home ? home : "/root") / ".cache/patchwork/models" / name;
 }
 
 /// Build a Model (a BertModel<...>) from a Hugging Face model folder: config.json and model.safetensors.

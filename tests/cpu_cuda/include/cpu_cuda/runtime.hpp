@@ -52,7 +52,25 @@
 #include <vector>
 
 #include <ucontext.h>
-#ifdef __SANITIZE_ADDRESS__
+
+// Which sanitizer is on: g++ defines __SANITIZE_ADDRESS__ and
+// __SANITIZE_THREAD__, clang answers __has_feature.
+#if defined(__SANITIZE_ADDRESS__)
+#define CPU_CUDA_ASAN 1
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define CPU_CUDA_TSAN 1
+#endif
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) && !defined(CPU_CUDA_ASAN)
+#define CPU_CUDA_ASAN 1
+#endif
+#if __has_feature(thread_sanitizer) && !defined(CPU_CUDA_TSAN)
+#define CPU_CUDA_TSAN 1
+#endif
+#endif
+
+#ifdef CPU_CUDA_ASAN
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -376,7 +394,7 @@ public:
     /// From the running fiber back to the scheduler; returns when it is resumed.
     void yield() {
         Fiber& f = *fibers_[std::size_t(current_)];
-#ifdef __SANITIZE_ADDRESS__
+#ifdef CPU_CUDA_ASAN
         void* fake = nullptr;
         __sanitizer_start_switch_fiber(&fake, main_bottom_, main_size_);
         swapcontext(&f.ctx, &main_);
@@ -395,7 +413,7 @@ private:
     };
 
     void switch_to(Fiber& f) {
-#ifdef __SANITIZE_ADDRESS__
+#ifdef CPU_CUDA_ASAN
         void* fake = nullptr;
         __sanitizer_start_switch_fiber(&fake, f.stack.get(), kStackBytes);
         swapcontext(&main_, &f.ctx);
@@ -407,7 +425,7 @@ private:
 
     static void entry() {
         FiberPool& p = *running;
-#ifdef __SANITIZE_ADDRESS__
+#ifdef CPU_CUDA_ASAN
         __sanitizer_finish_switch_fiber(nullptr, &p.main_bottom_, &p.main_size_);
 #endif
         try {
@@ -420,7 +438,7 @@ private:
         p.block_->warps[std::size_t(id / 32)]->bar.arrive_and_drop();
         p.block_->bar.arrive_and_drop();
         f.done = true;
-#ifdef __SANITIZE_ADDRESS__
+#ifdef CPU_CUDA_ASAN
         __sanitizer_start_switch_fiber(nullptr, p.main_bottom_, p.main_size_);  // this fiber ends
 #endif
     }  // returns to uc_link: the scheduler
@@ -440,7 +458,7 @@ inline void fiber_yield() { FiberPool::running->yield(); }
 /// Threads of a block as real threads under ThreadSanitizer (or with
 /// PATCHWORK_CPU_CUDA_THREADS=1 in the environment), as fibers otherwise.
 [[nodiscard]] inline bool use_threads() {
-#ifdef __SANITIZE_THREAD__
+#ifdef CPU_CUDA_TSAN
     return true;
 #else
     static const bool threads = [] {
