@@ -3,6 +3,7 @@
 // attention and feed-forward slots, trainable counts, and the checkpoint loader.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -361,6 +362,54 @@ TEST_CASE("embeddings: frozen tables own no gradient; ids out of range name the 
     longer.tokens = 10;
     longer.ids.assign(10, 1);
     CHECK_THROWS_WITH_AS(e.forward(longer), doctest::Contains("positions"), pw::ShapeError);
+}
+
+/// Self-attention whose dropout draws the same masks at every forward (the
+/// generator restarts), so finite differences see one fixed function.
+struct FixedMaskAttention : pw::ModuleBase {
+    using Scalar = double;
+    static constexpr unsigned roles = pw::BasicSelfAttention<double, Lin, Lin, Lin>::roles;
+    static constexpr bool fixed_width = true;
+    static constexpr const char* kind() { return "attention"; }
+    pw::BasicSelfAttention<double, Lin, Lin, Lin> att{8, 2, 0.3};
+    std::size_t out_features() const { return att.out_features(); }
+    const pw::Tensor<double>& forward(const pw::Tensor<double>& x) {
+        att.set_dropout_seed(11);
+        return att.forward(x);
+    }
+    const pw::Tensor<double>& backward(const pw::Tensor<double>& g) {
+        att.set_input_grad(input_grad_);
+        return att.backward(g);
+    }
+    template <class F>
+    void visit(F&& f) {
+        att.visit(f);
+    }
+    void reset_parameters(pw::Rng& rng) { att.reset_parameters(rng); }
+    void set_path(const std::string& p) { att.set_path(p); }
+};
+
+TEST_CASE("self-attention with dropout on the probabilities: exact gradients for a fixed mask") {
+    FixedMaskAttention m;
+    m.att.set_training(true);
+    pw::Rng rng(17);
+    pw::testing::randomize_parameters(m, rng, 0.4);
+    // The mask drops about 30 % of the weights of every row, and is the same at every forward.
+    pw::Tensor<double> x(pw::Shape{2, 5, 8});
+    pw::init::normal(x, rng, 0, 1);
+    const pw::Tensor<double> y1 = m.forward(x);
+    const pw::Tensor<double> y2 = m.forward(x);
+    CHECK(std::memcmp(y1.data(), y2.data(), y1.size() * sizeof(double)) == 0);
+    m.att.set_training(false);
+    const pw::Tensor<double> y_eval = m.forward(x);
+    m.att.set_training(true);
+    double diff = 0;
+    for (std::size_t i = 0; i < y1.size(); ++i) diff = std::max(diff, std::abs(y1[i] - y_eval[i]));
+    CHECK(diff > 1e-3);  // dropout changes the output while training
+    check_module(m, pw::Shape{2, 5, 8});
+    const std::vector<std::int32_t> mask = {1, 1, 1, 0, 0, 1, 1, 1, 1, 1};
+    pw::AttentionMask scope(mask, 2, 5);
+    check_module(m, pw::Shape{2, 5, 8});
 }
 
 TEST_CASE("dropout: identity when off or evaluating, seeded inverted mask when training") {

@@ -112,6 +112,9 @@ public:
         rate_ = rate;
     }
     void set_training(bool on) noexcept { training_ = on; }
+    /// Restart the dropout generator: the next forward draws the masks a new
+    /// module with this seed would (reproducible runs; a fixed mask for checks).
+    void set_dropout_seed(std::uint64_t seed) noexcept { rng_ = Rng(seed); }
     /// The attention weights P of the last forward, [B, H, T, T] (zero at padded keys).
     [[nodiscard]] const Tensor<T>& probabilities() const noexcept { return probs_; }
 
