@@ -87,6 +87,43 @@ pw::Tensor<T> naive_conv(const pw::Tensor<T>& x, const pw::BasicConv2d<T>& conv)
     return y;
 }
 
+/// Gradients of naive_conv for an output gradient dy, straight from the
+/// definition: every product w x of the forward sends dy w to x and dy x to w.
+template <class T>
+struct NaiveGrads {
+    pw::Tensor<T> dx, dw, db;
+};
+template <class T>
+NaiveGrads<T> naive_conv_backward(const pw::Tensor<T>& x, const pw::Tensor<T>& dy, const pw::BasicConv2d<T>& conv) {
+    const std::size_t n = x.dim(0), h = x.dim(1), w = x.dim(2), cin = x.dim(3);
+    const std::size_t k = conv.kernel_size(), s = conv.stride(), p = conv.padding(), groups = conv.groups();
+    const std::size_t cout = conv.out_channels(), cg = cin / groups, per_group = cout / groups;
+    const std::size_t ho = dy.dim(1), wo = dy.dim(2);
+    NaiveGrads<T> g{pw::Tensor<T>(x.shape()), pw::Tensor<T>(conv.weight.value.shape()), pw::Tensor<T>(pw::Shape{cout})};
+    g.dx.zero();
+    g.dw.zero();
+    g.db.zero();
+    for (std::size_t b = 0; b < n; ++b)
+        for (std::size_t oy = 0; oy < ho; ++oy)
+            for (std::size_t ox = 0; ox < wo; ++ox)
+                for (std::size_t co = 0; co < cout; ++co) {
+                    const T gy = dy[((b * ho + oy) * wo + ox) * cout + co];
+                    g.db[co] += gy;
+                    for (std::size_t ky = 0; ky < k; ++ky)
+                        for (std::size_t kx = 0; kx < k; ++kx)
+                            for (std::size_t j = 0; j < cg; ++j) {
+                                const long iy = long(oy * s + ky) - long(p), ix = long(ox * s + kx) - long(p);
+                                if (iy < 0 || ix < 0 || iy >= long(h) || ix >= long(w)) continue;
+                                const std::size_t wi = ((co * k + ky) * k + kx) * cg + j;
+                                const std::size_t xi =
+                                    ((b * h + std::size_t(iy)) * w + std::size_t(ix)) * cin + (co / per_group) * cg + j;
+                                g.dx[xi] += gy * conv.weight.value[wi];
+                                g.dw[wi] += gy * x[xi];
+                            }
+                }
+    return g;
+}
+
 template <class M>
 void check_frozen_have_no_gradient(M& m) {
     m.visit([](auto& p) {
@@ -135,6 +172,51 @@ TEST_CASE("conv2d: forward equals a direct convolution in every configuration") 
         double worst = 0;
         for (std::size_t i = 0; i < y.size(); ++i) worst = std::max(worst, double(std::abs(y[i] - expected[i])));
         CHECK(worst < 1e-5);
+    }
+}
+
+TEST_CASE("conv2d: batches of many chunks and tiles match the direct convolution, forward and backward") {
+    // Wide rows (many input channels) make tiles of a few pixels that straddle
+    // image rows and images; a batch of 19 odd-sized images makes several
+    // chunks of unequal size. Every case runs on whatever threads the build has.
+    struct Big {
+        std::size_t in, out, kernel;
+        pw::Conv2dOptions options;
+        std::size_t h, w;
+    };
+    const Big cases[] = {
+        {40, 6, 3, {.padding = 1}, 7, 5},
+        {40, 6, 3, {.stride = 2, .padding = 1, .bias = false}, 9, 6},
+        {48, 8, 3, {.padding = 1, .groups = 4}, 5, 7},
+        {64, 5, 1, {}, 6, 5},
+        {64, 8, 1, {.groups = 2}, 3, 4},
+        {12, 12, 3, {.padding = 1, .groups = 12}, 7, 5},               // depthwise
+        {12, 24, 3, {.stride = 2, .padding = 1, .groups = 12}, 9, 6},  // depthwise, multiplier 2
+        {12, 12, 5, {.padding = 2, .groups = 12}, 6, 8},               // depthwise, 5x5
+    };
+    pw::Rng rng(31);
+    for (const auto& c : cases) {
+        INFO("in=" << c.in << " out=" << c.out << " k=" << c.kernel << " groups=" << c.options.groups);
+        Conv64 conv(c.in, c.out, c.kernel, c.options);
+        pw::testing::randomize_parameters(conv, rng);
+        conv.set_input_grad(true);
+        pw::Tensor<double> x(pw::Shape{19, c.h, c.w, c.in});
+        pw::init::normal(x, rng, 0.0, 1.0);
+        const auto& y = conv.forward(x);
+        const auto expected = naive_conv(x, conv);
+        REQUIRE(y.shape() == expected.shape());
+        for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(y[i] == doctest::Approx(expected[i]).epsilon(1e-12));
+        pw::Tensor<double> dy(y.shape());
+        pw::init::normal(dy, rng, 0.0, 1.0);
+        pw::zero_grad(conv);
+        const auto& dx = conv.backward(dy);
+        const auto ref = naive_conv_backward(x, dy, conv);
+        for (std::size_t i = 0; i < dx.size(); ++i) REQUIRE(dx[i] == doctest::Approx(ref.dx[i]).epsilon(1e-12));
+        for (std::size_t i = 0; i < ref.dw.size(); ++i)
+            REQUIRE(conv.weight.grad[i] == doctest::Approx(ref.dw[i]).epsilon(1e-12));
+        if (conv.has_bias())
+            for (std::size_t i = 0; i < ref.db.size(); ++i)
+                REQUIRE(conv.bias.grad[i] == doctest::Approx(ref.db[i]).epsilon(1e-12));
     }
 }
 

@@ -25,6 +25,20 @@
 // A 1x1 convolution with stride 1 and no padding needs no im2col: X_col is x's
 // own matrix view and dX_col is dx.
 //
+// X_col is never built whole (9x the input for a 3x3 kernel, written once and
+// read twice per step). The output pixels are cut into chunks of whole images
+// and each chunk into tiles of a few dozen pixels (detail::ConvTiling); a
+// tile's rows of X_col are built in a per-thread scratch block that stays in
+// the cache, used at once, and built again in backward. Per tile
+// (rows R of X_col, Y and dY):
+//   Y[R] = 1 b^T + X_col[R] W^T                    (the bias is the GEMM's starting value)
+//   dW_c += dY[R]^T X_col[R],  db_c += 1^T dY[R]   (partial sums of chunk c)
+//   dX_col[R] = dY[R] W, scattered into dx at once
+// and dW += sum_c dW_c, db += sum_c db_c in chunk order afterwards. The chunks
+// depend only on the shapes, never on the thread count, so neither does the
+// rounding; a chunk's scatter stays inside its own images, so threads never
+// write the same pixel of dx.
+//
 // Depthwise convolutions (G = C_in > 1, or a DepthwiseConv2d, so every filter
 // sees one input channel; C_out = m C_in with channel multiplier m) skip the GEMM, which would have
 // K = k k rows per group, and loop directly:
@@ -59,6 +73,7 @@
 
 #include "patchwork/core/module.hpp"
 #include "patchwork/core/mixed_batch.hpp"
+#include "patchwork/core/parallel.hpp"
 #include "patchwork/ops/gemm.hpp"
 
 namespace patchwork {
@@ -115,6 +130,82 @@ struct SpatialGeometry {
         }
     }
 };
+
+/// The thread running the caller inside for_rows (0 outside a parallel loop),
+/// and how many threads a for_rows may use: the index and count of per-thread
+/// scratch blocks.
+inline std::size_t thread_slot() noexcept {
+#if defined(_OPENMP)
+    return std::size_t(omp_get_thread_num());
+#else
+    return 0;
+#endif
+}
+inline std::size_t thread_slots() noexcept {
+#if defined(_OPENMP)
+    return std::size_t(std::max(1, omp_get_max_threads()));
+#else
+    return 1;
+#endif
+}
+
+/// How a convolution's output pixels are split for threads and caches: chunks
+/// of whole images, then tiles of at most `tile` pixels inside a chunk. Both
+/// depend only on the shapes (never on the thread count), so per-chunk partial
+/// sums added in chunk order round the same way on any number of threads.
+struct ConvTiling {
+    /// Aim for about this many output pixels per chunk (so that small images
+    /// still give chunks worth a thread) ...
+    static constexpr std::size_t chunk_pixels = 2048;
+    /// ... and a chunk count that is a multiple of this, while the batch allows,
+    /// so that 2, 4 or 8 threads get equal shares.
+    static constexpr std::size_t chunk_multiple = 8;
+    /// Elements of one tile's widest row block (an X_col or dX_col tile):
+    /// 32 KiB of floats, which stays in the L1/L2 cache.
+    static constexpr std::size_t tile_elements = 8192;
+
+    std::size_t per_image = 1, batch = 0, images_per_chunk = 1, chunks = 0, tile = 1;
+
+    ConvTiling() = default;
+    /// `row_width`: elements per pixel of the widest per-tile block.
+    ConvTiling(const SpatialGeometry& geo, std::size_t row_width)
+        : per_image(geo.ho * geo.wo), batch(geo.batch) {
+        std::size_t want = (batch * per_image + chunk_pixels - 1) / chunk_pixels;
+        want = std::min(batch, (want + chunk_multiple - 1) / chunk_multiple * chunk_multiple);
+        images_per_chunk = (batch + want - 1) / want;
+        chunks = (batch + images_per_chunk - 1) / images_per_chunk;
+        tile = std::clamp<std::size_t>(tile_elements / std::max<std::size_t>(row_width, 1), 8, 1024);
+    }
+
+    [[nodiscard]] std::size_t first_image(std::size_t c) const noexcept { return c * images_per_chunk; }
+    [[nodiscard]] std::size_t end_image(std::size_t c) const noexcept {
+        return std::min(batch, (c + 1) * images_per_chunk);
+    }
+    /// Work of one chunk in elements, for for_rows' decision to use threads.
+    [[nodiscard]] std::size_t chunk_cost(std::size_t per_pixel) const noexcept {
+        return images_per_chunk * per_image * per_pixel;
+    }
+    /// f(p0, np) for the tiles [p0, p0 + np) of chunk c, in order.
+    template <class F>
+    void for_each_tile(std::size_t c, F&& f) const {
+        const std::size_t end = end_image(c) * per_image;
+        for (std::size_t p = first_image(c) * per_image; p < end; p += tile) f(p, std::min(tile, end - p));
+    }
+};
+
+/// dst[0, n) = src[0, n), as one vectorised loop (no library call per pixel and tap).
+template <class T>
+void copy_row(const T* src, T* dst, std::size_t n) noexcept {
+    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>>(dst, Eigen::Index(n)) =
+        Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>(src, Eigen::Index(n));
+}
+
+/// dst[0, n) += src[0, n).
+template <class T>
+void add_row(const T* src, T* dst, std::size_t n) noexcept {
+    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>>(dst, Eigen::Index(n)) +=
+        Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>(src, Eigen::Index(n));
+}
 
 /// Check that x is a non-empty NHWC tensor with `channels` channels that the window fits in.
 template <class T>
@@ -200,10 +291,8 @@ public:
         if (depthwise()) {
             depthwise_forward(x, mb);
         } else {
-            const Tensor<T>& cols = pointwise() ? x : im2col(x);
-            for_each_group([&](auto&& col_block, auto&& w_rows, auto&& y_cols) {
-                ops::gemm_nt(col_block, w_rows, y_cols, T(1), T(0));
-            }, cols.matrix(), y_.matrix());
+            dense_forward(x, mb == nullptr);
+            if (mb == nullptr) return y_;  // the bias was the GEMMs' starting value
         }
         if (options_.bias)
             for_each_segment(mb, y_, path_, "conv output", [&](int task, std::size_t p0, std::size_t np) {
@@ -219,6 +308,7 @@ public:
         // Bias and depthwise filter gradients per segment of a mixed batch (each task's pixels, with its own
         // filters), one segment otherwise; derivation at the top of this file.
         const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
+        if (!depthwise()) return dense_backward(x, dy, mb);
         if (options_.bias)
             for_each_segment(mb, dy, path_, "conv output gradient", [&](int task, std::size_t p0, std::size_t np) {
                 Parameter<T>& b = mixed_use(mb, bias, task);
@@ -226,34 +316,7 @@ public:
                     b.grad.vector() +=
                         dy.matrix().middleRows(Eigen::Index(p0), Eigen::Index(np)).colwise().sum().transpose();
             });
-        if (depthwise()) return depthwise_backward(x, dy, mb);
-
-        const Tensor<T>& cols = pointwise() ? x : cols_;
-        if (weight.wants_grad()) {
-            // dW_g += dY_g^T X_col_g, into the [C_out, K] view of the gradient.
-            const std::size_t kg = group_cols(), cog = out_ / options_.groups;
-            MatrixMap<T> dw(weight.grad.data(), Eigen::Index(out_), Eigen::Index(kg));
-            const auto c = cols.matrix();
-            const auto g = dy.matrix();
-            for (std::size_t gi = 0; gi < options_.groups; ++gi)
-                ops::gemm_tn(g.middleCols(Eigen::Index(gi * cog), Eigen::Index(cog)),
-                             c.middleCols(Eigen::Index(gi * kg), Eigen::Index(kg)),
-                             dw.middleRows(Eigen::Index(gi * cog), Eigen::Index(cog)), T(1), T(1));
-        }
-        if (!input_grad_) return empty_;
-        dx_.resize(x.shape());
-        Tensor<T>& dcols = pointwise() ? dx_ : dcols_;
-        if (!pointwise()) dcols_.resize(cols_.shape());
-        const std::size_t kg = group_cols(), cog = out_ / options_.groups;
-        const ConstMatrixMap<T> w(weight.value.data(), Eigen::Index(out_), Eigen::Index(kg));
-        auto dc = dcols.matrix();
-        const auto g = dy.matrix();
-        for (std::size_t gi = 0; gi < options_.groups; ++gi)
-            ops::gemm_nn(g.middleCols(Eigen::Index(gi * cog), Eigen::Index(cog)),
-                         w.middleRows(Eigen::Index(gi * cog), Eigen::Index(cog)),
-                         dc.middleCols(Eigen::Index(gi * kg), Eigen::Index(kg)), T(1), T(0));
-        if (!pointwise()) col2im(dcols_, dx_);
-        return dx_;
+        return depthwise_backward(x, dy, mb);
     }
 
     template <class F>
@@ -296,54 +359,165 @@ private:
     [[nodiscard]] std::size_t geo_taps() const noexcept { return window_.kernel * window_.kernel; }
     [[nodiscard]] Shape input_shape() const { return Shape{geo_.batch, geo_.h, geo_.w, in_}; }
 
-    /// f(X_col block, W rows, Y columns) for each group g.
-    template <class F, class Cols, class Out>
-    void for_each_group(F&& f, const Cols& cols, Out&& y) const {
-        const std::size_t kg = group_cols(), cog = out_ / options_.groups;
-        const ConstMatrixMap<T> w(weight.value.data(), Eigen::Index(out_), Eigen::Index(kg));
-        if (options_.groups == 1) {
-            f(cols, w, y);
-            return;
-        }
-        for (std::size_t gi = 0; gi < options_.groups; ++gi)
-            f(cols.middleCols(Eigen::Index(gi * kg), Eigen::Index(kg)),
-              w.middleRows(Eigen::Index(gi * cog), Eigen::Index(cog)),
-              y.middleCols(Eigen::Index(gi * cog), Eigen::Index(cog)));
-    }
+    /// Columns of X_col (all groups): k k C_in.
+    [[nodiscard]] std::size_t col_width() const noexcept { return options_.groups * group_cols(); }
 
-    /// X_col [P, G K], columns (group, tap, channel in group); padding taps stay zero.
-    const Tensor<T>& im2col(const Tensor<T>& x) {
-        const std::size_t groups = options_.groups, cg = in_ / groups, kg = group_cols(), width = groups * kg;
-        cols_.resize(Shape{geo_.out_pixels(), width});
-        for_rows(geo_.out_pixels(), width, [&](std::size_t p) {
-            T* row = cols_.data() + p * width;
-            std::fill(row, row + width, T(0));
-            geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
-                const T* src = x.data() + q * in_;
-                for (std::size_t gi = 0; gi < groups; ++gi)
-                    std::copy(src + gi * cg, src + (gi + 1) * cg, row + gi * kg + t * cg);
+    /// The tiled forward of a dense or grouped convolution; `with_bias`: start
+    /// every output row at b (not in a mixed batch, whose bias is per segment).
+    void dense_forward(const Tensor<T>& x, bool with_bias) {
+        const std::size_t kg = group_cols(), cog = out_ / options_.groups, width = col_width();
+        tiling_ = detail::ConvTiling(geo_, pointwise() ? std::max(in_, out_) : width);
+        if (!pointwise()) scratch_.resize(Shape{detail::thread_slots(), tiling_.tile * width});
+        const ConstMatrixMap<T> w(weight.value.data(), Eigen::Index(out_), Eigen::Index(kg));
+        const bool add_bias = with_bias && options_.bias;
+        for_rows(tiling_.chunks, tiling_.chunk_cost(width * out_), [&](std::size_t c) {
+            T* cols = pointwise() ? nullptr : scratch_.data() + detail::thread_slot() * tiling_.tile * width;
+            tiling_.for_each_tile(c, [&](std::size_t p0, std::size_t np) {
+                auto yt = y_.matrix().middleRows(Eigen::Index(p0), Eigen::Index(np));
+                if (add_bias) yt.rowwise() = bias.value.vector().transpose();
+                else yt.setZero();
+                auto run = [&](const auto& ct) {
+                    for (std::size_t gi = 0; gi < options_.groups; ++gi)
+                        yt.middleCols(Eigen::Index(gi * cog), Eigen::Index(cog)).noalias() +=
+                            ct.middleCols(Eigen::Index(gi * kg), Eigen::Index(kg)) *
+                            w.middleRows(Eigen::Index(gi * cog), Eigen::Index(cog)).transpose();
+                };
+                if (pointwise()) run(x.matrix().middleRows(Eigen::Index(p0), Eigen::Index(np)));
+                else run(im2col_tile(x, p0, np, cols));
             });
         });
-        return cols_;
     }
 
-    /// dx += the rows of dX_col scattered back to the pixels they were copied
-    /// from. One image per task: windows overlap only within an image.
-    void col2im(const Tensor<T>& dcols, Tensor<T>& dx) const {
-        const std::size_t groups = options_.groups, cg = in_ / groups, kg = group_cols(), width = groups * kg;
-        const std::size_t per_image = geo_.ho * geo_.wo;
-        dx.zero();
-        for_rows(geo_.batch, per_image * width, [&](std::size_t b) {
-            for (std::size_t p = b * per_image; p < (b + 1) * per_image; ++p) {
-                const T* row = dcols.data() + p * width;
-                geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
-                    T* dst = dx.data() + q * in_;
-                    for (std::size_t gi = 0; gi < groups; ++gi) {
-                        const T* src = row + gi * kg + t * cg;
-                        for (std::size_t j = 0; j < cg; ++j) dst[gi * cg + j] += src[j];
-                    }
-                });
+    /// The tiled backward of a dense or grouped convolution (weight, bias and
+    /// input gradients in one pass over the tiles; derivation at the top of the file).
+    const Tensor<T>& dense_backward(const Tensor<T>& x, const Tensor<T>& dy, const MixedBatch<T>* mb) {
+        const std::size_t kg = group_cols(), cog = out_ / options_.groups, width = col_width();
+        // A mixed batch's bias gradient is per segment, summed outside the tiles.
+        const bool bias_grad = options_.bias && bias.wants_grad() && mb == nullptr;
+        if (options_.bias && mb != nullptr)
+            for_each_segment(mb, dy, path_, "conv output gradient", [&](int task, std::size_t p0, std::size_t np) {
+                Parameter<T>& b = mixed_use(mb, bias, task);
+                if (b.wants_grad())
+                    b.grad.vector() +=
+                        dy.matrix().middleRows(Eigen::Index(p0), Eigen::Index(np)).colwise().sum().transpose();
+            });
+        const bool weight_grad = weight.wants_grad();
+        if (!weight_grad && !bias_grad && !input_grad_) return empty_;
+        if (input_grad_) dx_.resize(x.shape());
+        const std::size_t chunks = tiling_.chunks, wsize = out_ * kg;
+        if (weight_grad) dw_chunks_.resize(Shape{chunks, wsize});
+        if (bias_grad) db_chunks_.resize(Shape{chunks, out_});
+        const bool need_cols = !pointwise() && weight_grad, need_dcols = !pointwise() && input_grad_;
+        if (need_cols || need_dcols) scratch_.resize(Shape{detail::thread_slots(), 2 * tiling_.tile * width});
+        const ConstMatrixMap<T> w(weight.value.data(), Eigen::Index(out_), Eigen::Index(kg));
+        const std::size_t image_in = geo_.h * geo_.w * in_;
+
+        for_rows(chunks, tiling_.chunk_cost(3 * width * out_), [&](std::size_t c) {
+            T* cols = need_cols || need_dcols
+                          ? scratch_.data() + detail::thread_slot() * 2 * tiling_.tile * width
+                          : nullptr;
+            T* dcols = cols == nullptr ? nullptr : cols + tiling_.tile * width;
+            MatrixMap<T> dw(weight_grad ? dw_chunks_.data() + c * wsize : nullptr, Eigen::Index(out_),
+                            Eigen::Index(kg));
+            if (weight_grad) dw.setZero();
+            if (bias_grad) std::fill_n(db_chunks_.data() + c * out_, out_, T(0));
+            if (input_grad_ && !pointwise())
+                std::fill(dx_.data() + tiling_.first_image(c) * image_in,
+                          dx_.data() + tiling_.end_image(c) * image_in, T(0));
+            tiling_.for_each_tile(c, [&](std::size_t p0, std::size_t np) {
+                const auto g = dy.matrix().middleRows(Eigen::Index(p0), Eigen::Index(np));
+                if (bias_grad) {
+                    T* db = db_chunks_.data() + c * out_;
+                    for (std::size_t i = 0; i < np; ++i) detail::add_row(dy.data() + (p0 + i) * out_, db, out_);
+                }
+                if (weight_grad) {
+                    auto run = [&](const auto& ct) {
+                        for (std::size_t gi = 0; gi < options_.groups; ++gi)
+                            dw.middleRows(Eigen::Index(gi * cog), Eigen::Index(cog)).noalias() +=
+                                g.middleCols(Eigen::Index(gi * cog), Eigen::Index(cog)).transpose() *
+                                ct.middleCols(Eigen::Index(gi * kg), Eigen::Index(kg));
+                    };
+                    if (pointwise()) run(x.matrix().middleRows(Eigen::Index(p0), Eigen::Index(np)));
+                    else run(im2col_tile(x, p0, np, cols));
+                }
+                if (!input_grad_) return;
+                auto dct = pointwise() ? MatrixMap<T>(dx_.data() + p0 * in_, Eigen::Index(np), Eigen::Index(in_))
+                                       : MatrixMap<T>(dcols, Eigen::Index(np), Eigen::Index(width));
+                for (std::size_t gi = 0; gi < options_.groups; ++gi)
+                    dct.middleCols(Eigen::Index(gi * kg), Eigen::Index(kg)).noalias() =
+                        g.middleCols(Eigen::Index(gi * cog), Eigen::Index(cog)) *
+                        w.middleRows(Eigen::Index(gi * cog), Eigen::Index(cog));
+                if (!pointwise()) col2im_tile(dcols, p0, np, dx_);
+            });
+        });
+        // The chunks' partial sums, in chunk order (the same rounding on any number of threads).
+        if (weight_grad) {
+            T* __restrict dst = weight.grad.data();
+            for (std::size_t c = 0; c < chunks; ++c) detail::add_row(dw_chunks_.data() + c * wsize, dst, wsize);
+        }
+        if (bias_grad)
+            for (std::size_t c = 0; c < chunks; ++c) detail::add_row(db_chunks_.data() + c * out_, bias.grad.data(), out_);
+        return input_grad_ ? dx_ : empty_;
+    }
+
+    /// f(i, q, t0, n) for every run of taps of the im2col row of output pixel p0 + i
+    /// (i < np) that lies inside the image: taps t0 .. t0 + n - 1 of one kernel row read
+    /// the n consecutive input pixels q .. q + n - 1. Taps outside read zero.
+    template <class F>
+    void for_each_tap_run(std::size_t p0, std::size_t np, F&& f) const {
+        const std::size_t k = window_.kernel, s = window_.stride, pad = window_.padding;
+        std::size_t ox = p0 % geo_.wo, oy = (p0 / geo_.wo) % geo_.ho, b = p0 / (geo_.wo * geo_.ho);
+        for (std::size_t i = 0; i < np; ++i) {
+            // Columns kx in [kx0, kx1) land inside the image: 0 <= ox s - pad + kx < w.
+            const std::ptrdiff_t ix0 = std::ptrdiff_t(ox * s) - std::ptrdiff_t(pad);
+            const std::size_t kx0 = ix0 < 0 ? std::size_t(-ix0) : 0;
+            const std::size_t kx1 = std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(geo_.w) - ix0, 0, std::ptrdiff_t(k)));
+            if (kx0 < kx1)
+                for (std::size_t ky = 0; ky < k; ++ky) {
+                    const std::ptrdiff_t iy = std::ptrdiff_t(oy * s + ky) - std::ptrdiff_t(pad);
+                    if (iy < 0 || iy >= std::ptrdiff_t(geo_.h)) continue;
+                    f(i, (b * geo_.h + std::size_t(iy)) * geo_.w + std::size_t(ix0 + std::ptrdiff_t(kx0)), ky * k + kx0,
+                      kx1 - kx0);
+                }
+            if (++ox == geo_.wo) {
+                ox = 0;
+                if (++oy == geo_.ho) oy = 0, ++b;
             }
+        }
+    }
+
+    /// Rows [p0, p0 + np) of X_col, built in `cols` ([np, G K], columns (group,
+    /// tap, channel in group)); padding taps read zero. Without groups a run of
+    /// taps in one kernel row is one contiguous copy.
+    Eigen::Map<const RowMatrix<T>> im2col_tile(const Tensor<T>& x, std::size_t p0, std::size_t np, T* cols) const {
+        const std::size_t groups = options_.groups, cg = in_ / groups, kg = group_cols(), width = col_width();
+        if (window_.padding > 0) std::fill(cols, cols + np * width, T(0));
+        for_each_tap_run(p0, np, [&](std::size_t i, std::size_t q, std::size_t t0, std::size_t n) {
+            T* row = cols + i * width;
+            const T* src = x.data() + q * in_;
+            if (groups == 1) {
+                detail::copy_row(src, row + t0 * cg, n * cg);
+                return;
+            }
+            for (std::size_t t = t0; t < t0 + n; ++t, src += in_)
+                for (std::size_t gi = 0; gi < groups; ++gi) detail::copy_row(src + gi * cg, row + gi * kg + t * cg, cg);
+        });
+        return Eigen::Map<const RowMatrix<T>>(cols, Eigen::Index(np), Eigen::Index(width));
+    }
+
+    /// dx += rows [p0, p0 + np) of dX_col (in `dcols`), each entry added into the
+    /// input pixel im2col copied it from.
+    void col2im_tile(const T* dcols, std::size_t p0, std::size_t np, Tensor<T>& dx) const {
+        const std::size_t groups = options_.groups, cg = in_ / groups, kg = group_cols(), width = col_width();
+        for_each_tap_run(p0, np, [&](std::size_t i, std::size_t q, std::size_t t0, std::size_t n) {
+            const T* row = dcols + i * width;
+            T* dst = dx.data() + q * in_;
+            if (groups == 1) {
+                detail::add_row(row + t0 * cg, dst, n * cg);
+                return;
+            }
+            for (std::size_t t = t0; t < t0 + n; ++t, dst += in_)
+                for (std::size_t gi = 0; gi < groups; ++gi) detail::add_row(row + gi * kg + t * cg, dst + gi * cg, cg);
         });
     }
 
@@ -453,7 +627,10 @@ private:
     Saved<T> x_;  ///< the last forward's input (not owned)
     const MixedBatch<T>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
     detail::SpatialGeometry geo_;
-    Tensor<T> y_, dx_, cols_, dcols_, wt_, dwt_, empty_;
+    detail::ConvTiling tiling_;  ///< the last dense forward's chunks and tiles
+    Tensor<T> y_, dx_, wt_, dwt_, empty_;
+    Tensor<T> scratch_;             ///< per-thread X_col and dX_col tiles [threads, ...]
+    Tensor<T> dw_chunks_, db_chunks_;  ///< per-chunk partial weight and bias gradients
 };
 
 /// A depthwise convolution: groups = channels, one k x k filter per channel
