@@ -13,6 +13,7 @@
 
 #include "gradcheck.hpp"
 #include "temp_dir.hpp"
+#include "patchwork/compose/sequential.hpp"
 #include "patchwork/layers/attention.hpp"
 #include "patchwork/layers/dropout.hpp"
 #include "patchwork/layers/embedding.hpp"
@@ -644,6 +645,63 @@ void check_mixed_against_single(MT& mt, const pw::Tensor<double>& x, const std::
 }
 
 }  // namespace
+
+TEST_CASE("pooler as a module: the mask scope, gradient check, errors") {
+    const pw::TokenBatch b = tiny_batch();
+    for (const pw::Pooling mode : {pw::Pooling::mean, pw::Pooling::cls}) {
+        INFO("cls pooling: ", mode == pw::Pooling::cls);
+        pw::BasicPooler<double> pool(mode);
+        pw::Rng rng(12);
+        pw::Tensor<double> h(pw::Shape{2, 5, 8});
+        pw::init::normal(h, rng, 0.0, 1.0);
+        // forward(h) under a mask scope equals forward(h, batch), and only real positions count.
+        const pw::Tensor<double> with_batch = pool.forward(h, b);
+        pw::AttentionMask scope(b.mask, b.batch, b.tokens);
+        const pw::Tensor<double> with_scope = pool.forward(h);
+        CHECK(pw::testing::relative_error(with_scope, with_batch) == 0.0);
+        if (mode == pw::Pooling::mean) {
+            double second = 0;  // sequence 1, feature 3: the mean of its 3 real tokens
+            for (std::size_t t = 0; t < 3; ++t) second += h(5 + t, 3);
+            CHECK(with_scope(1, 3) == doctest::Approx(second / 3).epsilon(1e-14));
+        }
+        check_module(pool, pw::Shape{2, 5, 8});
+        const pw::Tensor<double> dh = pool.backward(pw::Tensor<double>(pw::Shape{2, 8}, 1.0));
+        for (std::size_t j = 0; j < 8; ++j) CHECK(dh(8, j) == 0.0);  // a padded position gets no gradient
+    }
+    pw::BasicPooler<double> pool;
+    pool.set_path("backbone.1");
+    const pw::Tensor<double> h(pw::Shape{3, 5, 8});
+    {
+        pw::AttentionMask scope(tiny_batch().mask, 2, 5);
+        CHECK_THROWS_WITH_AS(pool.forward(h), doctest::Contains("backbone.1: the attention mask is 2 x 5"),
+                             pw::ShapeError);
+    }
+    const std::vector<std::int32_t> empty_row = {1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0};
+    pw::AttentionMask scope(empty_row, 3, 5);
+    CHECK_THROWS_WITH_AS(pool.forward(h), doctest::Contains("backbone.1: sequence 1 has no real token"),
+                         pw::ShapeError);
+    CHECK_THROWS_AS(pool.forward(pw::Tensor<double>(pw::Shape{3, 40})), pw::ShapeError);
+}
+
+// A backbone that ends in the pooler: the rows MultiTask sorts by task must
+// pool with their own mask rows (one sequence vector per row, then the heads).
+TEST_CASE("multitask: BERT encoder and pooler as the backbone, LoRA banks, padded rows in any order") {
+    using Encoder = pw::Tune<pw::BertEncoder<pw::bert::LoRAQueryValue<2, 4>, double>, pw::Frozen>;
+    using Backbone = pw::Sequential<Encoder, pw::BasicPooler<double>>;
+    std::vector<Lin> heads;
+    heads.emplace_back(8, 3);
+    heads.emplace_back(8, 3);
+    pw::MultiTask<Backbone, Lin> mt(Backbone(Encoder(tiny_config()), pw::BasicPooler<double>()), heads);
+    CHECK(mt.one_pass_supported());
+    pw::Rng rng(6);
+    mt.visit([&](auto& p) { pw::init::normal(p.value, rng, 0.0, 0.3); });
+    pw::Tensor<double> x(pw::Shape{4, 5, 8});
+    pw::init::normal(x, rng, 0.0, 1.0);
+    const std::vector<std::int32_t> mask = {1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0};
+    check_mixed_against_single(mt, x, {1, 0, 1, 0}, mask);
+    mt.set_one_pass(false);
+    check_mixed_against_single(mt, x, {1, 0, 0, 1}, mask, pw::MixedPass::grouped);
+}
 
 TEST_CASE("multitask: one BERT encoder, LoRA banks per task, mixed batches whose rows are sequences") {
     using Encoder = pw::Tune<pw::BertEncoder<pw::bert::LoRAQueryValue<2, 4>, double>, pw::Frozen>;

@@ -41,10 +41,7 @@
 // -march=native (examples/meson.build).
 //
 // Exit status 77 (and a message) when the model or WordNet is not there.
-#include <sys/resource.h>
-
 #include <algorithm>
-#include <charconv>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -59,8 +56,11 @@
 #include <nlohmann/json.hpp>
 #include <patchwork/patchwork.hpp>
 
+#include "../common/text_data.hpp"
+
 namespace pw = patchwork;
 namespace fs = std::filesystem;
+namespace tx = text_examples;
 
 namespace {
 
@@ -109,32 +109,9 @@ const Method& find_method(std::string_view name) {
 }
 
 std::uint64_t parse_uint(std::string_view flag, std::string_view s, std::uint64_t min) {
-    std::uint64_t v = 0;
-    const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-    if (ec != std::errc{} || end != s.data() + s.size() || v < min)
-        throw pw::ConfigError(pw::detail::concat("text_transfer: ", flag, " needs an integer >= ", min, ", got '", s,
-                                                 "'"));
-    return v;
+    return tx::parse_uint("text_transfer", flag, s, min);
 }
-
-double parse_lr(std::string_view flag, const std::string& s) {
-    char* end = nullptr;
-    const double v = std::strtod(s.c_str(), &end);
-    if (end != s.c_str() + s.size() || !(v > 0) || !std::isfinite(v))
-        throw pw::ConfigError(pw::detail::concat("text_transfer: ", flag, " needs a positive number, got '", s, "'"));
-    return v;
-}
-
-std::vector<std::string> split_list(const std::string& s) {
-    std::vector<std::string> out;
-    std::size_t start = 0;
-    while (start <= s.size()) {
-        const std::size_t end = std::min(s.find(',', start), s.size());
-        if (end > start) out.push_back(s.substr(start, end - start));
-        start = end + 1;
-    }
-    return out;
-}
+double parse_lr(std::string_view flag, const std::string& s) { return tx::parse_positive("text_transfer", flag, s); }
 
 Options parse(int argc, char** argv) {
     Options o;
@@ -147,7 +124,7 @@ Options parse(int argc, char** argv) {
         if (a == "--model") o.model = value();
         else if (a == "--wordnet") o.wordnet = value();
         else if (a == "--methods") {
-            o.methods = split_list(value());
+            o.methods = tx::split_list(value());
             for (const auto& m : o.methods) (void)find_method(m);
         } else if (a == "--seeds") o.seeds = parse_uint(a, value(), 1);
         else if (a == "--seed") o.seed = parse_uint(a, value(), 0);
@@ -169,28 +146,13 @@ Options parse(int argc, char** argv) {
     return o;
 }
 
-/// Tokenized examples of one split.
-struct Split {
-    std::vector<pw::Encoding> enc;
-    std::vector<int> labels;
-};
+using tx::Split;
 
 struct Data {
     std::size_t classes = 0;
     std::int32_t pad = 0;
     Split train, test;
 };
-
-/// A random subset of `n` examples of `part` (all of them when n is larger), in a seeded order.
-std::vector<const pw::TextExample*> subset(const std::vector<pw::TextExample>& part, std::size_t n, pw::Rng& rng) {
-    std::vector<std::size_t> order(part.size());
-    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
-    pw::detail::shuffle_indices(order, rng);
-    order.resize(std::min(n, order.size()));
-    std::vector<const pw::TextExample*> out;
-    for (std::size_t i : order) out.push_back(&part[i]);
-    return out;
-}
 
 Data load_data(const Options& o, const pw::WordPieceTokenizer& tok) {
     const pw::WordNet wn = pw::load_wordnet(o.wordnet);
@@ -199,37 +161,12 @@ Data load_data(const Options& o, const pw::WordPieceTokenizer& tok) {
     d.classes = s.class_names.size();
     d.pad = tok.pad_id();
     pw::Rng rng(pw::detail::mix64(o.data_seed + 17));
-    const auto fill = [&](Split& out, const std::vector<pw::TextExample>& part, std::size_t n) {
-        for (const pw::TextExample* e : subset(part, n, rng)) {
-            out.enc.push_back(tok.encode(e->text, {.max_length = o.max_length, .padding = pw::Padding::none}));
-            out.labels.push_back(e->label);
-        }
-    };
-    fill(d.train, s.train, o.train);
-    fill(d.test, s.test, o.test);
+    tx::add_subset(d.train, s.train, o.train, rng, tok, o.max_length);
+    tx::add_subset(d.test, s.test, o.test, rng, tok, o.max_length);
     return d;
 }
 
-/// The examples idx[begin, end) of a split as a batch padded to its longest.
-pw::TokenBatch make_batch(const Split& s, const std::vector<std::size_t>& idx, std::size_t begin, std::size_t end,
-                          std::int32_t pad, std::vector<int>& labels) {
-    pw::TokenBatch b;
-    b.batch = end - begin;
-    for (std::size_t k = begin; k < end; ++k) b.tokens = std::max(b.tokens, s.enc[idx[k]].size());
-    b.ids.assign(b.batch * b.tokens, pad);
-    b.token_types.assign(b.batch * b.tokens, 0);
-    b.mask.assign(b.batch * b.tokens, 0);
-    labels.clear();
-    for (std::size_t k = begin; k < end; ++k) {
-        const pw::Encoding& e = s.enc[idx[k]];
-        const std::size_t row = (k - begin) * b.tokens;
-        std::copy(e.ids.begin(), e.ids.end(), b.ids.begin() + std::ptrdiff_t(row));
-        std::copy(e.token_type_ids.begin(), e.token_type_ids.end(), b.token_types.begin() + std::ptrdiff_t(row));
-        std::fill_n(b.mask.begin() + std::ptrdiff_t(row), e.size(), 1);
-        labels.push_back(s.labels[idx[k]]);
-    }
-    return b;
-}
+using tx::make_batch;
 
 void dump_data(const Data& d, const std::string& path) {
     std::ofstream out(path);
@@ -265,8 +202,7 @@ RunResult run(const Options& o, const Data& d, const Method& m, std::uint64_t se
     const std::size_t total = steps_per_epoch * o.epochs;
     const pw::WarmupCosine schedule{.warmup_steps = std::max<std::size_t>(1, total / 10), .total_steps = total};
 
-    std::vector<std::size_t> order(n);
-    for (std::size_t i = 0; i < n; ++i) order[i] = i;
+    std::vector<std::size_t> order = tx::iota(n);
     pw::Rng rng(pw::detail::mix64(seed));
     std::vector<int> labels;
     std::size_t step = 0;
@@ -296,8 +232,7 @@ RunResult run(const Options& o, const Data& d, const Method& m, std::uint64_t se
     r.seconds_per_epoch = seconds / double(o.epochs);
     r.final_loss = loss_sum / double(steps_per_epoch);
 
-    std::vector<std::size_t> all(d.test.enc.size());
-    for (std::size_t i = 0; i < all.size(); ++i) all[i] = i;
+    const std::vector<std::size_t> all = tx::iota(d.test.size());
     std::size_t correct = 0;
     for (std::size_t b = 0; b < all.size(); b += 64) {
         const pw::TokenBatch x = make_batch(d.test, all, b, std::min(all.size(), b + 64), d.pad, labels);
@@ -388,9 +323,7 @@ int main(int argc, char** argv) try {
         std::printf("| %s | %zu | %.3f %% | %.2f +- %.2f %% | %.1f |\n", r.m->label, r.trainable,
                     100.0 * double(r.trainable) / double(full), 100 * a.mean, 100 * a.sd, t.mean);
     }
-    rusage u{};
-    getrusage(RUSAGE_SELF, &u);
-    std::printf("peak resident memory of this process: %.0f MiB\n", double(u.ru_maxrss) / 1024.0);
+    std::printf("peak resident memory of this process: %.0f MiB\n", tx::peak_rss_mib());
     return 0;
 } catch (const pw::Error& e) {
     std::fprintf(stderr, "text_transfer: %s\n", e.what());

@@ -432,29 +432,53 @@ private:
 
 enum class Pooling { mean, cls };
 
-/// Sentence vectors from hidden states [B, T, D] and the batch's mask: [B, D].
+/// Sentence vectors from hidden states [B, T, D] and the key-padding mask: [B, D].
 ///   mean: p_b = (1 / n_b) sum_{t real} h_bt      dL/dh_bt = dL/dp_b / n_b for real t, 0 for padding
 ///   cls:  p_b = h_b0                              dL/dh_b0 = dL/dp_b, 0 elsewhere
+/// (n_b: the number of real tokens of sequence b; both are linear in h, so the
+/// backward is the same weights w_bt applied to dL/dp_b.)
+/// forward(h, batch) uses the batch's mask. The pooler is also a parameter-free
+/// module: forward(h) uses the mask of the innermost AttentionMask scope (none:
+/// every token is real), so it can end a backbone, e.g.
+/// `Sequential<BertEncoder<...>, Pooler>` inside a MultiTask, which hands its
+/// backbone the mask rows of the rows it runs.
 template <class T = float>
-class BasicPooler {
+class BasicPooler : public detail::ParameterFreeModule {
 public:
+    using Scalar = T;
+    static constexpr const char* kind() { return "pooler"; }
+
     explicit BasicPooler(Pooling mode = Pooling::mean) : mode_(mode) {}
 
     const Tensor<T>& forward(const Tensor<T>& h, const TokenBatch& in) {
         if (h.rank() != 3 || h.dim(0) != in.batch || h.dim(1) != in.tokens)
-            throw_shape_error("pooler", "hidden states [batch, tokens, features]",
+            throw_shape_error(where(), "hidden states [batch, tokens, features]",
                               Shape{in.batch, in.tokens, h.rank() ? h.cols() : 0}, h.shape());
-        const std::size_t B = in.batch, L = in.tokens, D = h.cols();
+        AttentionMask scope(in.mask, in.batch, in.tokens);
+        return forward(h);
+    }
+
+    const Tensor<T>& forward(const Tensor<T>& h) {
+        if (h.rank() != 3)
+            throw ShapeError(detail::concat(where(), ": hidden states must be [batch, tokens, features], got ",
+                                            h.shape()));
+        const std::size_t B = h.dim(0), L = h.dim(1), D = h.cols();
+        const detail::MaskView mask = detail::current_attention_mask();
+        if (mask.data != nullptr && (mask.batch != B || mask.tokens != L))
+            throw ShapeError(detail::concat(where(), ": the attention mask is ", mask.batch, " x ", mask.tokens,
+                                            ", the hidden states are ", h.shape()));
+        const auto real = [&](std::size_t b, std::size_t t) { return mask.data == nullptr || mask.data[b * L + t] != 0; };
         weights_.assign(B * L, T(0));
+        counts_.assign(B, 0);
         for (std::size_t b = 0; b < B; ++b) {
             if (mode_ == Pooling::cls) {
                 weights_[b * L] = T(1);
                 continue;
             }
-            const std::size_t n = in.length(b);
-            if (n == 0) throw ShapeError(detail::concat("pooler: sequence ", b, " has no real token"));
+            for (std::size_t t = 0; t < L; ++t) counts_[b] += real(b, t) ? 1 : 0;
+            if (counts_[b] == 0) throw ShapeError(detail::concat(where(), ": sequence ", b, " has no real token"));
             for (std::size_t t = 0; t < L; ++t)
-                if (in.mask.empty() || in.mask[b * L + t]) weights_[b * L + t] = T(1) / T(n);
+                if (real(b, t)) weights_[b * L + t] = T(1) / T(counts_[b]);
         }
         // HF's mean pooling sums h * mask and then divides by the count; so does this.
         y_.resize(Shape{B, D});
@@ -464,16 +488,17 @@ public:
             for (std::size_t t = 0; t < L; ++t)
                 if (weights_[b * L + t] != T(0))
                     yb += Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>(h.data() + (b * L + t) * D, Eigen::Index(D)).transpose();
-            if (mode_ == Pooling::mean) yb /= T(in.length(b));
+            if (mode_ == Pooling::mean) yb /= T(counts_[b]);
         }
         shape_ = h.shape();
         return y_;
     }
 
     const Tensor<T>& backward(const Tensor<T>& dy) {
-        if (shape_.rank() != 3) throw Error("pooler: backward needs a forward first");
+        if (shape_.rank() != 3) throw Error(where() + ": backward needs a forward first");
         const std::size_t B = shape_[0], L = shape_[1], D = shape_[2];
-        check_same_shape(dy, Shape{B, D}, "pooler", "pooled gradient");
+        check_same_shape(dy, Shape{B, D}, where(), "pooled gradient");
+        if (!input_grad_) return empty_;
         dh_.resize(shape_);
         for (std::size_t r = 0; r < B * L; ++r)
             Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>>(dh_.data() + r * D, Eigen::Index(D)) =
@@ -482,10 +507,13 @@ public:
     }
 
 private:
+    [[nodiscard]] std::string where() const { return path_.empty() ? std::string("pooler") : path_; }
+
     Pooling mode_;
     Shape shape_;
     std::vector<T> weights_;
-    Tensor<T> y_, dh_;
+    std::vector<std::size_t> counts_;
+    Tensor<T> y_, dh_, empty_;
 };
 
 using Pooler = BasicPooler<float>;

@@ -1,0 +1,130 @@
+#pragma once
+// What the examples on the pre-trained transformer share (text_transfer,
+// text_multitask): command-line number parsing, tokenized WordNet splits, a
+// seeded subset of a split, and padded token batches.
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <patchwork/patchwork.hpp>
+
+namespace text_examples {
+
+namespace pw = patchwork;
+
+/// An integer flag value >= min; anything else is a ConfigError naming the program and flag.
+inline std::uint64_t parse_uint(std::string_view program, std::string_view flag, std::string_view s,
+                                std::uint64_t min) {
+    std::uint64_t v = 0;
+    const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (ec != std::errc{} || end != s.data() + s.size() || v < min)
+        throw pw::ConfigError(pw::detail::concat(program, ": ", flag, " needs an integer >= ", min, ", got '", s, "'"));
+    return v;
+}
+
+/// A positive, finite number (a learning rate).
+inline double parse_positive(std::string_view program, std::string_view flag, const std::string& s) {
+    char* end = nullptr;
+    const double v = std::strtod(s.c_str(), &end);
+    if (end != s.c_str() + s.size() || !(v > 0) || !std::isfinite(v))
+        throw pw::ConfigError(pw::detail::concat(program, ": ", flag, " needs a positive number, got '", s, "'"));
+    return v;
+}
+
+/// "a,b,,c" -> {a, b, c}.
+inline std::vector<std::string> split_list(const std::string& s) {
+    std::vector<std::string> out;
+    std::size_t start = 0;
+    while (start <= s.size()) {
+        const std::size_t end = std::min(s.find(',', start), s.size());
+        if (end > start) out.push_back(s.substr(start, end - start));
+        start = end + 1;
+    }
+    return out;
+}
+
+/// Tokenized examples of one split.
+struct Split {
+    std::vector<pw::Encoding> enc;
+    std::vector<int> labels;
+    [[nodiscard]] std::size_t size() const noexcept { return enc.size(); }
+};
+
+/// A random subset of `n` examples of `part` (all of them when n is larger), in a seeded order.
+inline std::vector<const pw::TextExample*> subset(const std::vector<pw::TextExample>& part, std::size_t n,
+                                                  pw::Rng& rng) {
+    std::vector<std::size_t> order(part.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+    pw::detail::shuffle_indices(order, rng);
+    order.resize(std::min(n, order.size()));
+    std::vector<const pw::TextExample*> out;
+    for (std::size_t i : order) out.push_back(&part[i]);
+    return out;
+}
+
+/// Appends a seeded subset of `n` examples of `part`, tokenized (no padding, at most max_length tokens).
+inline void add_subset(Split& out, const std::vector<pw::TextExample>& part, std::size_t n, pw::Rng& rng,
+                       const pw::WordPieceTokenizer& tok, std::size_t max_length) {
+    for (const pw::TextExample* e : subset(part, n, rng)) {
+        out.enc.push_back(tok.encode(e->text, {.max_length = max_length, .padding = pw::Padding::none}));
+        out.labels.push_back(e->label);
+    }
+}
+
+/// One row of a batch: example `index` of `split`.
+struct RowRef {
+    const Split* split = nullptr;
+    std::size_t index = 0;
+};
+
+/// The rows as one batch padded to its longest sequence; labels[i] is row i's label.
+inline pw::TokenBatch make_batch(std::span<const RowRef> rows, std::int32_t pad, std::vector<int>& labels) {
+    pw::TokenBatch b;
+    b.batch = rows.size();
+    for (const RowRef& r : rows) b.tokens = std::max(b.tokens, r.split->enc[r.index].size());
+    b.ids.assign(b.batch * b.tokens, pad);
+    b.token_types.assign(b.batch * b.tokens, 0);
+    b.mask.assign(b.batch * b.tokens, 0);
+    labels.clear();
+    for (std::size_t k = 0; k < rows.size(); ++k) {
+        const pw::Encoding& e = rows[k].split->enc[rows[k].index];
+        const auto at = std::ptrdiff_t(k * b.tokens);
+        std::copy(e.ids.begin(), e.ids.end(), b.ids.begin() + at);
+        std::copy(e.token_type_ids.begin(), e.token_type_ids.end(), b.token_types.begin() + at);
+        std::fill_n(b.mask.begin() + at, e.size(), 1);
+        labels.push_back(rows[k].split->labels[rows[k].index]);
+    }
+    return b;
+}
+
+/// Examples idx[begin, end) of one split as a padded batch.
+inline pw::TokenBatch make_batch(const Split& s, const std::vector<std::size_t>& idx, std::size_t begin,
+                                 std::size_t end, std::int32_t pad, std::vector<int>& labels) {
+    std::vector<RowRef> rows;
+    for (std::size_t k = begin; k < end; ++k) rows.push_back({&s, idx[k]});
+    return make_batch(rows, pad, labels);
+}
+
+/// 0, 1, ..., n-1.
+inline std::vector<std::size_t> iota(std::size_t n) {
+    std::vector<std::size_t> v(n);
+    for (std::size_t i = 0; i < n; ++i) v[i] = i;
+    return v;
+}
+
+/// Peak resident memory of this process, MiB.
+inline double peak_rss_mib() {
+    rusage u{};
+    getrusage(RUSAGE_SELF, &u);
+    return double(u.ru_maxrss) / 1024.0;
+}
+
+}  // namespace text_examples
