@@ -69,6 +69,7 @@
 // work; a switched-off input gradient skips dX_col and col2im.
 #include <algorithm>
 #include <cstddef>
+#include <cstring>
 #include <string>
 
 #include "patchwork/core/module.hpp"
@@ -111,6 +112,23 @@ struct SpatialGeometry {
     [[nodiscard]] std::size_t in_pixels() const noexcept { return batch * h * w; }
     [[nodiscard]] std::size_t out_pixels() const noexcept { return batch * ho * wo; }
     [[nodiscard]] std::size_t taps() const noexcept { return window.kernel * window.kernel; }
+
+    /// The kernel rows [ky0, ky1) and columns [kx0, kx1) whose taps of output
+    /// pixel (oy, ox) land inside the image, and the input pixel (iy, ix) the
+    /// kernel's top-left tap reads (possibly in the padding).
+    struct TapsInside {
+        std::size_t ky0, ky1, kx0, kx1;
+        std::ptrdiff_t iy, ix;
+    };
+    [[nodiscard]] TapsInside taps_inside(std::size_t oy, std::size_t ox) const noexcept {
+        const auto k = std::ptrdiff_t(window.kernel);
+        const std::ptrdiff_t iy = std::ptrdiff_t(oy * window.stride) - std::ptrdiff_t(window.padding);
+        const std::ptrdiff_t ix = std::ptrdiff_t(ox * window.stride) - std::ptrdiff_t(window.padding);
+        return {std::size_t(std::clamp<std::ptrdiff_t>(-iy, 0, k)),
+                std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(h) - iy, 0, k)),
+                std::size_t(std::clamp<std::ptrdiff_t>(-ix, 0, k)),
+                std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(w) - ix, 0, k)), iy, ix};
+    }
 
     /// f(t, q) for every tap t = ky k + kx of output pixel p (row of [N Ho Wo, C])
     /// that lands inside the image; q is the input pixel (row of [N H W, C]).
@@ -207,6 +225,57 @@ void add_row(const T* src, T* dst, std::size_t n) noexcept {
         Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>(src, Eigen::Index(n));
 }
 
+/// Sums over a depthwise window (or any sum of products of two channel rows),
+/// for channels [0, n) of one pixel, vectorised over the channels:
+///   out[c] = init[c] + sum_{r < rows, j < cols} a[r a_row + j a_col + c] b[r b_row + j b_col + c]
+/// (init may be null: zero). Channels go in blocks of four vectors, then one
+/// vector, then one at a time; a block's sums stay in registers over all taps.
+template <class T>
+struct ChannelSums {
+    typedef T Vec __attribute__((vector_size(32)));  // one AVX register (GCC and clang vector extension)
+    static constexpr std::size_t lanes = 32 / sizeof(T);
+
+    static Vec load(const T* p) noexcept {
+        Vec v;
+        std::memcpy(&v, p, sizeof v);
+        return v;
+    }
+    static void store(T* p, const Vec& v) noexcept { std::memcpy(p, &v, sizeof v); }
+
+    template <std::size_t NV>
+    static void block(T* out, const T* init, const T* a, std::ptrdiff_t a_row, std::ptrdiff_t a_col, const T* b,
+                      std::ptrdiff_t b_row, std::ptrdiff_t b_col, std::size_t rows, std::size_t cols) noexcept {
+        Vec acc[NV];
+        for (std::size_t i = 0; i < NV; ++i) acc[i] = init != nullptr ? load(init + i * lanes) : Vec{};
+        for (std::size_t r = 0; r < rows; ++r)
+            for (std::size_t j = 0; j < cols; ++j) {
+                const T* pa = a + std::ptrdiff_t(r) * a_row + std::ptrdiff_t(j) * a_col;
+                const T* pb = b + std::ptrdiff_t(r) * b_row + std::ptrdiff_t(j) * b_col;
+                for (std::size_t i = 0; i < NV; ++i) acc[i] += load(pa + i * lanes) * load(pb + i * lanes);
+            }
+        for (std::size_t i = 0; i < NV; ++i) store(out + i * lanes, acc[i]);
+    }
+
+    static void run(std::size_t n, T* out, const T* init, const T* a, std::ptrdiff_t a_row, std::ptrdiff_t a_col,
+                    const T* b, std::ptrdiff_t b_row, std::ptrdiff_t b_col, std::size_t rows,
+                    std::size_t cols) noexcept {
+        std::size_t c = 0;
+        const auto at = [&](const T* p) { return p == nullptr ? p : p + c; };
+        for (; c + 4 * lanes <= n; c += 4 * lanes)
+            block<4>(out + c, at(init), a + c, a_row, a_col, b + c, b_row, b_col, rows, cols);
+        for (; c + lanes <= n; c += lanes)
+            block<1>(out + c, at(init), a + c, a_row, a_col, b + c, b_row, b_col, rows, cols);
+        for (; c < n; ++c) {
+            T acc = init != nullptr ? init[c] : T(0);
+            for (std::size_t r = 0; r < rows; ++r)
+                for (std::size_t j = 0; j < cols; ++j)
+                    acc += a[std::ptrdiff_t(r) * a_row + std::ptrdiff_t(j) * a_col + std::ptrdiff_t(c)] *
+                           b[std::ptrdiff_t(r) * b_row + std::ptrdiff_t(j) * b_col + std::ptrdiff_t(c)];
+            out[c] = acc;
+        }
+    }
+};
+
 /// Check that x is a non-empty NHWC tensor with `channels` channels that the window fits in.
 template <class T>
 void check_nhwc(const Tensor<T>& x, std::size_t channels, const SlidingWindow& win, const std::string& path,
@@ -290,6 +359,7 @@ public:
         y_.resize(Shape{geo_.batch, geo_.ho, geo_.wo, out_});
         if (depthwise()) {
             depthwise_forward(x, mb);
+            if (out_ == in_) return y_;  // the bias was the sums' starting value
         } else {
             dense_forward(x, mb == nullptr);
             if (mb == nullptr) return y_;  // the bias was the GEMMs' starting value
@@ -545,12 +615,21 @@ private:
 
     /// One segment of pixels per task in a mixed batch (each with its task's
     /// filters, transposed into its own block of Wt), one segment otherwise.
+    /// With one output channel per input channel (m = 1) each output pixel's
+    /// sums over its taps are kept in registers per block of channels and start
+    /// at the bias; a channel multiplier m > 1 takes the plain loops, and its
+    /// bias is added afterwards.
     void depthwise_forward(const Tensor<T>& x, const MixedBatch<T>* mb) {
         const std::size_t m = out_ / in_, taps = geo_taps();
         wt_.resize(Shape{(mb == nullptr ? 1 : mb->segments().size()) * taps, out_});
         std::size_t si = 0;
         for_each_segment(mb, y_, path_, "conv output", [&](int task, std::size_t p0, std::size_t np) {
             const T* wt = transpose_depthwise_weight(mixed_use(mb, weight, task).value, si++);
+            if (m == 1) {
+                const T* b = options_.bias ? mixed_use(mb, bias, task).value.data() : nullptr;
+                for_rows(np, taps * out_, [&](std::size_t i) { depthwise_pixel_forward(x.data(), wt, b, p0 + i); });
+                return;
+            }
             for_rows(np, taps * out_, [&](std::size_t i) {
                 const std::size_t p = p0 + i;
                 T* __restrict y = y_.data() + p * out_;
@@ -564,11 +643,87 @@ private:
         });
     }
 
+    /// y[p] = b + sum_t x[q(p, t)] Wt[t] for output pixel p (m = 1).
+    void depthwise_pixel_forward(const T* x, const T* wt, const T* b, std::size_t p) {
+        const std::size_t ox = p % geo_.wo, oy = (p / geo_.wo) % geo_.ho, n = p / (geo_.wo * geo_.ho);
+        const auto r = geo_.taps_inside(oy, ox);
+        if (r.ky0 >= r.ky1 || r.kx0 >= r.kx1) {
+            T* y = y_.data() + p * out_;
+            for (std::size_t c = 0; c < out_; ++c) y[c] = b != nullptr ? b[c] : T(0);
+            return;
+        }
+        const auto c_all = std::ptrdiff_t(out_), k = std::ptrdiff_t(window_.kernel);
+        const T* first = x + ((n * geo_.h + std::size_t(r.iy + std::ptrdiff_t(r.ky0))) * geo_.w +
+                              std::size_t(r.ix + std::ptrdiff_t(r.kx0))) * out_;
+        detail::ChannelSums<T>::run(out_, y_.data() + p * out_, b, first, std::ptrdiff_t(geo_.w) * c_all, c_all,
+                                    wt + (r.ky0 * window_.kernel + r.kx0) * out_, k * c_all, c_all, r.ky1 - r.ky0,
+                                    r.kx1 - r.kx0);
+    }
+
+    /// dx[q] = sum over the taps t and output pixels p with q(p, t) = q of
+    /// dY[p] Wt[t], for input pixel q of a stride-1 depthwise convolution with
+    /// m = 1: the same window sum as forward, gathered (each dx row written once,
+    /// its sums in registers) rather than scattered. Output pixel
+    /// (iy + pad - ky, ix + pad - kx) reads input pixel (iy, ix) through tap (ky, kx).
+    void depthwise_pixel_input_grad(const T* dy, const T* wt, std::size_t q) {
+        const std::size_t ix = q % geo_.w, iy = (q / geo_.w) % geo_.h, n = q / (geo_.w * geo_.h);
+        const auto k = std::ptrdiff_t(window_.kernel), pad = std::ptrdiff_t(window_.padding);
+        const std::ptrdiff_t oy0 = std::ptrdiff_t(iy) + pad, ox0 = std::ptrdiff_t(ix) + pad;  // output pixel of tap 0
+        const auto ky0 = std::max<std::ptrdiff_t>(0, oy0 - std::ptrdiff_t(geo_.ho) + 1);
+        const auto ky1 = std::min<std::ptrdiff_t>(k, oy0 + 1);
+        const auto kx0 = std::max<std::ptrdiff_t>(0, ox0 - std::ptrdiff_t(geo_.wo) + 1);
+        const auto kx1 = std::min<std::ptrdiff_t>(k, ox0 + 1);
+        T* dx = dx_.data() + q * out_;
+        if (ky0 >= ky1 || kx0 >= kx1) {
+            std::fill(dx, dx + out_, T(0));
+            return;
+        }
+        const auto c_all = std::ptrdiff_t(out_);
+        const T* first = dy + ((n * geo_.ho + std::size_t(oy0 - ky0)) * geo_.wo + std::size_t(ox0 - kx0)) * out_;
+        detail::ChannelSums<T>::run(out_, dx, nullptr, first, -std::ptrdiff_t(geo_.wo) * c_all, -c_all,
+                                    wt + std::size_t(ky0 * k + kx0) * out_, k * c_all, c_all, std::size_t(ky1 - ky0),
+                                    std::size_t(kx1 - kx0));
+    }
+
+    /// block[t] = sum over output pixels p in [begin, end) of dY[p] x[q(p, t)],
+    /// for every tap t (m = 1). Per tap, the pixels go row piece by row piece
+    /// (the output pixels of one image row inside [begin, end)); in each piece
+    /// the pixels whose tap lands inside the image are a range read with fixed
+    /// strides, summed (in pixel order) with the channel sums in registers.
+    void depthwise_weight_grad_chunk(const T* x, const T* dy, std::size_t begin, std::size_t end, T* block) const {
+        const std::size_t k = window_.kernel, s = window_.stride, pad = window_.padding, c_all = out_;
+        for (std::size_t ky = 0; ky < k; ++ky)
+            for (std::size_t kx = 0; kx < k; ++kx) {
+                T* dst = block + (ky * k + kx) * c_all;
+                std::fill(dst, dst + c_all, T(0));
+                // ox with 0 <= ox s + kx - pad < w
+                const std::size_t ox_lo = kx >= pad ? 0 : (pad - kx + s - 1) / s;
+                const std::size_t ox_hi = geo_.w + pad > kx ? std::min(geo_.wo, (geo_.w + pad - kx - 1) / s + 1) : 0;
+                for (std::size_t p = begin; p < end;) {
+                    const std::size_t ox = p % geo_.wo, row = p / geo_.wo, oy = row % geo_.ho, n = row / geo_.ho;
+                    const std::size_t piece_end = std::min(end, (row + 1) * geo_.wo);  // pixels [p, piece_end)
+                    const std::ptrdiff_t iy = std::ptrdiff_t(oy * s + ky) - std::ptrdiff_t(pad);
+                    const std::size_t a = std::max(ox, ox_lo), e = std::min(ox + (piece_end - p), ox_hi);
+                    if (iy >= 0 && iy < std::ptrdiff_t(geo_.h) && a < e) {
+                        const std::size_t p_a = p + (a - ox), ix = a * s + kx - pad;
+                        const T* g = dy + p_a * c_all;
+                        const T* xr = x + ((n * geo_.h + std::size_t(iy)) * geo_.w + ix) * c_all;
+                        // The piece's products as a sum over "rows" of one pixel each, added to dst.
+                        detail::ChannelSums<T>::run(c_all, dst, dst, g, std::ptrdiff_t(c_all), 0, xr,
+                                                    std::ptrdiff_t(s * c_all), 0, e - a, 1);
+                    }
+                    p = piece_end;
+                }
+            }
+    }
+
     const Tensor<T>& depthwise_backward(const Tensor<T>& x, const Tensor<T>& dy, const MixedBatch<T>* mb) {
         const std::size_t m = out_ / in_, taps = geo_taps(), per_image = geo_.ho * geo_.wo;
+        // m = 1 with stride 1 gathers each dx row (written once); otherwise dx is zeroed and scattered into.
+        const bool gather = m == 1 && window_.stride == 1;
         if (input_grad_) {
             dx_.resize(x.shape());
-            dx_.zero();
+            if (!gather) dx_.zero();
         }
         std::size_t si = 0;
         for_each_segment(mb, dy, path_, "conv output gradient", [&](int task, std::size_t p0, std::size_t np) {
@@ -581,11 +736,15 @@ private:
                 // then added in chunk order: the result does not depend on the number of threads.
                 const std::size_t chunks = (np + depthwise_grad_chunk - 1) / depthwise_grad_chunk;
                 dwt_.resize(Shape{chunks * taps, out_});
-                dwt_.zero();
+                if (m != 1) dwt_.zero();
                 for_rows(chunks, depthwise_grad_chunk * taps * out_, [&](std::size_t c) {
                     T* __restrict block = dwt_.data() + c * taps * out_;
                     const std::size_t begin = p0 + c * depthwise_grad_chunk;
                     const std::size_t end = std::min(p0 + np, begin + depthwise_grad_chunk);
+                    if (m == 1) {
+                        depthwise_weight_grad_chunk(x.data(), dy.data(), begin, end, block);
+                        return;
+                    }
                     for (std::size_t p = begin; p < end; ++p) {
                         const T* __restrict g = dy.data() + p * out_;
                         geo_.for_each_tap(p, [&](std::size_t t, std::size_t q) {
@@ -603,6 +762,13 @@ private:
                     for (std::size_t t = 0; t < taps; ++t) w.grad[co * taps + t] += dwt_[t * out_ + co];
             }
             if (!input_grad_) return;
+            if (gather) {
+                // The segment's images are its input pixels too (one image in, one image out).
+                const std::size_t in_image = geo_.h * geo_.w, q0 = p0 / per_image * in_image;
+                for_rows(np / per_image * in_image, taps * out_,
+                         [&](std::size_t i) { depthwise_pixel_input_grad(dy.data(), wt, q0 + i); });
+                return;
+            }
             // One image per task of the loop: windows overlap only within an image.
             const std::size_t b0 = p0 / per_image;
             for_rows(np / per_image, per_image * taps * out_, [&](std::size_t i) {
