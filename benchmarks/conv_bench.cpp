@@ -19,6 +19,15 @@
 // timing, the program checks that the baseline and patchwork agree (largest
 // absolute difference of y, dW, db and dX, in the context line "max_abs_diff").
 //
+// MobileNet-style blocks (patchwork only; torch_conv.py times the same blocks):
+//
+//   MobileNetBlock_<C>_<E>/<Mode>/patchwork/hw:<H>
+//       Sequential<Conv2d(C, E, 1), BatchNorm2d(E), ReLU6, DepthwiseConv2d(E, 3, pad 1), BatchNorm2d(E),
+//                  ReLU6, Conv2d(E, C, 1), BatchNorm2d(C)>, convolutions without bias, BatchNorm2d in
+//       training mode (batch statistics), input gradient on: C = 24, E = 144 at 56 x 56 and C = 32,
+//       E = 192 at 28 x 28 (MobileNetV2's expansion 6). Mode: Forward or ForwardBackward. GFLOPS counts
+//       the three convolutions only.
+//
 // Threads: BENCH_THREADS (default 2) for Eigen and OMP_NUM_THREADS for OpenMP.
 #include <benchmark/benchmark.h>
 
@@ -31,6 +40,9 @@
 #include <vector>
 
 #include "common.hpp"
+#include "patchwork/compose/sequential.hpp"
+#include "patchwork/layers/activation.hpp"
+#include "patchwork/layers/batch_norm.hpp"
 #include "patchwork/layers/conv2d.hpp"
 
 #if defined(_OPENMP)
@@ -269,6 +281,48 @@ std::string check_agreement() {
     return os.str();
 }
 
+/// ReLU6: f(x) = min(max(x, 0), 6), f'(x) = [0 < x < 6] (MobileNet's activation).
+struct Relu6Function {
+    static constexpr const char* name = "relu6";
+    template <class T>
+    static T value(T x) noexcept { return x < T(0) ? T(0) : x > T(6) ? T(6) : x; }
+    template <class T>
+    static T grad(T g, T x, T /*y*/) noexcept { return x > T(0) && x < T(6) ? g : T(0); }
+};
+using Relu6 = pw::BasicActivation<float, Relu6Function>;
+
+using MobileNetBlock = pw::Sequential<pw::Conv2d, pw::BatchNorm2d, Relu6, pw::DepthwiseConv2d, pw::BatchNorm2d, Relu6,
+                                      pw::Conv2d, pw::BatchNorm2d>;
+
+struct BlockSpec {
+    const char* name;
+    std::size_t channels, expanded, hw;
+};
+constexpr BlockSpec kBlocks[] = {
+    {"MobileNetBlock_24_144", 24, 144, 56},
+    {"MobileNetBlock_32_192", 32, 192, 28},
+};
+
+void BM_Block(benchmark::State& state, BlockSpec s, Mode mode) {
+    const pw::Conv2dOptions no_bias{.bias = false};
+    MobileNetBlock block(pw::Conv2d(s.channels, s.expanded, 1, no_bias), pw::BatchNorm2d(s.expanded), Relu6{},
+                         pw::DepthwiseConv2d(s.expanded, 3, {.padding = 1, .bias = false}), pw::BatchNorm2d(s.expanded),
+                         Relu6{}, pw::Conv2d(s.expanded, s.channels, 1, no_bias), pw::BatchNorm2d(s.channels));
+    block.set_input_grad(true);
+    const auto x = bench::random_tensor({kBatch, s.hw, s.hw, s.channels}, 1);
+    const auto dy = bench::random_tensor({kBatch, s.hw, s.hw, s.channels}, 2);
+    block.forward(x);  // the buffers' first allocation and page faults stay out of the timing
+    block.backward(dy);
+    for (auto _ : state) {
+        benchmark::DoNotOptimize(block.forward(x).data());
+        if (mode != Mode::forward) benchmark::DoNotOptimize(block.backward(dy).data());
+        benchmark::ClobberMemory();
+    }
+    const double pixels = double(kBatch * s.hw * s.hw);
+    const double flops = 2.0 * pixels * double(s.expanded) * double(2 * s.channels + 9);
+    set_gflops(state, mode == Mode::forward ? flops : 3 * flops);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -290,6 +344,12 @@ int main(int argc, char** argv) {
                     ->Unit(benchmark::kMillisecond)
                     ->UseRealTime();
             }
+    for (const auto& b : kBlocks)
+        for (const auto& [mode, mode_name] : {modes[0], modes[2]}) {
+            const std::string name =
+                std::string(b.name) + "/" + mode_name + "/patchwork/hw:" + std::to_string(b.hw);
+            benchmark::RegisterBenchmark(name.c_str(), BM_Block, b, mode)->Unit(benchmark::kMillisecond)->UseRealTime();
+        }
     benchmark::Initialize(&argc, argv);
     if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
     benchmark::RunSpecifiedBenchmarks();

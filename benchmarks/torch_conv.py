@@ -6,6 +6,10 @@ i.e. NHWC as patchwork):
     Conv3x3_16_32     nn.Conv2d(16, 32, 3, padding=1)
     Depthwise3x3_32   nn.Conv2d(32, 32, 3, padding=1, groups=32)
     Conv1x1_32_64     nn.Conv2d(32, 64, 1)
+MobileNet-style blocks (as in conv_bench.cpp; BatchNorm in training mode):
+    MobileNetBlock_24_144 at 56 x 56, MobileNetBlock_32_192 at 28 x 28:
+    Conv2d(C, E, 1) BatchNorm2d(E) ReLU6 Conv2d(E, E, 3, padding=1, groups=E) BatchNorm2d(E) ReLU6
+    Conv2d(E, C, 1) BatchNorm2d(C), convolutions without bias
 Modes:
     Forward           y = conv(x), autograd recording (x requires grad, as inside a network)
     ForwardBackward   y = conv(x); y.backward(dy): weight, bias and input gradients
@@ -46,6 +50,17 @@ SPECS = (  # name, in, out, kernel, padding, groups (as kSpecs in conv_bench.cpp
     ("Conv1x1_32_64", 32, 64, 1, 0, 1),
 )
 SIZES = (28, 14)
+BLOCKS = (  # name, channels, expanded, H (as kBlocks in conv_bench.cpp)
+    ("MobileNetBlock_24_144", 24, 144, 56),
+    ("MobileNetBlock_32_192", 32, 192, 28),
+)
+
+
+def mobilenet_block(c, e):
+    return nn.Sequential(
+        nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.ReLU6(),
+        nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False), nn.BatchNorm2d(e), nn.ReLU6(),
+        nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c))
 
 
 def quantile(values, q):
@@ -91,6 +106,23 @@ def main():
                       f"threads={args.threads}", flush=True)
             x.grad = None
             conv.zero_grad(set_to_none=True)
+    for name, c, e, hw in BLOCKS:
+        block = mobilenet_block(c, e).to(memory_format=torch.channels_last).train()
+        x = torch.rand(BATCH, c, hw, hw).mul_(2).sub_(1).to(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        dy = torch.rand(BATCH, c, hw, hw).mul_(2).sub_(1).to(memory_format=torch.channels_last)
+
+        def block_forward():
+            return block(x)
+
+        def block_forward_backward():
+            block(x).backward(dy)
+
+        for mode, fn in (("Forward", block_forward), ("ForwardBackward", block_forward_backward)):
+            t = measure(fn)
+            print(f"CONV impl=torch layer={name} mode={mode} hw={hw} median_ms={statistics.median(t):.4f} "
+                  f"p10_ms={quantile(t, 0.1):.4f} p90_ms={quantile(t, 0.9):.4f} reps={len(t)} "
+                  f"threads={args.threads}", flush=True)
 
 
 if __name__ == "__main__":
