@@ -47,7 +47,16 @@
 //   dx[q(p,t), co / m] += dY[p, co] Wt[t, co]
 // with t = ky k + kx the tap, q(p,t) the input pixel tap t of output pixel p
 // reads, and Wt the weight transposed to [k k, C_out] so that the inner loops
-// run over contiguous channels. Depthwise filters carry Role::depthwise (the
+// run over contiguous channels. With one output channel per input channel
+// (m = 1, the common case) every such sum runs in blocks of channels whose
+// partial sums stay in vector registers (detail::ChannelSums): y[p] starts at
+// b and adds its window's taps; dWt[t] adds, per tap, the pixels of each image
+// row whose tap lands inside the image; and for stride 1 dx is gathered rather
+// than scattered, since q = q(p,t) means p is the output pixel (iy + pad - ky,
+// ix + pad - kx) of input pixel (iy, ix):
+//   dx[(iy, ix), c] = sum_{ky,kx} dY[(iy + pad - ky, ix + pad - kx), c] Wt[ky k + kx, c]
+// over the taps whose output pixel exists, each dx row written once.
+// Depthwise filters carry Role::depthwise (the
 // "depthwise patch" of K for the price of 1 re-learns exactly these); every
 // other convolution weight carries Role::weight.
 //
@@ -226,6 +235,14 @@ void add_row(const T* src, T* dst, std::size_t n) noexcept {
         Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>(src, Eigen::Index(n));
 }
 
+/// dst[c] += sum_{r < rows} m[r cols + c]: the column sums of a row-major
+/// block, row after row (one pass over the rows; a column-wise reduction of a
+/// row-major matrix would walk it once per column).
+template <class T>
+void add_column_sums(const T* m, std::size_t rows, std::size_t cols, T* dst) noexcept {
+    for (std::size_t r = 0; r < rows; ++r) add_row(m + r * cols, dst, cols);
+}
+
 /// Sums over a depthwise window (or any sum of products of two channel rows),
 /// for channels [0, n) of one pixel, vectorised over the channels:
 ///   out[c] = init[c] + sum_{r < rows, j < cols} a[r a_row + j a_col + c] b[r b_row + j b_col + c]
@@ -384,8 +401,7 @@ public:
             for_each_segment(mb, dy, path_, "conv output gradient", [&](int task, std::size_t p0, std::size_t np) {
                 Parameter<T>& b = mixed_use(mb, bias, task);
                 if (b.wants_grad())
-                    b.grad.vector() +=
-                        dy.matrix().middleRows(Eigen::Index(p0), Eigen::Index(np)).colwise().sum().transpose();
+                    detail::add_column_sums(dy.data() + p0 * out_, np, out_, b.grad.data());
             });
         return depthwise_backward(x, dy, mb);
     }
@@ -469,8 +485,7 @@ private:
             for_each_segment(mb, dy, path_, "conv output gradient", [&](int task, std::size_t p0, std::size_t np) {
                 Parameter<T>& b = mixed_use(mb, bias, task);
                 if (b.wants_grad())
-                    b.grad.vector() +=
-                        dy.matrix().middleRows(Eigen::Index(p0), Eigen::Index(np)).colwise().sum().transpose();
+                    detail::add_column_sums(dy.data() + p0 * out_, np, out_, b.grad.data());
             });
         const bool weight_grad = weight.wants_grad();
         if (!weight_grad && !bias_grad && !input_grad_) return empty_;
