@@ -162,6 +162,53 @@ TEST_CASE("cross_entropy: label count and range errors name the values") {
     CHECK_THROWS_AS((void)pw::cross_entropy(T2{}, std::vector<int>{}), pw::ShapeError);
 }
 
+TEST_CASE("cross_entropy with a class count per row: equals the narrow loss, padding gets no gradient") {
+    pw::Rng rng(8);
+    T2 z(pw::Shape{4, 6});
+    pw::init::normal(z, rng, 0.0, 2.0);
+    const std::vector<int> y{3, 0, 1, 5};
+    const std::vector<std::size_t> classes{4, 2, 2, 6};
+    const auto loss = pw::cross_entropy(z, y, classes);
+    // Each row alone, through the ordinary loss on its first C_r logits.
+    double sum = 0;
+    for (std::size_t r = 0; r < 4; ++r) {
+        T2 row(pw::Shape{1, classes[r]});
+        for (std::size_t j = 0; j < classes[r]; ++j) row[j] = z(r, j);
+        const auto one = pw::cross_entropy(row, std::vector<int>{y[r]});
+        sum += one.value;
+        for (std::size_t j = 0; j < 6; ++j)
+            CHECK(loss.grad(r, j) == doctest::Approx(j < classes[r] ? one.grad[j] / 4 : 0.0).epsilon(1e-14));
+    }
+    CHECK(loss.value == doctest::Approx(sum / 4).epsilon(1e-14));
+    const T2 num = numeric_gradient([&](const T2& t) { return pw::cross_entropy(t, y, classes).value; }, z);
+    CHECK(pw::testing::relative_error(loss.grad, num) < 1e-6);
+    // Every row at full width is the ordinary loss, bit for bit.
+    const std::vector<std::size_t> full(4, 6);
+    const auto wide = pw::cross_entropy(z, y, full), plain = pw::cross_entropy(z, y);
+    CHECK(wide.value == plain.value);
+    CHECK(pw::testing::relative_error(wide.grad, plain.grad) == 0.0);
+    // Accuracy over the first C classes only.
+    const T2 p(pw::Shape{2, 3}, {0, 1, 9, 2, 1, 9});
+    CHECK(pw::count_correct(p, std::vector<int>{1, 0}, 2) == 2);
+    CHECK(pw::count_correct(p, std::vector<int>{1, 0}, 3) == 0);
+    CHECK_THROWS_AS((void)pw::count_correct(p, std::vector<int>{1, 0}, 4), pw::ShapeError);
+}
+
+TEST_CASE("cross_entropy with a class count per row: errors name the row") {
+    const T2 z(pw::Shape{3, 4});
+    const std::vector<int> y{0, 1, 2};
+    const auto count = message_of<pw::ShapeError>(
+        [&] { (void)pw::cross_entropy(z, y, std::vector<std::size_t>{4, 4}); });
+    CHECK(contains(count, "2 class counts for 3 rows"));
+    const auto wide = message_of<pw::ConfigError>(
+        [&] { (void)pw::cross_entropy(z, y, std::vector<std::size_t>{4, 5, 4}); });
+    CHECK(contains(wide, "row 1 has 5 classes, outside [1, 4]"));
+    CHECK_THROWS_AS((void)pw::cross_entropy(z, y, std::vector<std::size_t>{4, 0, 4}), pw::ConfigError);
+    const auto label = message_of<pw::ConfigError>(
+        [&] { (void)pw::cross_entropy(z, y, std::vector<std::size_t>{4, 4, 2}); });
+    CHECK(contains(label, "label 2 at row 2 is outside [0, 2)"));
+}
+
 TEST_CASE("mse: hand values, finite differences, shape errors") {
     const T2 y(pw::Shape{2, 2}, {1, 2, 3, 4});
     const T2 t(pw::Shape{2, 2}, {0, 2, 5, 4});

@@ -58,22 +58,24 @@ void check_cross_entropy(const Tensor<T, D>& logits, std::span<const int> labels
 }
 }  // namespace detail
 
-/// Mean softmax cross-entropy of `logits` (rows = samples, last dimension = classes)
-/// against one integer class label per row.
-/// Throws ShapeError when the label count differs from the row count, and
-/// ConfigError when a label lies outside [0, classes).
-template <class T>
-[[nodiscard]] Loss<T> cross_entropy(const Tensor<T>& logits, std::span<const int> labels) {
-    detail::check_cross_entropy(logits, labels);
+namespace detail {
+/// Mean softmax cross-entropy where row r's softmax runs over its first
+/// width(r) logits (the rest of the row gets no gradient). Labels are checked.
+///   L = (1/N) sum_r ( log sum_{c < C_r} exp z_rc  -  z_r,y_r )
+///   dL/dz_rc = (p_rc - [c == y_r]) / N  for c < C_r,   0 for c >= C_r
+/// (p_r: the softmax over row r's first C_r logits; the derivative of
+/// log-sum-exp is that softmax, that of -z_r,y_r the one-hot).
+template <class T, class Width>
+Loss<T> cross_entropy_rows(const Tensor<T>& logits, std::span<const int> labels, Width width) {
     const std::size_t n = logits.rows();
-    const std::size_t c = logits.cols();
-
+    const std::size_t stride = logits.cols();
     Loss<T> out{T(0), Tensor<T>(logits.shape())};
     const T inv_n = T(1) / T(n);
     double total = 0;
     for (std::size_t r = 0; r < n; ++r) {
-        const T* z = logits.data() + r * c;
-        T* g = out.grad.data() + r * c;
+        const std::size_t c = width(r);
+        const T* z = logits.data() + r * stride;
+        T* g = out.grad.data() + r * stride;
         const T m = *std::max_element(z, z + c);
         double sum = 0;
         for (std::size_t j = 0; j < c; ++j) {
@@ -85,9 +87,48 @@ template <class T>
         const T inv_sum = T(1.0 / sum);
         for (std::size_t j = 0; j < c; ++j) g[j] *= inv_sum * inv_n;  // p / N
         g[labels[r]] -= inv_n;                                        // - onehot / N
+        std::fill(g + c, g + stride, T(0));
     }
     out.value = T(total / double(n));
     return out;
+}
+}  // namespace detail
+
+/// Mean softmax cross-entropy of `logits` (rows = samples, last dimension = classes)
+/// against one integer class label per row (derivation at detail::cross_entropy_rows).
+/// Throws ShapeError when the label count differs from the row count, and
+/// ConfigError when a label lies outside [0, classes).
+template <class T>
+[[nodiscard]] Loss<T> cross_entropy(const Tensor<T>& logits, std::span<const int> labels) {
+    detail::check_cross_entropy(logits, labels);
+    const std::size_t c = logits.cols();
+    return detail::cross_entropy_rows(logits, labels, [c](std::size_t) { return c; });
+}
+
+/// Cross-entropy of a batch whose rows have different class counts: row r has
+/// `classes[r]` classes, its softmax runs over its first classes[r] logits, and
+/// the logits after those get no gradient. For mixed-task batches whose heads
+/// are padded to the widest task (MultiTask needs one output width per batch):
+/// each task reads its own first C_k logits, so the padding never trains or
+/// matters. Throws ShapeError for a count mismatch and ConfigError for a class
+/// count outside [1, width] or a label outside [0, classes[r]), naming the row.
+template <class T>
+[[nodiscard]] Loss<T> cross_entropy(const Tensor<T>& logits, std::span<const int> labels,
+                                    std::span<const std::size_t> classes) {
+    detail::check_cross_entropy(logits, labels);
+    const std::size_t n = logits.rows(), c = logits.cols();
+    if (classes.size() != n)
+        throw ShapeError(detail::concat("cross_entropy: ", classes.size(), " class counts for ", n,
+                                        " rows of logits ", logits.shape()));
+    for (std::size_t r = 0; r < n; ++r) {
+        if (classes[r] == 0 || classes[r] > c)
+            throw ConfigError(detail::concat("cross_entropy: row ", r, " has ", classes[r],
+                                             " classes, outside [1, ", c, "] for logits ", logits.shape()));
+        if (std::size_t(labels[r]) >= classes[r])
+            throw ConfigError(detail::concat("cross_entropy: label ", labels[r], " at row ", r, " is outside [0, ",
+                                             classes[r], ") (the row's class count)"));
+    }
+    return detail::cross_entropy_rows(logits, labels, [classes](std::size_t r) { return classes[r]; });
 }
 
 /// Mean squared error over all elements; `y` and `target` must have the same shape.

@@ -42,6 +42,26 @@ template <class T>
     return correct;
 }
 
+/// Number of rows whose argmax over their first `classes` logits equals the
+/// label (a task's rows under a head padded to a wider task's width).
+template <class T>
+[[nodiscard]] std::size_t count_correct(const Tensor<T>& logits, std::span<const int> labels, std::size_t classes) {
+    if (logits.rank() < 1 || logits.empty() || classes == 0 || classes > logits.cols())
+        throw ShapeError(detail::concat("accuracy: the first ", classes, " classes of logits ", logits.shape()));
+    if (labels.size() != logits.rows())
+        throw ShapeError(detail::concat("accuracy: ", labels.size(), " labels for ", logits.rows(),
+                                        " rows of logits ", logits.shape()));
+    std::size_t correct = 0;
+    for (std::size_t r = 0; r < logits.rows(); ++r) {
+        const T* z = logits.data() + r * logits.cols();
+        std::size_t best = 0;
+        for (std::size_t j = 1; j < classes; ++j)
+            if (z[j] > z[best]) best = j;
+        correct += int(best) == labels[r] ? 1 : 0;
+    }
+    return correct;
+}
+
 /// Fraction of rows (in [0, 1]) whose argmax equals the label.
 template <class T>
 [[nodiscard]] double accuracy(const Tensor<T>& logits, std::span<const int> labels) {
