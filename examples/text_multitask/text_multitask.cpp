@@ -87,7 +87,7 @@ struct Options {
     std::size_t seeds = 1;
     std::uint64_t seed = 1;
     std::uint64_t data_seed = 0;
-    std::size_t train = 150;  ///< per task (the default run: about 10 minutes on 2 cores)
+    std::size_t train = 150;  ///< per task
     std::size_t test = 150;   ///< per task
     std::size_t epochs = 2;
     std::size_t batch = 16;
