@@ -250,8 +250,15 @@ void add_column_sums(const T* m, std::size_t rows, std::size_t cols, T* dst) noe
 /// vector, then one at a time; a block's sums stay in registers over all taps.
 template <class T>
 struct ChannelSums {
-    typedef T Vec __attribute__((vector_size(32)));  // one AVX register (GCC and clang vector extension)
-    static constexpr std::size_t lanes = 32 / sizeof(T);
+    // One SIMD register (GCC and clang vector extension): 32 bytes where AVX is
+    // enabled, else 16 (a wider vector than the target has would change the ABI).
+#if defined(__AVX__)
+    static constexpr std::size_t vector_bytes = 32;
+#else
+    static constexpr std::size_t vector_bytes = 16;
+#endif
+    typedef T Vec __attribute__((vector_size(vector_bytes)));
+    static constexpr std::size_t lanes = vector_bytes / sizeof(T);
 
     static Vec load(const T* p) noexcept {
         Vec v;
@@ -503,7 +510,8 @@ private:
                           ? scratch_.data() + detail::thread_slot() * 2 * tiling_.tile * width
                           : nullptr;
             T* dcols = cols == nullptr ? nullptr : cols + tiling_.tile * width;
-            MatrixMap<T> dw(weight_grad ? dw_chunks_.data() + c * wsize : nullptr, Eigen::Index(out_),
+            // Maps at offsets inside a buffer are not 16-byte aligned in general: unaligned maps.
+            Eigen::Map<RowMatrix<T>> dw(weight_grad ? dw_chunks_.data() + c * wsize : nullptr, Eigen::Index(out_),
                             Eigen::Index(kg));
             if (weight_grad) dw.setZero();
             if (bias_grad) std::fill_n(db_chunks_.data() + c * out_, out_, T(0));
@@ -527,8 +535,9 @@ private:
                     else run(im2col_tile(x, p0, np, cols));
                 }
                 if (!input_grad_) return;
-                auto dct = pointwise() ? MatrixMap<T>(dx_.data() + p0 * in_, Eigen::Index(np), Eigen::Index(in_))
-                                       : MatrixMap<T>(dcols, Eigen::Index(np), Eigen::Index(width));
+                using UnalignedMap = Eigen::Map<RowMatrix<T>>;
+                auto dct = pointwise() ? UnalignedMap(dx_.data() + p0 * in_, Eigen::Index(np), Eigen::Index(in_))
+                                       : UnalignedMap(dcols, Eigen::Index(np), Eigen::Index(width));
                 for (std::size_t gi = 0; gi < options_.groups; ++gi)
                     dct.middleCols(Eigen::Index(gi * kg), Eigen::Index(kg)).noalias() =
                         g.middleCols(Eigen::Index(gi * cog), Eigen::Index(cog)) *
