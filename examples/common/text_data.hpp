@@ -8,7 +8,11 @@
 #include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <exception>
+#include <filesystem>
+#include <map>
 #include <span>
 #include <string>
 #include <string_view>
@@ -49,6 +53,70 @@ inline std::vector<std::string> split_list(const std::string& s) {
         start = end + 1;
     }
     return out;
+}
+
+/// The flags every text example takes (the program sets its own defaults).
+struct RunOptions {
+    std::filesystem::path model = pw::hf::model_cache_dir();
+    std::filesystem::path wordnet = pw::wordnet_default_dir;
+    std::vector<std::string> methods;
+    std::size_t seeds = 1;
+    std::uint64_t seed = 1;
+    std::uint64_t data_seed = 0;
+    std::size_t train = 0;  ///< training synsets (per task where there are several)
+    std::size_t test = 0;
+    std::size_t epochs = 2;
+    std::size_t batch = 16;
+    std::size_t max_length = 64;
+    double head_lr = 2e-3;
+    std::map<std::string, double> lr;  ///< per method, over the method's default
+    std::string csv;
+    bool quiet = false;
+};
+
+/// Parses argv into `o`: --model, --wordnet, --methods a,b, --seeds, --seed,
+/// --data-seed, --train, --test, --epochs, --batch, --max-length, --head-lr,
+/// --lr-METHOD, --csv, --quiet, then `extra(flag, value)` for the program's
+/// own flags (it returns false for a flag it does not know; `value()` takes
+/// the flag's argument). `method(name)` returns the canonical name of a
+/// method or throws. Errors are ConfigErrors naming the program and the flag.
+template <class Method, class Extra>
+void parse_args(std::string_view program, int argc, char** argv, RunOptions& o, Method method, Extra extra) {
+    for (int i = 1; i < argc; ++i) {
+        const std::string_view a = argv[i];
+        const auto value = [&]() -> std::string {
+            if (i + 1 >= argc) throw pw::ConfigError(pw::detail::concat(program, ": ", a, " needs a value"));
+            return argv[++i];
+        };
+        const auto count = [&](std::uint64_t min) { return parse_uint(program, a, value(), min); };
+        if (a == "--model") o.model = value();
+        else if (a == "--wordnet") o.wordnet = value();
+        else if (a == "--methods") {
+            o.methods = split_list(value());
+            for (const auto& m : o.methods) (void)method(m);
+        } else if (a == "--seeds") o.seeds = count(1);
+        else if (a == "--seed") o.seed = count(0);
+        else if (a == "--data-seed") o.data_seed = count(0);
+        else if (a == "--train") o.train = count(1);
+        else if (a == "--test") o.test = count(1);
+        else if (a == "--epochs") o.epochs = count(1);
+        else if (a == "--batch") o.batch = count(1);
+        else if (a == "--max-length") o.max_length = count(3);
+        else if (a == "--head-lr") o.head_lr = parse_positive(program, a, value());
+        else if (a.starts_with("--lr-")) o.lr[std::string(method(a.substr(5)))] = parse_positive(program, a, value());
+        else if (a == "--csv") o.csv = value();
+        else if (a == "--quiet") o.quiet = true;
+        else if (!extra(a, value))
+            throw pw::ConfigError(pw::detail::concat(program, ": unknown option '", a, "' (see the comment at the top of "
+                                                     "examples/", program, "/", program, ".cpp)"));
+    }
+}
+
+/// Prints an error on stderr, prefixed with the program's name unless it already starts with it.
+inline void report_error(std::string_view program, const std::exception& e) {
+    const std::string_view what = e.what();
+    if (what.starts_with(program)) std::fprintf(stderr, "%s\n", e.what());
+    else std::fprintf(stderr, "%.*s: %s\n", int(program.size()), program.data(), e.what());
 }
 
 /// Tokenized examples of one split.

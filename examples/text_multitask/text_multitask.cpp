@@ -80,22 +80,12 @@ constexpr std::array<pw::WordNetTask, kTasks> kTaskKinds = {
 constexpr std::array<const char*, kTasks> kTaskNames = {"noun supersense", "verb supersense", "adjective kind",
                                                         "part of speech"};
 
-struct Options {
-    fs::path model = pw::hf::model_cache_dir();
-    fs::path wordnet = pw::wordnet_default_dir;
-    std::vector<std::string> methods = {"head", "ln", "bitfit", "lora", "finetune", "sequential"};
-    std::size_t seeds = 1;
-    std::uint64_t seed = 1;
-    std::uint64_t data_seed = 0;
-    std::size_t train = 150;  ///< per task
-    std::size_t test = 150;   ///< per task
-    std::size_t epochs = 2;
-    std::size_t batch = 16;
-    std::size_t max_length = 64;
-    double head_lr = 2e-3;
-    std::map<std::string, double> lr;
-    std::string csv;
-    bool quiet = false;
+struct Options : tx::RunOptions {
+    Options() {
+        methods = {"head", "ln", "bitfit", "lora", "finetune", "sequential"};
+        train = 150;  // per task
+        test = 150;
+    }
 };
 
 struct Method {
@@ -125,37 +115,8 @@ const Method& find_method(std::string_view name) {
 
 Options parse(int argc, char** argv) {
     Options o;
-    const auto uint = [](std::string_view flag, std::string_view s, std::uint64_t min) {
-        return tx::parse_uint("text_multitask", flag, s, min);
-    };
-    for (int i = 1; i < argc; ++i) {
-        const std::string_view a = argv[i];
-        const auto value = [&]() -> std::string {
-            if (i + 1 >= argc) throw pw::ConfigError(pw::detail::concat("text_multitask: ", a, " needs a value"));
-            return argv[++i];
-        };
-        if (a == "--model") o.model = value();
-        else if (a == "--wordnet") o.wordnet = value();
-        else if (a == "--methods") {
-            o.methods = tx::split_list(value());
-            for (const auto& m : o.methods) (void)find_method(m);
-        } else if (a == "--seeds") o.seeds = uint(a, value(), 1);
-        else if (a == "--seed") o.seed = uint(a, value(), 0);
-        else if (a == "--data-seed") o.data_seed = uint(a, value(), 0);
-        else if (a == "--train") o.train = uint(a, value(), 1);
-        else if (a == "--test") o.test = uint(a, value(), 1);
-        else if (a == "--epochs") o.epochs = uint(a, value(), 1);
-        else if (a == "--batch") o.batch = uint(a, value(), 1);
-        else if (a == "--max-length") o.max_length = uint(a, value(), 3);
-        else if (a == "--head-lr") o.head_lr = tx::parse_positive("text_multitask", a, value());
-        else if (a.starts_with("--lr-"))
-            o.lr[std::string(find_method(a.substr(5)).name)] = tx::parse_positive("text_multitask", a, value());
-        else if (a == "--csv") o.csv = value();
-        else if (a == "--quiet") o.quiet = true;
-        else
-            throw pw::ConfigError(pw::detail::concat("text_multitask: unknown option '", a, "' (see the comment at "
-                                                     "the top of examples/text_multitask/text_multitask.cpp)"));
-    }
+    tx::parse_args("text_multitask", argc, argv, o, [](std::string_view m) { return find_method(m).name; },
+                   [](std::string_view, const auto&) { return false; });
     return o;
 }
 
@@ -474,6 +435,6 @@ int main(int argc, char** argv) try {
         }
     return 0;
 } catch (const pw::Error& e) {
-    std::fprintf(stderr, "text_multitask: %s\n", e.what());
+    tx::report_error("text_multitask", e);
     return 1;
 }

@@ -64,22 +64,13 @@ namespace tx = text_examples;
 
 namespace {
 
-struct Options {
-    fs::path model = pw::hf::model_cache_dir();
-    fs::path wordnet = pw::wordnet_default_dir;
-    std::vector<std::string> methods = {"head", "bitfit", "ln", "pfeiffer", "houlsby", "lora", "finetune"};
-    std::size_t seeds = 1;
-    std::uint64_t seed = 1;
-    std::uint64_t data_seed = 0;
-    std::size_t train = 400;
-    std::size_t test = 400;
-    std::size_t epochs = 2;
-    std::size_t batch = 16;
-    std::size_t max_length = 64;
-    double head_lr = 2e-3;
-    std::map<std::string, double> lr;  ///< per method, over the defaults
-    std::string csv, dump;
-    bool quiet = false;
+struct Options : tx::RunOptions {
+    Options() {
+        methods = {"head", "bitfit", "ln", "pfeiffer", "houlsby", "lora", "finetune"};
+        train = 400;
+        test = 400;
+    }
+    std::string dump;
 };
 
 struct Method {
@@ -108,41 +99,14 @@ const Method& find_method(std::string_view name) {
                                              "' (head, bitfit, ln, pfeiffer, houlsby, lora, finetune)"));
 }
 
-std::uint64_t parse_uint(std::string_view flag, std::string_view s, std::uint64_t min) {
-    return tx::parse_uint("text_transfer", flag, s, min);
-}
-double parse_lr(std::string_view flag, const std::string& s) { return tx::parse_positive("text_transfer", flag, s); }
-
 Options parse(int argc, char** argv) {
     Options o;
-    for (int i = 1; i < argc; ++i) {
-        const std::string_view a = argv[i];
-        const auto value = [&]() -> std::string {
-            if (i + 1 >= argc) throw pw::ConfigError(pw::detail::concat("text_transfer: ", a, " needs a value"));
-            return argv[++i];
-        };
-        if (a == "--model") o.model = value();
-        else if (a == "--wordnet") o.wordnet = value();
-        else if (a == "--methods") {
-            o.methods = tx::split_list(value());
-            for (const auto& m : o.methods) (void)find_method(m);
-        } else if (a == "--seeds") o.seeds = parse_uint(a, value(), 1);
-        else if (a == "--seed") o.seed = parse_uint(a, value(), 0);
-        else if (a == "--data-seed") o.data_seed = parse_uint(a, value(), 0);
-        else if (a == "--train") o.train = parse_uint(a, value(), 1);
-        else if (a == "--test") o.test = parse_uint(a, value(), 1);
-        else if (a == "--epochs") o.epochs = parse_uint(a, value(), 1);
-        else if (a == "--batch") o.batch = parse_uint(a, value(), 1);
-        else if (a == "--max-length") o.max_length = parse_uint(a, value(), 3);
-        else if (a == "--head-lr") o.head_lr = parse_lr(a, value());
-        else if (a.starts_with("--lr-")) o.lr[std::string(find_method(a.substr(5)).name)] = parse_lr(a, value());
-        else if (a == "--csv") o.csv = value();
-        else if (a == "--dump-data") o.dump = value();
-        else if (a == "--quiet") o.quiet = true;
-        else
-            throw pw::ConfigError(pw::detail::concat("text_transfer: unknown option '", a, "' (see the comment at the "
-                                                     "top of examples/text_transfer/text_transfer.cpp)"));
-    }
+    tx::parse_args("text_transfer", argc, argv, o, [](std::string_view m) { return find_method(m).name; },
+                   [&](std::string_view flag, const auto& value) {
+                       if (flag != "--dump-data") return false;
+                       o.dump = value();
+                       return true;
+                   });
     return o;
 }
 
@@ -326,6 +290,6 @@ int main(int argc, char** argv) try {
     std::printf("peak resident memory of this process: %.0f MiB\n", tx::peak_rss_mib());
     return 0;
 } catch (const pw::Error& e) {
-    std::fprintf(stderr, "text_transfer: %s\n", e.what());
+    tx::report_error("text_transfer", e);
     return 1;
 }
