@@ -55,6 +55,23 @@ inline std::vector<std::string> split_list(const std::string& s) {
     return out;
 }
 
+/// An adaptation method of an example: its flag name, table label and the
+/// default learning rate of its own parameters.
+struct Method {
+    const char* name;
+    const char* label;
+    double lr;
+};
+
+/// The method called `name`, or a ConfigError listing the program's methods.
+inline const Method& find_method(std::string_view program, std::span<const Method> methods, std::string_view name) {
+    for (const auto& m : methods)
+        if (name == m.name) return m;
+    std::string known;
+    for (const auto& m : methods) known += (known.empty() ? "" : ", ") + std::string(m.name);
+    throw pw::ConfigError(pw::detail::concat(program, ": unknown method '", name, "' (", known, ")"));
+}
+
 /// The flags every text example takes (the program sets its own defaults).
 struct RunOptions {
     std::filesystem::path model = pw::hf::model_cache_dir();

@@ -88,11 +88,7 @@ struct Options : tx::RunOptions {
     }
 };
 
-struct Method {
-    const char* name;
-    const char* label;
-    double lr;  ///< default learning rate of the method's parameters (as examples/text_transfer)
-};
+using tx::Method;
 
 const std::vector<Method>& methods() {
     static const std::vector<Method> m = {
@@ -106,12 +102,7 @@ const std::vector<Method>& methods() {
     return m;
 }
 
-const Method& find_method(std::string_view name) {
-    for (const auto& m : methods())
-        if (name == m.name) return m;
-    throw pw::ConfigError(pw::detail::concat("text_multitask: unknown method '", name,
-                                             "' (head, ln, bitfit, lora, finetune, sequential)"));
-}
+const Method& find_method(std::string_view name) { return tx::find_method("text_multitask", methods(), name); }
 
 Options parse(int argc, char** argv) {
     Options o;

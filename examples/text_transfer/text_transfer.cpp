@@ -73,11 +73,7 @@ struct Options : tx::RunOptions {
     std::string dump;
 };
 
-struct Method {
-    const char* name;
-    const char* label;
-    double lr;  ///< default learning rate of the method's parameters
-};
+using tx::Method;
 
 /// The methods, in table order, with their default learning rates: 1e-3 for
 /// the small parameter sets (BitFit, LN tuning, adapters; Houlsby et al. and
@@ -92,12 +88,7 @@ const std::vector<Method>& methods() {
     return m;
 }
 
-const Method& find_method(std::string_view name) {
-    for (const auto& m : methods())
-        if (name == m.name) return m;
-    throw pw::ConfigError(pw::detail::concat("text_transfer: unknown method '", name,
-                                             "' (head, bitfit, ln, pfeiffer, houlsby, lora, finetune)"));
-}
+const Method& find_method(std::string_view name) { return tx::find_method("text_transfer", methods(), name); }
 
 Options parse(int argc, char** argv) {
     Options o;
