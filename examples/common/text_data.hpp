@@ -129,6 +129,20 @@ void parse_args(std::string_view program, int argc, char** argv, RunOptions& o, 
     }
 }
 
+/// True (after saying what is missing and how to get it) when the model or
+/// WordNet is not there; the examples then exit 77, which tests count as skipped.
+inline bool inputs_missing(const RunOptions& o) {
+    if (!std::filesystem::exists(o.model / "model.safetensors")) {
+        std::printf("no model at %s: run scripts/fetch-model first\n", o.model.string().c_str());
+        return true;
+    }
+    if (!std::filesystem::exists(o.wordnet / "data.noun")) {
+        std::printf("no WordNet at %s (Debian package wordnet-base)\n", o.wordnet.string().c_str());
+        return true;
+    }
+    return false;
+}
+
 /// Prints an error on stderr, prefixed with the program's name unless it already starts with it.
 inline void report_error(std::string_view program, const std::exception& e) {
     const std::string_view what = e.what();

@@ -325,14 +325,7 @@ RunResult run_method(const Options& o, const Data& d, const Method& m, std::uint
 
 int main(int argc, char** argv) try {
     const Options o = parse(argc, argv);
-    if (!fs::exists(o.model / "model.safetensors")) {
-        std::printf("no model at %s: run scripts/fetch-model first\n", o.model.string().c_str());
-        return 77;
-    }
-    if (!fs::exists(o.wordnet / "data.noun")) {
-        std::printf("no WordNet at %s (Debian package wordnet-base)\n", o.wordnet.string().c_str());
-        return 77;
-    }
+    if (tx::inputs_missing(o)) return 77;
     const auto tok = pw::WordPieceTokenizer::from_vocab(o.model / "vocab.txt");
     const Data d = load_data(o, tok);
     for (std::size_t k = 0; k < kTasks; ++k)
