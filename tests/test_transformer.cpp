@@ -23,6 +23,7 @@
 #include "patchwork/policies/norm_patch.hpp"
 #include "patchwork/policies/scale_shift.hpp"
 #include "patchwork/search/search_module.hpp"
+#include "patchwork/search/derive.hpp"
 #include "patchwork/transformer/bert.hpp"
 #include "patchwork/transformer/hf_checkpoint.hpp"
 
@@ -161,6 +162,14 @@ struct SearchSpec : pw::bert::Plain {
     template <class B>
     using layer = pw::Tune<B, pw::Search<pw::Frozen, pw::Adapter<2>, pw::FineTune>>;
 };
+/// Each layer searched among frozen, LayerNorm tuning, LoRA on query and
+/// value, an adapter after it, and fine-tuning.
+using LayerCands = pw::Search<pw::Frozen, pw::NormPatch, pw::LoRA<2, 4>, pw::Adapter<2>, pw::FineTune>;
+struct FiveWaySpec : pw::bert::Plain {
+    template <class B>
+    using layer = pw::Tune<B, LayerCands>;
+};
+constexpr std::size_t kLayerLoRA = 2;  // LoRA<2, 4>'s place in LayerCands
 
 }  // namespace
 
@@ -292,7 +301,7 @@ TEST_CASE("bert model: per-layer architecture search over a BertLayer") {
         const pw::TokenBatch b = tiny_batch();
         const pw::Tensor<double> expected = plain.forward(b);
         // Every candidate mixes to the plain model's output: Frozen is the base, the
-        // adapter starts as the identity, and the FineTune copy holds the loaded weights.
+        // adapter and LoRA start as the identity, and the copies hold the loaded weights.
         const pw::Tensor<double> got = searched.forward(b);
         for (std::size_t i = 0; i < got.size(); ++i) CHECK(got[i] == doctest::Approx(expected[i]).epsilon(1e-12));
     }
@@ -301,6 +310,89 @@ TEST_CASE("bert model: per-layer architecture search over a BertLayer") {
     probe.model.visit([&](auto& p) { arch += p.role() == pw::Role::architecture ? p.size() : 0; });
     CHECK(arch == 2 * 3);
     check_probe(probe);
+}
+
+TEST_CASE("layer search over frozen, LN tuning, LoRA, adapter and fine-tuning: parameters and gradients") {
+    pw::Tune<pw::BertLayer<pw::bert::Plain, double>, LayerCands> layer(tiny_config());
+    layer.set_path("encoder.layer0");
+    // What each candidate would train: LN scale and shift (2 norms of 2 d), LoRA on
+    // query and value (2 of r (d + d)), the adapter (2 d r + r + d), the whole layer.
+    const auto n = layer.inner().candidate_parameters();
+    CHECK(n[0] == 0);
+    CHECK(n[1] == 2 * 2 * 8);
+    CHECK(n[kLayerLoRA] == 2 * 2 * (8 + 8));
+    CHECK(n[3] == 2 * 8 * 2 + 2 + 8);
+    CHECK(n[4] == layer.inner().base_parameters());
+    // Every branch's parameters, alpha included, against finite differences (masked).
+    pw::Rng rng(31);
+    pw::testing::randomize_parameters(layer, rng, 0.3);
+    const std::vector<std::int32_t> mask = {1, 1, 1, 1, 0, 1, 1, 0, 0, 0};
+    pw::AttentionMask scope(mask, 2, 5);
+    check_module(layer, pw::Shape{2, 5, 8});
+}
+
+TEST_CASE("LoRA on a whole BertLayer: query and value, from the layer's pre-trained weights") {
+    pw::BertLayer<pw::bert::Plain, double> layer(tiny_config());
+    layer.set_path("encoder.layer0");
+    pw::Rng rng(23);
+    pw::testing::randomize_parameters(layer, rng, 0.3);
+    using Tuned = pw::Tune<pw::BertLayer<pw::bert::Plain, double>, pw::LoRA<2, 4>>;
+    static_assert(std::is_same_v<Tuned::Inner, pw::BertLayer<pw::bert::WithLoRA<pw::bert::Plain, 2, 4>, double>>);
+    Tuned tuned(layer);
+    tuned.set_path("encoder.layer0");
+    // Only the factors train; everything else holds the source's values, so a fresh
+    // LoRA (B = 0) computes the source layer exactly.
+    std::vector<std::string> names;
+    tuned.visit([&](auto& p) {
+        if (p.trainable()) {
+            CHECK(p.role() == pw::Role::lora);
+            names.push_back(p.name());
+        }
+    });
+    CHECK(names == std::vector<std::string>{"encoder.layer0.attention.query.lora.a",
+                                            "encoder.layer0.attention.query.lora.b",
+                                            "encoder.layer0.attention.value.lora.a",
+                                            "encoder.layer0.attention.value.lora.b"});
+    pw::Tensor<double> x(pw::Shape{2, 5, 8});
+    pw::init::normal(x, rng, 0, 1);
+    const pw::Tensor<double> want = layer.forward(x);
+    const pw::Tensor<double> got = tuned.forward(x);
+    for (std::size_t i = 0; i < got.size(); ++i) CHECK(got[i] == want[i]);
+    // Gradients with non-zero B, masked.
+    pw::testing::randomize_parameters(tuned, rng, 0.3);
+    const std::vector<std::int32_t> mask = {1, 1, 1, 1, 0, 1, 1, 0, 0, 0};
+    pw::AttentionMask scope(mask, 2, 5);
+    check_module(tuned, pw::Shape{2, 5, 8});
+}
+
+TEST_CASE("a layer search derived to LoRA is the LoRAQueryValue model, names, weights and outputs") {
+    using Plain = pw::BertModel<pw::BertEncoder<pw::bert::Plain, double>>;
+    using Searched = pw::BertModel<pw::BertEncoder<FiveWaySpec, double>>;
+    using Fixed = pw::BertModel<pw::BertEncoder<pw::bert::LoRAQueryValue<2, 4>, double>>;
+    Plain plain(tiny_config());
+    pw::Rng rng(29);
+    pw::testing::randomize_parameters(plain, rng, 0.3);
+    pw::testing::TempDir dir;
+    pw::hf::save_bert(plain, dir.path);
+    Searched searched = pw::hf::load_bert<Searched>(dir.path);
+    const auto report = pw::search::derive(searched, {kLayerLoRA, kLayerLoRA});
+    // The searches sit in the spec's layer slot, which the model's type does not spell.
+    CHECK(report.fixed_type.empty());
+    CHECK(report.fixed_type_note.find("inside a spec") != std::string::npos);
+    for (const auto& m : report.modules) CHECK(m.chosen == "LoRA<2, 4>");
+    CHECK(report.trainable == 2 * 2 * 2 * (8 + 8));
+    CHECK(pw::trainable_count(searched) == report.trainable);
+    // Train the factors away from zero, then move them into the fixed type.
+    searched.visit([&](auto& p) {
+        if (p.role() == pw::Role::lora) pw::init::normal(p.value, rng, 0, 0.3);
+    });
+    Fixed fixed = pw::hf::load_bert<Fixed>(dir.path);
+    pw::search::copy_parameters(searched, fixed);
+    const pw::TokenBatch b = tiny_batch();
+    const pw::Tensor<double> want = fixed.forward(b);
+    const pw::Tensor<double> got = searched.forward(b);
+    for (std::size_t i = 0; i < got.size(); ++i) CHECK(got[i] == want[i]);
+    CHECK(pw::trainable_count(fixed) == report.trainable);
 }
 
 TEST_CASE("padding never changes real positions: outputs and gradients are bit-identical") {

@@ -45,11 +45,31 @@
 
 namespace patchwork {
 
+template <class Inner, std::size_t Rank, std::size_t Alpha = Rank>
+class LoRAModule;
+
 namespace detail {
 template <class M>
 inline constexpr bool lora_applies = false;
 template <class T, class D>
 inline constexpr bool lora_applies<BasicLinear<T, D>> = true;
+
+/// A block that names its own LoRA targets: Inner::with_lora<r, a> is the
+/// block with LoRA on them (BertLayer: query and value).
+template <class M, std::size_t Rank, std::size_t Alpha>
+concept NamesLoRATargets = requires { typename M::template with_lora<Rank, Alpha>; };
+
+/// What LoRA<r, a> builds around M: LoRAModule for a Linear, the block's own
+/// variant for a block that names its targets.
+template <class M, std::size_t Rank, std::size_t Alpha>
+struct lora_module {
+    using type = LoRAModule<M, Rank, Alpha>;
+};
+template <class M, std::size_t Rank, std::size_t Alpha>
+    requires(!lora_applies<M> && NamesLoRATargets<M, Rank, Alpha>)
+struct lora_module<M, Rank, Alpha> {
+    using type = typename M::template with_lora<Rank, Alpha>;
+};
 
 // The low-rank path on the CPU, over any rows of a batch (Eigen matrix blocks),
 // shared by LoRAModule and the search's LoRA branch (search/branches.hpp).
@@ -82,12 +102,13 @@ void lora_input_grad_rows(const GB& gb, const Tensor<T>& a, T s, DX&& dx, T beta
 }  // namespace detail
 
 /// A Linear layer with a trainable rank-Rank update scaled by Alpha / Rank.
-template <class Inner, std::size_t Rank, std::size_t Alpha = Rank>
+template <class Inner, std::size_t Rank, std::size_t Alpha>
 class LoRAModule : public InjectionModule<LoRAModule<Inner, Rank, Alpha>, Inner> {
     using Base = InjectionModule<LoRAModule, Inner>;
     static_assert(detail::lora_applies<Inner>,
-                  "patchwork::LoRA<r> applies only to a Linear layer; to use LoRA in a block, tune each of its "
-                  "Linear layers: Sequential<Tune<Linear, LoRA<8>>, Relu, ...>");
+                  "patchwork::LoRA<r> applies only to a Linear layer (or a block that names its LoRA targets, as "
+                  "BertLayer does); to use LoRA in another block, tune each of its Linear layers: "
+                  "Sequential<Tune<Linear, LoRA<8>>, Relu, ...>");
     static_assert(Rank > 0, "patchwork::LoRA<r>: the rank r must be positive");
 
 public:
@@ -281,8 +302,10 @@ struct LoRA {
     static constexpr bool on_device = true;  ///< its module also runs with Device = Cuda (fused kernels)
     static constexpr std::size_t rank = Rank;
     static constexpr std::size_t alpha = Alpha;
+    /// LoRAModule around a Linear; for a block that names its LoRA targets
+    /// (Inner::with_lora, e.g. BertLayer: query and value), that block with LoRA on them.
     template <class Inner>
-    using module = LoRAModule<Inner, Rank, Alpha>;
+    using module = typename detail::lora_module<Inner, Rank, Alpha>::type;
 };
 
 }  // namespace patchwork

@@ -6,9 +6,11 @@
 //   Frozen                      o = h                         FrozenBranch
 //   Adapter<r>, ScaleShift      o = P(h): the injection       HeadBranch
 //                               policy around an Identity
-//   LoRA<r, a> (Linear only)    o = h + s (x A^T) B^T         LoraBranch (the LoRA math of policies/lora.hpp)
+//   LoRA<r, a> on a Linear      o = h + s (x A^T) B^T         LoraBranch (the LoRA math of policies/lora.hpp)
 //   FineTune, BiasOnly,         o = copy(x): a trainable      CopyBranch
 //   NormPatch (selection)       copy of the base
+//   LoRA<r, a> on a block that  o = copy(x): the block with   CopyBranch (Tune<Inner, LoRA<r, a>> built
+//   names its LoRA targets      LoRA on them, base frozen     from the base, e.g. BertLayer: query, value)
 //
 // Each branch's backward takes G_k = g_k dL/dy and adds its part to dL/dh (the
 // shared base's output gradient) or to dL/dx directly.
@@ -54,12 +56,20 @@ std::string policy_label() {
 /// How a candidate is realised inside a searched module.
 enum class BranchKind { shared, head, lora, copy };
 
-template <class P>
+template <class Inner, class P>
 constexpr BranchKind branch_kind() {
     if constexpr (std::is_same_v<P, Frozen>) return BranchKind::shared;
     else if constexpr (SelectionPolicy<P>) return BranchKind::copy;
-    else if constexpr (is_lora_policy<P>) return BranchKind::lora;
+    else if constexpr (is_lora_policy<P>) return lora_applies<Inner> ? BranchKind::lora : BranchKind::copy;
     else return BranchKind::head;
+}
+
+/// Whether candidate P can be realised on Inner (LoRA: a Linear, or a block
+/// that names its LoRA targets).
+template <class Inner, class P>
+constexpr bool candidate_applies() {
+    if constexpr (is_lora_policy<P>) return lora_applies<Inner> || NamesLoRATargets<Inner, P::rank, P::alpha>;
+    else return true;
 }
 
 /// The candidate Frozen: the shared base output itself.
@@ -125,10 +135,6 @@ private:
 /// LoRA on a Linear base: o = h + s (x A^T) B^T, with A Kaiming-uniform and B zero (as LoRAModule).
 template <class Inner, class P>
 class LoraBranch {
-    static_assert(lora_applies<Inner>,
-                  "patchwork::Search: the LoRA<r> candidate applies only to a Linear layer; search each Linear of "
-                  "a block separately: Sequential<Tune<Linear, Search<Frozen, LoRA<8>>>, Relu, ...>");
-
 public:
     using T = typename Inner::Scalar;
     explicit LoraBranch(const Inner& base)
@@ -185,6 +191,8 @@ private:
 
 /// A selection candidate (FineTune, BiasOnly, NormPatch): its own copy of the
 /// base, initialised from the pre-trained weights; the policy picks what trains.
+/// Also LoRA on a block that names its LoRA targets: the block rebuilt with
+/// LoRA on them from the base, its pre-trained weights frozen.
 template <class Inner, class P>
 class CopyBranch {
 public:
@@ -201,13 +209,21 @@ public:
         copy_.visit(f);
     }
     void set_path(const std::string& p, bool) { copy_.set_path(p); }
-    /// Re-copies the pre-trained weights (keeping which parameters train).
-    void reset(const Inner& base, Rng&) { sync(base); }
+    /// Re-copies the pre-trained weights (keeping which parameters train); what
+    /// the candidate injects (LoRA factors) is drawn afresh.
+    void reset(const Inner& base, Rng& rng) {
+        if constexpr (injects) copy_.reset_parameters(rng);
+        sync(base);
+    }
+    /// Copies the base's values into the copy's pre-trained parameters (those no
+    /// policy injected; both visit them in the same order).
     void sync(const Inner& base) {
         std::vector<const Tensor<T>*> src;
         const_cast<Inner&>(base).visit([&](auto& p) { src.push_back(&p.value); });
         std::size_t i = 0;
-        copy_.visit([&](auto& p) { p.value = *src[i++]; });
+        copy_.visit([&](auto& p) {
+            if (!is_injected(p.role())) p.value = *src[i++];
+        });
     }
     void release() {
         copy_.visit([](auto& p) {
@@ -218,12 +234,13 @@ public:
     [[nodiscard]] Tune<Inner, P>& module() noexcept { return copy_; }
 
 private:
+    static constexpr bool injects = InjectionPolicy<P>;
     Tune<Inner, P> copy_;
 };
 
 template <class Inner, class P>
 struct branch_for {
-    static constexpr BranchKind kind = branch_kind<P>();
+    static constexpr BranchKind kind = branch_kind<Inner, P>();
     using type = std::conditional_t<
         kind == BranchKind::shared, FrozenBranch<Inner, P>,
         std::conditional_t<kind == BranchKind::copy, CopyBranch<Inner, P>,

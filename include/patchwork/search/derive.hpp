@@ -192,6 +192,10 @@ DeriveReport derive_with(M& model, const std::vector<std::size_t>* given) {
         if (same) t = replace_searches(type_name<M>(), runs, ok);
     }
     if (ok) r.fixed_type = tidy(t);
+    else if (type_name<M>().find("Search<") == std::string::npos)
+        r.fixed_type_note = "no fixed type spelled here: the searches are named inside a spec (for example a BERT "
+                            "spec's layer slot), not in the model's type; write the spec with the chosen policies "
+                            "listed above";
     else
         r.fixed_type_note = "no single fixed type: searched modules that share one type (the blocks of a Repeat) "
                             "chose differently; the choices are listed above";

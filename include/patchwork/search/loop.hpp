@@ -119,8 +119,9 @@ inline void write_csv_row(std::ostream& os, const GateSnapshot& s) {
 /// gradients, under GradientRoles(architecture_only)), then a weight step on the next
 /// training batch with `weight_opt`. `step_fn(model, batch)` runs the forward,
 /// the loss and the backward and returns the loss value; the loop zeroes
-/// gradients, adds the penalty and steps the optimisers.
-template <class M, BatchSource Train, BatchSource Val, class StepFn, class WeightOpt>
+/// gradients, adds the penalty and steps the optimisers. The sources may hold
+/// any batch type step_fn takes (Batch<T>, or token batches and labels).
+template <class M, EpochSource Train, EpochSource Val, class StepFn, class WeightOpt>
 SearchResult run(M& model, WeightOpt& weight_opt, Train& train, Val& val, StepFn&& step_fn,
                  const SearchOptions& opt) {
     opt.validate();

@@ -12,9 +12,11 @@
 //
 //   Frozen                      o = h,                           h = base(x), the frozen pre-trained module
 //   Adapter<r>, ScaleShift      o = P(h): the injection policy around an Identity, applied to h
-//   LoRA<r, a> (Linear only)    o = h + s (x A^T) B^T
+//   LoRA<r, a> on a Linear      o = h + s (x A^T) B^T
 //   FineTune, BiasOnly,         o = copy_k(x): a trainable copy of the base, initialised
 //   NormPatch (selection)       from the pre-trained weights, selected by the policy
+//   LoRA<r, a> on a block that  o = copy_k(x): Tune<Inner, LoRA<r, a>> built from the base
+//   names its LoRA targets      (BertLayer: LoRA on query and value), pre-trained weights frozen
 //
 // The frozen base is computed once per forward and shared by every branch of
 // the first three kinds; only selection candidates pay for their own pass.
@@ -64,8 +66,12 @@ class SearchModule : public ModuleBase, public SearchModuleTag {
     static_assert((Policy<Cands> && ...),
                   "patchwork::Search<Candidates...>: every candidate must be a patchwork policy (Frozen, FineTune, "
                   "BiasOnly, NormPatch, Adapter<r>, LoRA<r>, ScaleShift)");
-    static_assert(Inner::fixed_width || ((detail::branch_kind<Cands>() == detail::BranchKind::shared ||
-                                          detail::branch_kind<Cands>() == detail::BranchKind::copy) &&
+    static_assert((detail::candidate_applies<Inner, Cands>() && ...),
+                  "patchwork::Search: the LoRA<r> candidate applies only to a Linear layer or to a block that names "
+                  "its LoRA targets (BertLayer: query and value); search each Linear of another block separately: "
+                  "Sequential<Tune<Linear, Search<Frozen, LoRA<8>>>, Relu, ...>");
+    static_assert(Inner::fixed_width || ((detail::branch_kind<Inner, Cands>() == detail::BranchKind::shared ||
+                                          detail::branch_kind<Inner, Cands>() == detail::BranchKind::copy) &&
                                          ...),
                   "patchwork::Search: Adapter and ScaleShift candidates need a module whose output width is known "
                   "(not a bare activation)");
@@ -78,7 +84,7 @@ public:
     static constexpr const char* kind() { return Inner::kind(); }
     static constexpr unsigned roles = Inner::roles;
     static constexpr bool fixed_width = Inner::fixed_width;
-    static constexpr bool shares_base = ((detail::branch_kind<Cands>() != detail::BranchKind::copy) || ...);
+    static constexpr bool shares_base = ((detail::branch_kind<Inner, Cands>() != detail::BranchKind::copy) || ...);
 
     template <class... Args>
         requires std::constructible_from<Inner, Args...> &&
@@ -330,7 +336,7 @@ public:
 
 private:
     [[nodiscard]] detail::BranchKind chosen_kind() const {
-        static constexpr std::array<detail::BranchKind, candidates> kinds{detail::branch_kind<Cands>()...};
+        static constexpr std::array<detail::BranchKind, candidates> kinds{detail::branch_kind<Inner, Cands>()...};
         return kinds[*chosen_];
     }
 

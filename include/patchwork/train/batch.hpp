@@ -34,12 +34,19 @@ struct Batch {
     std::vector<int> labels{};
 };
 
-/// A per-epoch sequence of mini-batches.
+/// A per-epoch sequence of mini-batches of any type (what loops that hand the
+/// batch to a caller's step function need, e.g. search::run with token batches).
 template <class S>
-concept BatchSource = requires(S& s, std::size_t i) {
-    typename S::Scalar;
+concept EpochSource = requires(S& s, std::size_t i) {
     s.start_epoch(i);
     { s.batches() } -> std::convertible_to<std::size_t>;
+    s.batch(i);
+};
+
+/// A per-epoch sequence of mini-batches of Batch<Scalar>.
+template <class S>
+concept BatchSource = EpochSource<S> && requires(S& s, std::size_t i) {
+    typename S::Scalar;
     { s.batch(i) } -> std::convertible_to<const Batch<typename S::Scalar>&>;
 };
 

@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "patchwork/compose/chain.hpp"
@@ -117,6 +118,22 @@ struct LoRAQueryValue : Plain {
     using value = Tune<L, LoRA<Rank, Alpha>>;
 };
 
+/// Spec S with LoRA on the query and value projections: what
+/// Tune<BertLayer<S>, LoRA<Rank, Alpha>> builds (the layer's LoRA targets, as
+/// PEFT's default for BERT), e.g. a LoRA candidate of a search over layers.
+/// S's query and value slots must be plain.
+template <class S, std::size_t Rank, std::size_t Alpha = Rank>
+struct WithLoRA : S {
+    static_assert(std::is_same_v<typename S::template query<BasicLinear<float>>, BasicLinear<float>> &&
+                      std::is_same_v<typename S::template value<BasicLinear<float>>, BasicLinear<float>>,
+                  "patchwork::LoRA<r> on a BertLayer targets its query and value projections, so the layer's spec "
+                  "must leave those two slots plain");
+    template <class L>
+    using query = Tune<L, LoRA<Rank, Alpha>>;
+    template <class L>
+    using value = Tune<L, LoRA<Rank, Alpha>>;
+};
+
 /// Houlsby adapters: one after the attention output projection, one after the
 /// feed-forward output, each before its residual sum and LayerNorm.
 template <std::size_t Bottleneck, AdapterActivation Act = AdapterActivation::gelu>
@@ -162,9 +179,54 @@ public:
           attention_output(c.hidden_size, c.hidden_size), attention_dropout(c.hidden_dropout_prob, c.dropout_seed + 1),
           attention_norm(c.hidden_size, c.layer_norm_eps), intermediate(c.hidden_size, c.intermediate_size),
           output(c.intermediate_size, c.hidden_size), output_dropout(c.hidden_dropout_prob, c.dropout_seed + 2),
-          output_norm(c.hidden_size, c.layer_norm_eps), width_(c.hidden_size) {
+          output_norm(c.hidden_size, c.layer_norm_eps), config_(c), width_(c.hidden_size) {
         c.check();
         set_path("");
+    }
+
+    /// The same layer under another spec, with `other`'s pre-trained weights
+    /// (every parameter no policy injected, in visit order; what a policy of
+    /// this spec injects starts fresh). Tune<BertLayer<S>, LoRA<r, a>> is built
+    /// this way from a BertLayer<S>.
+    template <class OtherSpec>
+        requires(!std::is_same_v<OtherSpec, Spec>)
+    explicit BertLayer(const BertLayer<OtherSpec, T>& other) : BertLayer(other.config()) {
+        copy_pretrained_from(const_cast<BertLayer<OtherSpec, T>&>(other));
+    }
+
+    /// This layer with LoRA on its query and value projections (LoRA<Rank, Alpha>'s
+    /// module for a BertLayer, policies/lora.hpp). Both slots must be plain.
+    template <std::size_t Rank, std::size_t Alpha>
+    using with_lora = BertLayer<bert::WithLoRA<Spec, Rank, Alpha>, T>;
+
+    [[nodiscard]] const BertConfig& config() const noexcept { return config_; }
+
+    /// Copies the values of `other`'s pre-trained parameters (those no policy
+    /// injected) into this layer's, pairing them in visit order; the names
+    /// relative to each layer and the shapes must match.
+    template <class OtherSpec>
+    void copy_pretrained_from(BertLayer<OtherSpec, T>& other) {
+        std::vector<Parameter<T>*> src;
+        other.visit([&](Parameter<T>& p) {
+            if (!is_injected(p.role())) src.push_back(&p);
+        });
+        std::size_t i = 0;
+        visit([&](Parameter<T>& p) {
+            if (is_injected(p.role())) return;
+            if (i >= src.size())
+                throw ConfigError(detail::concat(detail::display_path(path_), ": copying a layer's weights, ",
+                                                 p.name(), " has no counterpart"));
+            Parameter<T>& q = *src[i++];
+            if (q.value.shape() != p.value.shape() ||
+                relative_name(q.name(), other.path()) != relative_name(p.name(), path_))
+                throw ShapeError(detail::concat(detail::display_path(path_), ": copying a layer's weights, ",
+                                                p.name(), " ", p.value.shape(), " meets ", q.name(), " ",
+                                                q.value.shape()));
+            p.value = q.value;
+        });
+        if (i != src.size())
+            throw ConfigError(detail::concat(detail::display_path(path_), ": copying a layer's weights, ",
+                                             src.size() - i, " of the source's parameters have no counterpart"));
     }
 
     Attention attention;
@@ -280,7 +342,12 @@ private:
         dx_.clear();
         return dx_;
     }
+    static std::string relative_name(const std::string& name, const std::string& path) {
+        if (path.empty()) return name;
+        return name.compare(0, path.size() + 1, path + ".") == 0 ? name.substr(path.size() + 1) : name;
+    }
 
+    BertConfig config_;
     std::size_t width_;
     Tensor<T> r1_, r2_, g_h1_, dx_;
 };
