@@ -170,6 +170,11 @@ struct FiveWaySpec : pw::bert::Plain {
     using layer = pw::Tune<B, LayerCands>;
 };
 constexpr std::size_t kLayerLoRA = 2;  // LoRA<2, 4>'s place in LayerCands
+/// LoRA on every whole layer: the same model as bert::LoRAQueryValue<2, 4>.
+struct LayerLoRASpec : pw::bert::Plain {
+    template <class B>
+    using layer = pw::Tune<B, pw::LoRA<2, 4>>;
+};
 
 }  // namespace
 
@@ -393,6 +398,12 @@ TEST_CASE("a layer search derived to LoRA is the LoRAQueryValue model, names, we
     const pw::Tensor<double> got = searched.forward(b);
     for (std::size_t i = 0; i < got.size(); ++i) CHECK(got[i] == want[i]);
     CHECK(pw::trainable_count(fixed) == report.trainable);
+    // LoRA on each whole layer, spelled in a spec's layer slot: the same names and model.
+    auto per_layer = pw::hf::load_bert<pw::BertModel<pw::BertEncoder<LayerLoRASpec, double>>>(dir.path);
+    pw::search::copy_parameters(searched, per_layer);
+    const pw::Tensor<double> again = per_layer.forward(b);
+    for (std::size_t i = 0; i < got.size(); ++i) CHECK(again[i] == want[i]);
+    CHECK(pw::trainable_count(per_layer) == report.trainable);
 }
 
 TEST_CASE("padding never changes real positions: outputs and gradients are bit-identical") {

@@ -1,6 +1,6 @@
 #pragma once
 // What the examples on the pre-trained transformer share (text_transfer,
-// text_multitask): command-line number parsing, tokenized WordNet splits, a
+// text_multitask, text_search, text_overparam): command-line number parsing, tokenized WordNet splits, a
 // seeded subset of a split, and padded token batches.
 #include <sys/resource.h>
 
