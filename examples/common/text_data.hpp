@@ -5,6 +5,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <array>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
@@ -217,6 +218,59 @@ inline std::vector<std::size_t> iota(std::size_t n) {
     std::vector<std::size_t> v(n);
     for (std::size_t i = 0; i < n; ++i) v[i] = i;
     return v;
+}
+
+/// Noun supersense (the single-task examples): the seeded split of
+/// wordnet_task, then seeded subsets of `train` training and `test` test
+/// synsets and, drawn after them so that the first two are the same for any
+/// `val`, `val` validation synsets.
+struct NounData {
+    std::size_t classes = 0;
+    std::int32_t pad = 0;
+    Split train, test, val;
+};
+
+inline NounData load_noun_supersense(const RunOptions& o, const pw::WordPieceTokenizer& tok, std::size_t val = 0) {
+    const pw::WordNet wn = pw::load_wordnet(o.wordnet);
+    const pw::TextSplits s = pw::wordnet_task(wn, pw::WordNetTask::noun_supersense, {.seed = o.data_seed});
+    NounData d;
+    d.classes = s.class_names.size();
+    d.pad = tok.pad_id();
+    pw::Rng rng(pw::detail::mix64(o.data_seed + 17));
+    add_subset(d.train, s.train, o.train, rng, tok, o.max_length);
+    add_subset(d.test, s.test, o.test, rng, tok, o.max_length);
+    if (val > 0) add_subset(d.val, s.validation, val, rng, tok, o.max_length);
+    return d;
+}
+
+/// The four WordNet tasks of the multi-task examples.
+inline constexpr std::size_t kTasks = 4;
+inline constexpr std::array<pw::WordNetTask, kTasks> kTaskKinds = {
+    pw::WordNetTask::noun_supersense, pw::WordNetTask::verb_supersense, pw::WordNetTask::adjective_kind,
+    pw::WordNetTask::part_of_speech};
+inline constexpr std::array<const char*, kTasks> kTaskNames = {"noun supersense", "verb supersense",
+                                                               "adjective kind", "part of speech"};
+
+/// One task's class count and tokenized subsets.
+struct Task {
+    std::size_t classes = 0;
+    Split train, test;
+};
+
+/// Per task, the seeded split of wordnet_task, then seeded subsets of
+/// `o.train` training and `o.test` test synsets (the same for every example).
+inline std::array<Task, kTasks> load_four_tasks(const RunOptions& o, const pw::WordPieceTokenizer& tok) {
+    const pw::WordNet wn = pw::load_wordnet(o.wordnet);
+    std::array<Task, kTasks> tasks;
+    for (std::size_t k = 0; k < kTasks; ++k) {
+        const pw::TextSplits s = pw::wordnet_task(wn, kTaskKinds[k], {.seed = o.data_seed});
+        Task& t = tasks[k];
+        t.classes = s.class_names.size();
+        pw::Rng rng(pw::detail::mix64(o.data_seed + 17 + k));
+        add_subset(t.train, s.train, o.train, rng, tok, o.max_length);
+        add_subset(t.test, s.test, o.test, rng, tok, o.max_length);
+    }
+    return tasks;
 }
 
 /// Peak resident memory of this process, MiB.

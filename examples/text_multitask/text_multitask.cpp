@@ -73,12 +73,8 @@ namespace tx = text_examples;
 
 namespace {
 
-constexpr std::size_t kTasks = 4;
-constexpr std::array<pw::WordNetTask, kTasks> kTaskKinds = {
-    pw::WordNetTask::noun_supersense, pw::WordNetTask::verb_supersense, pw::WordNetTask::adjective_kind,
-    pw::WordNetTask::part_of_speech};
-constexpr std::array<const char*, kTasks> kTaskNames = {"noun supersense", "verb supersense", "adjective kind",
-                                                        "part of speech"};
+using tx::kTasks;
+using tx::kTaskNames;
 
 struct Options : tx::RunOptions {
     Options() {
@@ -111,30 +107,17 @@ Options parse(int argc, char** argv) {
     return o;
 }
 
-struct Task {
-    std::size_t classes = 0;
-    tx::Split train, test;
-};
-
 struct Data {
-    std::array<Task, kTasks> tasks;
+    std::array<tx::Task, kTasks> tasks;
     std::size_t width = 0;  ///< the most classes of any task: the shared model's head width
     std::int32_t pad = 0;
 };
 
 Data load_data(const Options& o, const pw::WordPieceTokenizer& tok) {
-    const pw::WordNet wn = pw::load_wordnet(o.wordnet);
     Data d;
+    d.tasks = tx::load_four_tasks(o, tok);
     d.pad = tok.pad_id();
-    for (std::size_t k = 0; k < kTasks; ++k) {
-        const pw::TextSplits s = pw::wordnet_task(wn, kTaskKinds[k], {.seed = o.data_seed});
-        Task& t = d.tasks[k];
-        t.classes = s.class_names.size();
-        d.width = std::max(d.width, t.classes);
-        pw::Rng rng(pw::detail::mix64(o.data_seed + 17 + k));
-        tx::add_subset(t.train, s.train, o.train, rng, tok, o.max_length);
-        tx::add_subset(t.test, s.test, o.test, rng, tok, o.max_length);
-    }
+    for (const tx::Task& t : d.tasks) d.width = std::max(d.width, t.classes);
     return d;
 }
 

@@ -60,12 +60,8 @@ namespace tx = text_examples;
 
 namespace {
 
-constexpr std::size_t kTasks = 4;
-constexpr std::array<pw::WordNetTask, kTasks> kTaskKinds = {
-    pw::WordNetTask::noun_supersense, pw::WordNetTask::verb_supersense, pw::WordNetTask::adjective_kind,
-    pw::WordNetTask::part_of_speech};
-constexpr std::array<const char*, kTasks> kTaskNames = {"noun supersense", "verb supersense", "adjective kind",
-                                                         "part of speech"};
+using tx::kTasks;
+using tx::kTaskNames;
 
 const std::vector<tx::Method>& methods() {
     static const std::vector<tx::Method> m = {
@@ -132,19 +128,14 @@ Features embed(pw::BertModel<pw::BertEncoder<>>& model, const tx::Split& s, std:
 
 std::array<Task, kTasks> load_tasks(const Options& o, std::size_t& width) {
     const auto tok = pw::WordPieceTokenizer::from_vocab(o.model / "vocab.txt");
-    const pw::WordNet wn = pw::load_wordnet(o.wordnet);
     auto model = pw::hf::load_bert<pw::BertModel<pw::BertEncoder<>>>(o.model);
+    const auto text = tx::load_four_tasks(o, tok);  // the subsets text_multitask draws
     std::array<Task, kTasks> tasks;
     width = 0;
     for (std::size_t k = 0; k < kTasks; ++k) {
-        const pw::TextSplits s = pw::wordnet_task(wn, kTaskKinds[k], {.seed = o.data_seed});
-        tx::Split train, test;
-        pw::Rng rng(pw::detail::mix64(o.data_seed + 17 + k));  // the subsets text_multitask draws
-        tx::add_subset(train, s.train, o.train, rng, tok, o.max_length);
-        tx::add_subset(test, s.test, o.test, rng, tok, o.max_length);
-        tasks[k].classes = s.class_names.size();
-        tasks[k].train = embed(model, train, tok.pad_id());
-        tasks[k].test = embed(model, test, tok.pad_id());
+        tasks[k].classes = text[k].classes;
+        tasks[k].train = embed(model, text[k].train, tok.pad_id());
+        tasks[k].test = embed(model, text[k].test, tok.pad_id());
         width = std::max(width, tasks[k].classes);
     }
     return tasks;

@@ -103,23 +103,9 @@ Options parse(int argc, char** argv) {
 
 using tx::Split;
 
-struct Data {
-    std::size_t classes = 0;
-    std::int32_t pad = 0;
-    Split train, test;
-};
+using Data = tx::NounData;
 
-Data load_data(const Options& o, const pw::WordPieceTokenizer& tok) {
-    const pw::WordNet wn = pw::load_wordnet(o.wordnet);
-    const pw::TextSplits s = pw::wordnet_task(wn, pw::WordNetTask::noun_supersense, {.seed = o.data_seed});
-    Data d;
-    d.classes = s.class_names.size();
-    d.pad = tok.pad_id();
-    pw::Rng rng(pw::detail::mix64(o.data_seed + 17));
-    tx::add_subset(d.train, s.train, o.train, rng, tok, o.max_length);
-    tx::add_subset(d.test, s.test, o.test, rng, tok, o.max_length);
-    return d;
-}
+Data load_data(const Options& o, const pw::WordPieceTokenizer& tok) { return tx::load_noun_supersense(o, tok); }
 
 using tx::make_batch;
 
