@@ -162,19 +162,10 @@ struct SearchSpec : pw::bert::Plain {
     template <class B>
     using layer = pw::Tune<B, pw::Search<pw::Frozen, pw::Adapter<2>, pw::FineTune>>;
 };
-/// Each layer searched among frozen, LayerNorm tuning, LoRA on query and
+/// A layer searched among frozen, LayerNorm tuning, LoRA on query and
 /// value, an adapter after it, and fine-tuning.
 using LayerCands = pw::Search<pw::Frozen, pw::NormPatch, pw::LoRA<2, 4>, pw::Adapter<2>, pw::FineTune>;
-struct FiveWaySpec : pw::bert::Plain {
-    template <class B>
-    using layer = pw::Tune<B, LayerCands>;
-};
 constexpr std::size_t kLayerLoRA = 2;  // LoRA<2, 4>'s place in LayerCands
-/// LoRA on every whole layer: the same model as bert::LoRAQueryValue<2, 4>.
-struct LayerLoRASpec : pw::bert::Plain {
-    template <class B>
-    using layer = pw::Tune<B, pw::LoRA<2, 4>>;
-};
 
 }  // namespace
 
@@ -309,6 +300,11 @@ TEST_CASE("bert model: per-layer architecture search over a BertLayer") {
         // adapter and LoRA start as the identity, and the copies hold the loaded weights.
         const pw::Tensor<double> got = searched.forward(b);
         for (std::size_t i = 0; i < got.size(); ++i) CHECK(got[i] == doctest::Approx(expected[i]).epsilon(1e-12));
+        // The searches sit in the spec's layer slot, which the model's type does not spell.
+        const auto report = pw::search::derive(searched, {1, 2});
+        CHECK(report.fixed_type.empty());
+        CHECK(report.fixed_type_note.find("inside a spec") != std::string::npos);
+        CHECK(report.modules.size() == 2);
     }
     auto probe = make_probe<pw::BertModel<pw::BertEncoder<SearchSpec, double>>>();
     std::size_t arch = 0;
@@ -370,40 +366,38 @@ TEST_CASE("LoRA on a whole BertLayer: query and value, from the layer's pre-trai
     check_module(tuned, pw::Shape{2, 5, 8});
 }
 
-TEST_CASE("a layer search derived to LoRA is the LoRAQueryValue model, names, weights and outputs") {
-    using Plain = pw::BertModel<pw::BertEncoder<pw::bert::Plain, double>>;
-    using Searched = pw::BertModel<pw::BertEncoder<FiveWaySpec, double>>;
-    using Fixed = pw::BertModel<pw::BertEncoder<pw::bert::LoRAQueryValue<2, 4>, double>>;
-    Plain plain(tiny_config());
+TEST_CASE("a layer search derived to LoRA is Tune<BertLayer, LoRA>: fixed type, names, weights and outputs") {
+    using Layer = pw::BertLayer<pw::bert::Plain, double>;
+    // Tune<BertLayer, LoRA> is the layer of bert::LoRAQueryValue: the same slots.
+    using Fixed = pw::Tune<Layer, pw::LoRA<2, 4>>;
+    using QV = pw::BertLayer<pw::bert::LoRAQueryValue<2, 4>, double>;
+    static_assert(std::is_same_v<Fixed::Inner::Query, QV::Query> && std::is_same_v<Fixed::Inner::Value, QV::Value> &&
+                  std::is_same_v<Fixed::Inner::Key, QV::Key> && std::is_same_v<Fixed::Inner::Output, QV::Output>);
+    Layer pre(tiny_config());
     pw::Rng rng(29);
-    pw::testing::randomize_parameters(plain, rng, 0.3);
-    pw::testing::TempDir dir;
-    pw::hf::save_bert(plain, dir.path);
-    Searched searched = pw::hf::load_bert<Searched>(dir.path);
-    const auto report = pw::search::derive(searched, {kLayerLoRA, kLayerLoRA});
-    // The searches sit in the spec's layer slot, which the model's type does not spell.
-    CHECK(report.fixed_type.empty());
-    CHECK(report.fixed_type_note.find("inside a spec") != std::string::npos);
-    for (const auto& m : report.modules) CHECK(m.chosen == "LoRA<2, 4>");
-    CHECK(report.trainable == 2 * 2 * 2 * (8 + 8));
+    pw::testing::randomize_parameters(pre, rng, 0.3);
+    pw::Tune<Layer, LayerCands> searched(pre);
+    searched.set_path("encoder.layer0");
+    const auto report = pw::search::derive(searched, {kLayerLoRA});
+    CHECK(report.fixed_type.find("LoRA<2, 4>") != std::string::npos);
+    CHECK(report.fixed_type.find("Search") == std::string::npos);
+    CHECK(report.trainable == 2 * 2 * (8 + 8));
     CHECK(pw::trainable_count(searched) == report.trainable);
     // Train the factors away from zero, then move them into the fixed type.
     searched.visit([&](auto& p) {
         if (p.role() == pw::Role::lora) pw::init::normal(p.value, rng, 0, 0.3);
     });
-    Fixed fixed = pw::hf::load_bert<Fixed>(dir.path);
-    pw::search::copy_parameters(searched, fixed);
-    const pw::TokenBatch b = tiny_batch();
-    const pw::Tensor<double> want = fixed.forward(b);
-    const pw::Tensor<double> got = searched.forward(b);
-    for (std::size_t i = 0; i < got.size(); ++i) CHECK(got[i] == want[i]);
+    Fixed fixed(pre);
+    fixed.set_path("encoder.layer0");
+    pw::search::copy_parameters(searched, fixed);  // checks every name and shape
     CHECK(pw::trainable_count(fixed) == report.trainable);
-    // LoRA on each whole layer, spelled in a spec's layer slot: the same names and model.
-    auto per_layer = pw::hf::load_bert<pw::BertModel<pw::BertEncoder<LayerLoRASpec, double>>>(dir.path);
-    pw::search::copy_parameters(searched, per_layer);
-    const pw::Tensor<double> again = per_layer.forward(b);
-    for (std::size_t i = 0; i < got.size(); ++i) CHECK(again[i] == want[i]);
-    CHECK(pw::trainable_count(per_layer) == report.trainable);
+    pw::Tensor<double> x(pw::Shape{2, 5, 8});
+    pw::init::normal(x, rng, 0, 1);
+    const std::vector<std::int32_t> mask = {1, 1, 1, 1, 0, 1, 1, 0, 0, 0};
+    pw::AttentionMask scope(mask, 2, 5);
+    const pw::Tensor<double> want = fixed.forward(x);
+    const pw::Tensor<double> got = searched.forward(x);
+    for (std::size_t i = 0; i < got.size(); ++i) CHECK(got[i] == want[i]);
 }
 
 TEST_CASE("padding never changes real positions: outputs and gradients are bit-identical") {
