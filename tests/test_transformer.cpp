@@ -129,6 +129,17 @@ void check_module(M& m, const pw::Shape& in) {
     check_key_bias(m);
 }
 
+/// Gradient check of a layer-shaped module on [2, 5, 8] inputs whose second
+/// sequence has three padded positions, after randomising its parameters.
+template <class M>
+void check_masked_layer(M& m, std::uint64_t seed) {
+    pw::Rng rng(seed);
+    pw::testing::randomize_parameters(m, rng, 0.3);
+    const std::vector<std::int32_t> mask = {1, 1, 1, 1, 0, 1, 1, 0, 0, 0};
+    pw::AttentionMask scope(mask, 2, 5);
+    check_module(m, pw::Shape{2, 5, 8});
+}
+
 /// Gradient check of a whole-model probe. Steps of 1e-5: the probed sum is
 /// large next to some gradient entries, so smaller steps lose them to rounding.
 template <class M>
@@ -210,11 +221,7 @@ TEST_CASE("self-attention: a sequence without real tokens and a mask of the wron
 
 TEST_CASE("bert layer: gradients (plain, masked)") {
     pw::BertLayer<pw::bert::Plain, double> layer(tiny_config());
-    pw::Rng rng(11);
-    pw::testing::randomize_parameters(layer, rng, 0.3);
-    const std::vector<std::int32_t> mask = {1, 1, 1, 1, 0, 1, 1, 0, 0, 0};
-    pw::AttentionMask scope(mask, 2, 5);
-    check_module(layer, pw::Shape{2, 5, 8});
+    check_masked_layer(layer, 11);
 }
 
 TEST_CASE("bert model: gradients of every parameter, embeddings and mean pooling included (FineTune)") {
@@ -325,11 +332,7 @@ TEST_CASE("layer search over frozen, LN tuning, LoRA, adapter and fine-tuning: p
     CHECK(n[3] == 2 * 8 * 2 + 2 + 8);
     CHECK(n[4] == layer.inner().base_parameters());
     // Every branch's parameters, alpha included, against finite differences (masked).
-    pw::Rng rng(31);
-    pw::testing::randomize_parameters(layer, rng, 0.3);
-    const std::vector<std::int32_t> mask = {1, 1, 1, 1, 0, 1, 1, 0, 0, 0};
-    pw::AttentionMask scope(mask, 2, 5);
-    check_module(layer, pw::Shape{2, 5, 8});
+    check_masked_layer(layer, 31);
 }
 
 TEST_CASE("LoRA on a whole BertLayer: query and value, from the layer's pre-trained weights") {
@@ -360,10 +363,7 @@ TEST_CASE("LoRA on a whole BertLayer: query and value, from the layer's pre-trai
     const pw::Tensor<double> got = tuned.forward(x);
     for (std::size_t i = 0; i < got.size(); ++i) CHECK(got[i] == want[i]);
     // Gradients with non-zero B, masked.
-    pw::testing::randomize_parameters(tuned, rng, 0.3);
-    const std::vector<std::int32_t> mask = {1, 1, 1, 1, 0, 1, 1, 0, 0, 0};
-    pw::AttentionMask scope(mask, 2, 5);
-    check_module(tuned, pw::Shape{2, 5, 8});
+    check_masked_layer(tuned, 37);
 }
 
 TEST_CASE("a layer search derived to LoRA is Tune<BertLayer, LoRA>: fixed type, names, weights and outputs") {
