@@ -5,7 +5,7 @@ Every header under include/patchwork (and kernels/) may include headers of
 its own floor and of the floors below it, never one above:
 
     core  <  ops, compose, cuda, kernels  <  layers  <  policies
-          <  search, multitask, train, io, text  <  transformer
+          <  search, multitask, train, io, text, dist  <  transformer
 
 The umbrella headers (patchwork.hpp, cuda.cuh, kernels/ops.cuh) include
 everything. No two
@@ -19,7 +19,7 @@ FLOORS = {
     "ops": 1, "compose": 1, "cuda": 1, "kernels": 1,
     "layers": 2,
     "policies": 3,
-    "search": 4, "multitask": 4, "train": 4, "io": 4, "text": 4,
+    "search": 4, "multitask": 4, "train": 4, "io": 4, "text": 4, "dist": 4,
     "transformer": 5,
 }
 # Umbrellas: patchwork.hpp and cuda.cuh include everything; kernels/ops.cuh

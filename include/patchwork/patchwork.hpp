@@ -65,6 +65,10 @@
 
 #include "patchwork/text/wordpiece.hpp"
 
+// Data parallelism (the MPI transport, patchwork/dist/mpi.hpp, needs <mpi.h> and is included by hand).
+#include "patchwork/dist/communicator.hpp"
+#include "patchwork/dist/data_parallel.hpp"
+
 #include "patchwork/transformer/bert.hpp"
 #include "patchwork/transformer/hf_checkpoint.hpp"
 #include "patchwork/transformer/peft.hpp"

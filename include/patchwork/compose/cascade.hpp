@@ -117,7 +117,8 @@ public:
                 const Tensor<Scalar>* out = nullptr;
                 with_stage(i, [&](auto& s) { out = &s.backward(*in); });
                 return *out;
-            });
+            },
+            [&](std::size_t i, auto& f) { with_stage(i, [&](auto& s) { s.visit(f); }); });
         has_pending_.fill(false);
         return dx;
     }

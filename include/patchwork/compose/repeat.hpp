@@ -54,7 +54,8 @@ public:
         return detail::chain_backward<Scalar>(
             blocks_.size(), input_grad_, dy, empty_, [&](std::size_t i) { return any_trainable(blocks_[i]); },
             [&](std::size_t i, bool on) { blocks_[i].set_input_grad(on); },
-            [&](std::size_t i, const Tensor<Scalar>& g) -> const Tensor<Scalar>& { return blocks_[i].backward(g); });
+            [&](std::size_t i, const Tensor<Scalar>& g) -> const Tensor<Scalar>& { return blocks_[i].backward(g); },
+            [&](std::size_t i, auto& f) { blocks_[i].visit(f); });
     }
 
     template <class F>

@@ -68,7 +68,8 @@ public:
                 const TensorType* out = nullptr;
                 with_child(i, [&](auto& c) { out = &c.backward(g); });
                 return *out;
-            });
+            },
+            [&](std::size_t i, auto& f) { with_child(i, [&](auto& c) { c.visit(f); }); });
     }
 
     template <class F>

@@ -99,6 +99,16 @@ struct SearchResult {
 };
 
 namespace detail_search {
+/// `weight_opt.companion(inner)` when the weight optimiser offers one (a wrapper
+/// applying itself to another optimiser), else `inner` itself.
+template <class WeightOpt, class Inner>
+decltype(auto) companion_optimizer(WeightOpt& weight_opt, Inner& inner) {
+    if constexpr (requires { weight_opt.companion(inner); })
+        return weight_opt.companion(inner);
+    else
+        return (inner);
+}
+
 inline void write_csv_header(std::ostream& os, const GateSnapshot& s) {
     os << "step";
     for (std::size_t m = 0; m < s.modules.size(); ++m)
@@ -130,7 +140,10 @@ SearchResult run(M& model, WeightOpt& weight_opt, Train& train, Val& val, StepFn
     if (val.batches() == 0)
         throw ConfigError("search::run: the held-out split has no batches (it is too small for one batch)");
     auto alphas = architecture_parameters(model);
-    BasicAdam<typename M::Scalar> alpha_opt(alphas, opt.alpha);
+    BasicAdam<typename M::Scalar> alpha_adam(alphas, opt.alpha);
+    // A weight optimiser that wraps others (dist::DataParallel: gradients averaged
+    // across processes) wraps the alpha optimiser the same way.
+    auto&& alpha_opt = detail_search::companion_optimizer(weight_opt, alpha_adam);
     seed(model, opt.seed);
 
     std::ofstream csv;

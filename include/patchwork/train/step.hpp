@@ -3,7 +3,11 @@
 // fit_multitask (multitask/train.hpp) and search::run (search/loop.hpp):
 //
 //   zero_grad(model)
+//   opt.begin_step()                        when the optimiser has it (dist::DataParallel:
+//                                           gradients may be sent during backward)
 //   loss = body()                           forward, loss and backward
+//   opt.reduce_gradients()                  when the optimiser has it (dist::DataParallel:
+//                                           the gradients averaged across ranks)
 //   norm = clip_grad_norm(params, clip)     when clip > 0 (the norm before clipping)
 //   opt.step()
 //
@@ -55,20 +59,38 @@ private:
     bool before_ = true;
 };
 
+namespace detail {
+/// The hook between backward and the update: an optimiser that reduces
+/// gradients across processes (dist::DataParallel) does it here, so clipping
+/// sees the averaged gradient.
+template <class O>
+void before_update(O& opt) {
+    if constexpr (requires { opt.reduce_gradients(); }) opt.reduce_gradients();
+}
+/// The hook before forward and backward: such an optimiser may start sending
+/// gradients while backward runs (only within a step it was told about).
+template <class O>
+void before_backward(O& opt) {
+    if constexpr (requires { opt.begin_step(); }) opt.begin_step();
+}
+}  // namespace detail
+
 /// What one step did.
 struct StepResult {
     double loss = 0;       ///< the loss value the body returned
     double grad_norm = 0;  ///< global gradient norm before clipping; 0 when not clipping
 };
 
-/// zero_grad(model); loss = body(); clip `clip_params` to `clip_norm` (when
+/// zero_grad(model); loss = body(); opt.reduce_gradients() if it exists; clip `clip_params` to `clip_norm` (when
 /// > 0); opt.step(). `body` runs forward, loss and backward and returns the
 /// loss value.
 template <class M, class O, class Body, class P>
 StepResult optimizer_step(M& model, O& opt, Body&& body, const std::vector<P*>& clip_params, double clip_norm) {
     zero_grad(model);
+    detail::before_backward(opt);
     StepResult r;
     r.loss = double(std::forward<Body>(body)());
+    detail::before_update(opt);
     if (clip_norm > 0) r.grad_norm = clip_grad_norm(clip_params, clip_norm);
     opt.step();
     return r;
@@ -78,8 +100,10 @@ StepResult optimizer_step(M& model, O& opt, Body&& body, const std::vector<P*>& 
 template <class M, class O, class Body>
 StepResult optimizer_step(M& model, O& opt, Body&& body) {
     zero_grad(model);
+    detail::before_backward(opt);
     StepResult r;
     r.loss = double(std::forward<Body>(body)());
+    detail::before_update(opt);
     opt.step();
     return r;
 }

@@ -384,7 +384,8 @@ public:
         return detail::chain_backward<T>(
             layers_.size(), input_grad_, dy, empty_, [&](std::size_t i) { return any_trainable(layers_[i]); },
             [&](std::size_t i, bool on) { layers_[i].set_input_grad(on); },
-            [&](std::size_t i, const Tensor<T>& g) -> const Tensor<T>& { return layers_[i].backward(g); });
+            [&](std::size_t i, const Tensor<T>& g) -> const Tensor<T>& { return layers_[i].backward(g); },
+            [&](std::size_t i, auto& f) { layers_[i].visit(f); });
     }
 
     template <class F>

@@ -1,0 +1,396 @@
+// Data-parallel training over MPI, checked against one process.
+// Run by tests/dist/run_mpi.py under `mpirun -np P` (P = 2 and 3 in the suite):
+//
+//   dist_check parity      fit with DataParallel on sharded batches equals fit on
+//                          the whole batches (fp32: 1e-6 relative; double: 1e-12),
+//                          exact_order in double is bit-identical to one process
+//                          adding the shard gradients in rank order, overlap starts
+//                          buckets during backward, a second backward in one step is
+//                          caught and resent, the ranks end bit-identical
+//   dist_check search      search::run (weights and architecture) on sharded batches
+//                          equals search::run on the whole batches
+//   dist_check mismatch    a model or trainable set that differs on one rank is an
+//                          error on every rank naming the parameter
+//   dist_check checkpoint  on_root writes on rank 0 only; its failure reaches all ranks
+//   dist_check throw|die|timeout   fault modes: the job must end, not hang
+//
+// Each mode prints "dist_check <mode>: ok" on rank 0 and exits 0 when its checks
+// pass; a failed check prints what differs and exits 1 on every rank.
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "patchwork/dist/data_parallel.hpp"
+#include "patchwork/dist/mpi.hpp"
+#include "patchwork/patchwork.hpp"
+
+namespace pw = patchwork;
+namespace dist = patchwork::dist;
+namespace search = patchwork::search;
+
+namespace {
+
+int failures = 0;
+void expect(bool ok, const std::string& what) {
+    if (!ok) {
+        ++failures;
+        std::cerr << "FAILED: " << what << '\n';
+    }
+}
+
+template <class T>
+using Net = pw::Sequential<pw::Tune<pw::BasicLinear<T>, pw::LoRA<2, 4>>, pw::BasicRelu<T>,
+                           pw::Tune<pw::BasicLinear<T>, pw::Adapter<3>>, pw::BasicRelu<T>,
+                           pw::Tune<pw::BasicLinear<T>, pw::FineTune>>;
+
+template <class T>
+Net<T> make_net(std::size_t in, std::size_t hidden, std::uint64_t seed) {
+    pw::manual_seed(seed);
+    Net<T> net{pw::Tune<pw::BasicLinear<T>, pw::LoRA<2, 4>>(in, hidden), pw::BasicRelu<T>{},
+               pw::Tune<pw::BasicLinear<T>, pw::Adapter<3>>(hidden, hidden), pw::BasicRelu<T>{},
+               pw::Tune<pw::BasicLinear<T>, pw::FineTune>(hidden, 3)};
+    // LoRA's B starts at zero; give it values so its gradient path is exercised from step 1.
+    pw::Rng rng(seed + 1);
+    net.visit([&](auto& p) {
+        if (p.role() == pw::Role::lora) pw::init::normal(p.value, rng, 0, 0.1);
+    });
+    return net;
+}
+
+/// `batches` global batches of `rows` rows: a 3-class problem, the same on every rank.
+template <class T>
+pw::VectorSource<T> make_data(std::size_t batches, std::size_t rows, std::size_t in, std::uint64_t seed) {
+    pw::Rng rng(seed);
+    pw::VectorSource<T> src;
+    for (std::size_t b = 0; b < batches; ++b) {
+        pw::Batch<T> batch{pw::Tensor<T>(pw::Shape{rows, in}), {}};
+        pw::init::normal(batch.x, rng, 0, 1);
+        for (std::size_t r = 0; r < rows; ++r) {
+            const T* x = batch.x.data() + r * in;
+            batch.labels.push_back(x[0] > x[1] ? 0 : (x[2] > 0 ? 1 : 2));
+        }
+        src.push_back(std::move(batch));
+    }
+    return src;
+}
+
+template <class M>
+std::vector<std::vector<double>> values_of(M& model) {
+    std::vector<std::vector<double>> out;
+    model.visit([&](auto& p) { out.emplace_back(p.value.begin(), p.value.end()); });
+    return out;
+}
+
+/// Largest |a - b| / max|a| over the tensors.
+double max_relative(const std::vector<std::vector<double>>& a, const std::vector<std::vector<double>>& b) {
+    double worst = 0;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        double scale = 0, diff = 0;
+        for (std::size_t k = 0; k < a[i].size(); ++k) {
+            scale = std::max(scale, std::abs(a[i][k]));
+            diff = std::max(diff, std::abs(a[i][k] - b[i][k]));
+        }
+        worst = std::max(worst, diff / std::max(scale, 1e-30));
+    }
+    return worst;
+}
+
+const pw::TrainOptions quiet{.epochs = 3, .clip_norm = 1.0, .verbose = false};
+
+/// fit with DataParallel on shards against fit on the whole batches.
+template <class T>
+void parity_fit(dist::Communicator& comm, double tolerance, dist::DataParallelOptions dp_options, const char* label) {
+    auto net = make_net<T>(6, 8, 100 + std::uint64_t(comm.rank()));  // different on every rank before the sync
+    dist::synchronize_model(comm, net);
+    auto reference = net;  // the same values, trained alone on whole batches
+    auto data = make_data<T>(5, 10, 6, 7);
+
+    pw::BasicAdamW<T> ref_opt{pw::trainable_parameters(reference), {.lr = 1e-2}};
+    pw::fit(reference, ref_opt, data, quiet);
+
+    pw::BasicAdamW<T> inner{pw::trainable_parameters(net), {.lr = 1e-2}};
+    dist::DataParallel opt(comm, inner, dp_options);
+    dist::ShardedSource shard(comm, data);
+    pw::fit(net, opt, shard, quiet);
+
+    const double rel = max_relative(values_of(reference), values_of(net));
+    if (comm.rank() == 0)
+        std::cout << label << ": max relative difference to one process " << rel << ", " << opt.last_reduction().buckets
+                  << " buckets (" << opt.last_reduction().early << " started during backward), "
+                  << opt.bytes_per_step() << " bytes per step\n";
+    expect(rel <= tolerance, std::string(label) + ": relative difference " + std::to_string(rel) + " > " +
+                                 std::to_string(tolerance));
+    expect(opt.last_reduction().steps == 15, std::string(label) + ": 15 reductions expected");
+    expect(opt.bytes_per_step() == pw::trainable_count(net) * sizeof(T),
+           std::string(label) + ": bytes per step " + std::to_string(opt.bytes_per_step()) + " != trainable bytes");
+    if (dp_options.overlap && dp_options.bucket_bytes < 256)
+        expect(opt.last_reduction().early > 0, std::string(label) + ": no bucket started during backward");
+    if (!dp_options.overlap) expect(opt.last_reduction().early == 0, std::string(label) + ": early start without overlap");
+    dist::check_in_sync(comm, net);  // throws, naming the tensor, if the ranks drifted apart
+}
+
+/// exact_order in double: bit-identical to one process adding the weighted shard gradients in rank order.
+void parity_exact(dist::Communicator& comm) {
+    using T = double;
+    auto net = make_net<T>(6, 8, 300);
+    dist::synchronize_model(comm, net);
+    auto reference = net;
+    auto data = make_data<T>(4, 11, 6, 9);  // 11 rows: uneven shards
+    const int P = comm.size();
+
+    pw::BasicAdamW<T> inner{pw::trainable_parameters(net), {.lr = 1e-2}};
+    dist::DataParallel opt(comm, inner, {.bucket_bytes = 200, .exact_order = true});
+    dist::ShardedSource shard(comm, data);
+    pw::fit(net, opt, shard, quiet);
+
+    // The reference: for every step, each shard's gradient scaled by its share, summed in rank order.
+    auto params = pw::trainable_parameters(reference);
+    pw::BasicAdamW<T> ref_opt{params, {.lr = 1e-2}};
+    const pw::InputGradientOff<decltype(reference)> off(reference);
+    for (std::size_t epoch = 0; epoch < quiet.epochs; ++epoch)
+        for (std::size_t i = 0; i < data.batches(); ++i) {
+            const auto& g = data.batch(i);
+            const std::size_t n = dist::batch_rows(g);
+            std::vector<std::vector<T>> sum(params.size());
+            for (int r = 0; r < P; ++r) {
+                const std::size_t b = std::size_t(r) * n / std::size_t(P), e = std::size_t(r + 1) * n / std::size_t(P);
+                const auto part = dist::slice_rows(g, b, e);
+                pw::zero_grad(reference);
+                const auto loss = pw::cross_entropy(reference.forward(part.x), part.labels);
+                reference.backward(loss.grad);
+                const T w = T(double(e - b) / double(n));
+                for (std::size_t k = 0; k < params.size(); ++k) {
+                    auto& s = sum[k];
+                    s.resize(params[k]->grad.size());
+                    for (std::size_t j = 0; j < s.size(); ++j) {
+                        const T v = w * params[k]->grad.data()[j];
+                        s[j] = r == 0 ? v : s[j] + v;
+                    }
+                }
+            }
+            for (std::size_t k = 0; k < params.size(); ++k)
+                std::copy(sum[k].begin(), sum[k].end(), params[k]->grad.data());
+            pw::clip_grad_norm(params, quiet.clip_norm);
+            ref_opt.step();
+        }
+    const auto a = values_of(reference), b = values_of(net);
+    bool identical = a.size() == b.size();
+    for (std::size_t i = 0; identical && i < a.size(); ++i) identical = a[i] == b[i];
+    expect(identical, "exact_order (double): not bit-identical to the rank-order sum (max relative " +
+                          std::to_string(max_relative(a, b)) + ")");
+    dist::check_in_sync(comm, net);
+}
+
+/// A step whose body runs backward twice: the buckets sent during the first
+/// backward are stale; the end-of-step check must resend them.
+void resend_check(dist::Communicator& comm) {
+    using T = double;
+    auto net = make_net<T>(6, 8, 500);
+    dist::synchronize_model(comm, net);
+    auto twin = net;
+    auto data = make_data<T>(3, 8, 6, 11);
+    dist::ShardedSource shard_a(comm, data);
+    pw::BasicSGD<T> inner_a{pw::trainable_parameters(net), {.lr = 0.05}};
+    pw::BasicSGD<T> inner_b{pw::trainable_parameters(twin), {.lr = 0.05}};
+    dist::DataParallel overlapped(comm, inner_a, {.bucket_bytes = 64, .overlap = true});
+    dist::DataParallel plain(comm, inner_b, {.bucket_bytes = 64, .overlap = false});
+    std::size_t resent = 0;
+    for (std::size_t i = 0; i < data.batches(); ++i) {
+        const auto& b = shard_a.batch(i);
+        const auto twice = [&](auto& model) {
+            double total = 0;
+            for (int k = 0; k < 2; ++k) {
+                const auto loss = pw::cross_entropy(model.forward(b.x), b.labels);
+                model.backward(loss.grad);
+                total += loss.value;
+            }
+            return total;
+        };
+        pw::optimizer_step(net, overlapped, [&] { return twice(net); });
+        resent += overlapped.last_reduction().resent;
+        pw::optimizer_step(twin, plain, [&] { return twice(twin); });
+    }
+    if (comm.rank() == 0) std::cout << "two backward passes per step: " << resent << " buckets resent\n";
+    expect(resent > 0, "resend: two backward passes in one step were not caught");
+    const auto a = values_of(net), c = values_of(twin);
+    expect(max_relative(c, a) <= 1e-14,
+           "resend: overlapped and plain reductions differ by " + std::to_string(max_relative(c, a)));
+}
+
+/// BatchNorm running statistics travel with the parameters.
+void buffers_check(dist::Communicator& comm) {
+    pw::BatchNorm2d bn(4);
+    for (std::size_t c = 0; c < 4; ++c) {
+        bn.running_mean[c] = float(comm.rank() * 10 + int(c));
+        bn.running_var[c] = float(1 + comm.rank());
+    }
+    dist::synchronize_model(comm, bn);
+    for (std::size_t c = 0; c < 4; ++c)
+        expect(bn.running_mean[c] == float(c) && bn.running_var[c] == 1.0f, "buffers: running statistics not rank 0's");
+}
+
+int mode_parity(dist::Communicator& comm) {
+    parity_fit<float>(comm, 1e-6, {}, "fp32, default options");
+    parity_fit<float>(comm, 1e-6, {.bucket_bytes = 128, .overlap = true}, "fp32, small buckets, overlap");
+    parity_fit<double>(comm, 1e-12, {.bucket_bytes = 128, .overlap = false}, "double, no overlap");
+    parity_exact(comm);
+    resend_check(comm);
+    buffers_check(comm);
+    return 0;
+}
+
+// -- search --------------------------------------------------------------------------
+
+using Linear64 = pw::BasicLinear<double>;
+using Searched = pw::Sequential<pw::Tune<Linear64, pw::Search<pw::Frozen, pw::Adapter<2>, pw::LoRA<2, 4>, pw::FineTune>>,
+                                pw::BasicRelu<double>, pw::Tune<Linear64, pw::FineTune>>;
+
+int mode_search(dist::Communicator& comm) {
+    pw::manual_seed(40 + std::uint64_t(comm.rank()));
+    Searched model{pw::Tune<Linear64, pw::Search<pw::Frozen, pw::Adapter<2>, pw::LoRA<2, 4>, pw::FineTune>>(6, 8),
+                   pw::BasicRelu<double>{}, pw::Tune<Linear64, pw::FineTune>(8, 3)};
+    dist::synchronize_model(comm, model);
+    auto reference = model;
+    auto train = make_data<double>(4, 9, 6, 21);
+    auto val = make_data<double>(2, 7, 6, 22);
+    const auto step = [](auto& m, const pw::Batch<double>& b) {
+        const auto ce = pw::cross_entropy(m.forward(b.x), b.labels);
+        m.backward(ce.grad);
+        return double(ce.value);
+    };
+    search::SearchOptions so;
+    so.epochs = 3;
+    so.penalty.lambda = 0.2;
+
+    pw::BasicAdam<double> ref_opt(search::weight_parameters(reference), {.lr = 1e-2});
+    search::run(reference, ref_opt, train, val, step, so);
+
+    pw::BasicAdam<double> inner(search::weight_parameters(model), {.lr = 1e-2});
+    dist::DataParallel opt(comm, inner, {.bucket_bytes = 256});
+    dist::ShardedSource shard_train(comm, train);
+    dist::ShardedSource shard_val(comm, val);
+    search::run(model, opt, shard_train, shard_val, step, so);
+
+    const double rel = max_relative(values_of(reference), values_of(model));
+    if (comm.rank() == 0) std::cout << "search: max relative difference to one process " << rel << '\n';
+    expect(rel <= 1e-12, "search: weights and alphas differ from one process by " + std::to_string(rel));
+    dist::check_in_sync(comm, model);
+    return 0;
+}
+
+// -- mismatches, checkpoints, faults -------------------------------------------------------
+
+template <class F>
+std::string error_of(F&& f) {
+    try {
+        f();
+    } catch (const dist::DistError& e) {
+        return e.what();
+    }
+    return {};
+}
+
+int mode_mismatch(dist::Communicator& comm) {
+    const bool odd = comm.rank() == comm.size() - 1;
+    {  // the last rank's hidden layer is wider
+        auto net = make_net<float>(6, odd ? 9 : 8, 1);
+        const auto msg = error_of([&] { dist::synchronize_model(comm, net); });
+        expect(msg.find("'linear0.weight'") != std::string::npos && msg.find("rank " + std::to_string(comm.size() - 1)) != std::string::npos,
+               "mismatch: the error should name linear0.weight and the last rank, got: " + msg);
+        if (comm.rank() == 0) std::cout << "model mismatch: " << msg << '\n';
+    }
+    {  // same model, but the last rank froze the head's bias
+        auto net = make_net<float>(6, 8, 1);
+        dist::synchronize_model(comm, net);
+        auto params = pw::trainable_parameters(net);
+        if (odd)
+            net.visit([&](auto& p) {
+                if (p.name() == "linear4.bias") p.set_trainable(false);
+            });
+        pw::AdamW inner{params, {.lr = 1e-3}};
+        const auto msg = error_of([&] { dist::DataParallel opt(comm, inner); });
+        expect(msg.find("'linear4.bias'") != std::string::npos && msg.find("frozen") != std::string::npos,
+               "mismatch: the trainable-set error should name linear4.bias, got: " + msg);
+        if (comm.rank() == 0) std::cout << "trainable mismatch: " << msg << '\n';
+    }
+    return 0;
+}
+
+int mode_checkpoint(dist::Communicator& comm, const std::filesystem::path& dir) {
+    auto net = make_net<float>(6, 8, 3);
+    dist::synchronize_model(comm, net);
+    const auto file = dir / "net.safetensors";
+    if (comm.rank() == 0) std::filesystem::remove(file);
+    comm.barrier();
+    dist::on_root(comm, [&] { pw::save_parameters(net, file); });
+    // Every rank sees the finished file after on_root, and only it (no temporary left behind).
+    expect(std::filesystem::exists(file), "checkpoint: the file is missing after on_root");
+    std::size_t entries = 0;
+    for (const auto& e : std::filesystem::directory_iterator(dir)) entries += e.path().filename() == "net.safetensors" ? 0 : 1;
+    expect(entries == 0, "checkpoint: a temporary file was left in the directory");
+    auto copy = make_net<float>(6, 8, 77);
+    pw::load_parameters(copy, file);
+    expect(max_relative(values_of(net), values_of(copy)) == 0, "checkpoint: the saved values differ");
+    comm.barrier();
+    // A failure on rank 0 reaches every rank.
+    const auto bad = dir / "no-such-dir" / "net.safetensors";
+    const auto msg = error_of([&] { dist::on_root(comm, [&] { pw::save_parameters(net, bad); }); });
+    expect(msg.find("no-such-dir") != std::string::npos, "checkpoint: the failure should name the path, got: " + msg);
+    return 0;
+}
+
+int mode_fault(dist::Communicator& comm, const std::string& mode) {
+    auto net = make_net<float>(6, 8, 5);
+    dist::synchronize_model(comm, net);
+    auto data = make_data<float>(50, 8, 6, 5);
+    pw::AdamW inner{pw::trainable_parameters(net), {.lr = 1e-3}};
+    dist::DataParallel opt(comm, inner);
+    dist::ShardedSource shard(comm, data);
+    if (mode == "timeout") {
+        comm.set_timeout(1.0);
+        if (comm.rank() == 1) std::this_thread::sleep_for(std::chrono::seconds(4));
+        comm.barrier("the barrier before training");
+        return 0;
+    }
+    std::size_t steps = 0;
+    const auto loss = [&](const pw::Tensor<float>& y, const pw::Batch<float>& b) {
+        if (comm.rank() == 1 && ++steps == 3) {
+            if (mode == "die") std::_Exit(7);
+            throw pw::Error("a failure planted at step 3");
+        }
+        return pw::cross_entropy(y, std::span<const int>(b.labels));
+    };
+    pw::fit(net, opt, shard, loss, {.epochs = 100, .verbose = false});
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    dist::MpiEnvironment env(argc, argv);
+    dist::MpiCommunicator comm;
+    const std::string mode = argc > 1 ? argv[1] : "";
+    const int rc = dist::run_guarded(comm, [&] {
+        if (mode == "parity") return mode_parity(comm);
+        if (mode == "search") return mode_search(comm);
+        if (mode == "mismatch") return mode_mismatch(comm);
+        if (mode == "checkpoint") {
+            if (argc < 3) throw pw::ConfigError("dist_check checkpoint DIR");
+            return mode_checkpoint(comm, argv[2]);
+        }
+        if (mode == "throw" || mode == "die" || mode == "timeout") return mode_fault(comm, mode);
+        throw pw::ConfigError("usage: dist_check parity|search|mismatch|checkpoint DIR|throw|die|timeout");
+    });
+    // Every rank reports; the job fails if any check failed anywhere.
+    double bad = failures;
+    comm.allreduce_sum(&bad, 1, "the final all-reduce of failures");
+    if (comm.rank() == 0) std::cout << "dist_check " << mode << " on " << comm.size() << " ranks: "
+                                    << (bad == 0 ? "ok" : "FAILED") << '\n';
+    return rc != 0 ? rc : (bad == 0 ? 0 : 1);
+}
