@@ -9,6 +9,8 @@
 //                          caught and resent, the ranks end bit-identical
 //   dist_check search      search::run (weights and architecture) on sharded batches
 //                          equals search::run on the whole batches
+//   dist_check multitask   fit_multitask (shared body, per-task LayerNorm banks and heads)
+//                          likewise
 //   dist_check mismatch    a model or trainable set that differs on one rank is an
 //                          error on every rank naming the parameter
 //   dist_check checkpoint  on_root writes on rank 0 only; its failure reaches all ranks
@@ -284,6 +286,53 @@ int mode_search(dist::Communicator& comm) {
     return 0;
 }
 
+// -- multi-task --------------------------------------------------------------------
+
+using MlpBody = pw::Sequential<Linear64, pw::BasicLayerNorm<double>, pw::BasicRelu<double>, Linear64>;
+using MlpShared = pw::Tune<MlpBody, pw::FineTune>;  // the body trains; LayerNorms per task (banks)
+
+using MultiMlp = pw::MultiTask<MlpShared, Linear64>;
+
+MultiMlp make_multitask() {
+    constexpr unsigned norm_roles = pw::role_bit(pw::Role::norm_scale) | pw::role_bit(pw::Role::norm_shift);
+    std::vector<Linear64> heads;
+    for (int k = 0; k < 2; ++k) heads.emplace_back(8, 3);
+    return MultiMlp(
+        MlpShared(MlpBody(Linear64(6, 8), pw::BasicLayerNorm<double>(8), pw::BasicRelu<double>{}, Linear64(8, 8))),
+        std::move(heads), pw::PerTaskRoles{norm_roles});
+}
+
+int mode_multitask(dist::Communicator& comm) {
+    auto model = make_multitask();
+    // Every value, banks included, different on every rank before the sync.
+    pw::Rng rng(60 + std::uint64_t(comm.rank()));
+    model.visit([&](pw::Parameter<double>& p) { pw::init::normal(p.value, rng, 0.0, 0.5); });
+    dist::synchronize_model(comm, model);
+    auto reference = make_multitask();  // MultiTask is not copyable: copy the values
+    std::vector<pw::Parameter<double>*> from;
+    model.visit([&](pw::Parameter<double>& p) { from.push_back(&p); });
+    std::size_t at = 0;
+    reference.visit([&](pw::Parameter<double>& p) { p.value = from[at++]->value; });
+    std::vector<pw::VectorSource<double>> data{make_data<double>(4, 9, 6, 31), make_data<double>(3, 8, 6, 32)};
+    const pw::MultiTaskTrainOptions mo{.epochs = 3, .sampling = pw::TaskSampling::proportional, .seed = 5,
+                                       .verbose = false};
+
+    pw::BasicAdamW<double> ref_opt{pw::trainable_parameters(reference), {.lr = 1e-2}};
+    pw::fit_multitask(reference, ref_opt, data, mo);
+
+    pw::BasicAdamW<double> inner{pw::trainable_parameters(model), {.lr = 1e-2}};
+    dist::DataParallel opt(comm, inner, {.bucket_bytes = 256});
+    std::vector<dist::ShardedSource<pw::VectorSource<double>>> shards;
+    for (auto& d : data) shards.emplace_back(comm, d);
+    pw::fit_multitask(model, opt, shards, mo);
+
+    const double rel = max_relative(values_of(reference), values_of(model));
+    if (comm.rank() == 0) std::cout << "multi-task: max relative difference to one process " << rel << '\n';
+    expect(rel <= 1e-12, "multi-task: parameters differ from one process by " + std::to_string(rel));
+    dist::check_in_sync(comm, model);
+    return 0;
+}
+
 // -- mismatches, checkpoints, faults -------------------------------------------------------
 
 template <class F>
@@ -379,13 +428,14 @@ int main(int argc, char** argv) {
     const int rc = dist::run_guarded(comm, [&] {
         if (mode == "parity") return mode_parity(comm);
         if (mode == "search") return mode_search(comm);
+        if (mode == "multitask") return mode_multitask(comm);
         if (mode == "mismatch") return mode_mismatch(comm);
         if (mode == "checkpoint") {
             if (argc < 3) throw pw::ConfigError("dist_check checkpoint DIR");
             return mode_checkpoint(comm, argv[2]);
         }
         if (mode == "throw" || mode == "die" || mode == "timeout") return mode_fault(comm, mode);
-        throw pw::ConfigError("usage: dist_check parity|search|mismatch|checkpoint DIR|throw|die|timeout");
+        throw pw::ConfigError("usage: dist_check parity|search|multitask|mismatch|checkpoint DIR|throw|die|timeout");
     });
     // Every rank reports; the job fails if any check failed anywhere.
     double bad = failures;

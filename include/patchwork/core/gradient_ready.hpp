@@ -56,3 +56,18 @@ void report_gradients_ready(VisitParams&& visit_params) {
 }
 
 }  // namespace patchwork::detail
+
+namespace patchwork {
+
+/// Tell gradient communication that `module`'s gradients for the current
+/// backward pass are complete. Chains do this for their children; a
+/// hand-written composite (say, an encoder, a pooling step and a head called
+/// in turn) calls it after each part's backward, so data-parallel training
+/// can send those gradients while the rest of backward runs. Nothing happens
+/// when nobody listens.
+template <class M>
+void gradients_ready(M& module) {
+    detail::report_gradients_ready([&](auto&& f) { module.visit(f); });
+}
+
+}  // namespace patchwork
