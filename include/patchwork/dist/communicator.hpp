@@ -105,21 +105,23 @@ public:
         using clock = std::chrono::steady_clock;
         const auto t0 = clock::now();
         const auto deadline = t0 + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(timeout_));
-        // Spin briefly (collectives on one machine complete in microseconds),
-        // then back off to sleeps so waiting ranks leave the cores to the busy ones.
-        std::chrono::microseconds nap{0};
+        // Every test() is also what moves the transfer forward (MPI makes
+        // progress inside its calls), so polling never sleeps while data may
+        // flow: spin, then yield the core to any other runnable process after
+        // each few polls (ranks may outnumber cores). It never sleeps: a rank
+        // waiting for a slower peer keeps one core busy, which costs nothing
+        // while every rank has its own core.
         for (unsigned polls = 0; !test(r); ++polls) {
-            if (clock::now() > deadline) {
-                stats_.wait_seconds += std::chrono::duration<double>(clock::now() - t0).count();
+            if ((polls & 63) != 0) continue;
+            const auto now = clock::now();
+            if (now > deadline) {
+                stats_.wait_seconds += std::chrono::duration<double>(now - t0).count();
                 throw TimeoutError(detail::concat("dist: rank ", rank(), " of ", size(), ": ", what,
                                                   " did not complete within ", timeout_,
                                                   " s (a peer rank may have failed, died or stopped; "
                                                   "Communicator::set_timeout changes the limit)"));
             }
-            if (polls > 200) {
-                nap = std::min(std::chrono::microseconds{1000}, nap + std::chrono::microseconds{10});
-                std::this_thread::sleep_for(nap);
-            }
+            if (polls > 4096) std::this_thread::yield();
         }
         stats_.wait_seconds += std::chrono::duration<double>(clock::now() - t0).count();
     }
@@ -249,6 +251,7 @@ int run_guarded(Communicator& comm, Body&& body) {
     } catch (...) {
         comm.abort(1, "an exception not derived from std::exception");
     }
+    return 1;  // not reached: abort does not return
 }
 
 }  // namespace patchwork::dist
