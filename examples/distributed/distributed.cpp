@@ -127,7 +127,7 @@ struct Options : tx::RunOptions {
     }
     std::string method = "lora";
     bool exact = false;
-    bool overlap = true;
+    bool overlap = false;
     std::size_t bucket_kib = 4096;
     std::string save_peft;
 };

@@ -274,7 +274,7 @@ int mode_search(dist::Communicator& comm) {
     search::run(reference, ref_opt, train, val, step, so);
 
     pw::BasicAdam<double> inner(search::weight_parameters(model), {.lr = 1e-2});
-    dist::DataParallel opt(comm, inner, {.bucket_bytes = 256});
+    dist::DataParallel opt(comm, inner, {.bucket_bytes = 256, .overlap = true});
     dist::ShardedSource shard_train(comm, train);
     dist::ShardedSource shard_val(comm, val);
     search::run(model, opt, shard_train, shard_val, step, so);
@@ -321,7 +321,7 @@ int mode_multitask(dist::Communicator& comm) {
     pw::fit_multitask(reference, ref_opt, data, mo);
 
     pw::BasicAdamW<double> inner{pw::trainable_parameters(model), {.lr = 1e-2}};
-    dist::DataParallel opt(comm, inner, {.bucket_bytes = 256});
+    dist::DataParallel opt(comm, inner, {.bucket_bytes = 256, .overlap = true});
     std::vector<dist::ShardedSource<pw::VectorSource<double>>> shards;
     for (auto& d : data) shards.emplace_back(comm, d);
     pw::fit_multitask(model, opt, shards, mo);
