@@ -1,7 +1,8 @@
 #pragma once
 // What the examples on the pre-trained transformer share (text_transfer,
-// text_multitask, text_search, text_overparam): command-line number parsing, tokenized WordNet splits, a
-// seeded subset of a split, and padded token batches.
+// text_multitask, text_search, text_overparam, distributed): command-line
+// number parsing, tokenized WordNet splits, a seeded subset of a split, padded
+// token batches, and the encoder + pooling + head model.
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -272,6 +273,41 @@ inline std::array<Task, kTasks> load_four_tasks(const RunOptions& o, const pw::W
     }
     return tasks;
 }
+
+/// A pre-trained encoder, mean pooling and a linear head as one model: what
+/// search::run, derive, dist::DataParallel and the optimisers walk (visit,
+/// visit_children).
+template <class Body>
+struct Classifier {
+    using Scalar = float;
+    Body body;
+    pw::Pooler pool;
+    pw::Linear head;
+
+    template <class F>
+    void visit(F&& f) {
+        body.visit(f);
+        head.visit(f);
+    }
+    template <class F>
+    void visit_children(F&& f) {
+        f(body);
+        f(pool);
+        f(head);
+    }
+    /// Mean-pooled logits of a batch.
+    const pw::Tensor<float>& forward(const pw::TokenBatch& x) { return head.forward(pool.forward(body.forward(x), x)); }
+    /// Backward of forward's logits; nothing below the head when the body has
+    /// nothing to train. The head's gradients are reported complete before the
+    /// encoder's backward (data-parallel training may send them meanwhile).
+    void backward(const pw::Tensor<float>& g) {
+        const bool body_trains = pw::any_trainable(body);
+        head.set_input_grad(body_trains);
+        const auto& de = head.backward(g);
+        pw::gradients_ready(head);
+        if (body_trains) body.backward(pool.backward(de));
+    }
+};
 
 /// Peak resident memory of this process, MiB.
 inline double peak_rss_mib() {

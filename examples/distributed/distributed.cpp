@@ -90,34 +90,6 @@ private:
     TextBatch current_;
 };
 
-/// The encoder, mean pooling and the head as one model.
-template <class Body>
-struct Classifier {
-    using Scalar = float;
-    Body body;
-    pw::Pooler pool;
-    pw::Linear head;
-
-    template <class F>
-    void visit(F&& f) {
-        body.visit(f);
-        head.visit(f);
-    }
-    template <class F>
-    void visit_children(F&& f) {
-        f(body);
-        f(pool);
-        f(head);
-    }
-    const pw::Tensor<float>& forward(const pw::TokenBatch& x) { return head.forward(pool.forward(body.forward(x), x)); }
-    void backward(const pw::Tensor<float>& g) {
-        const bool body_trains = pw::any_trainable(body);
-        head.set_input_grad(body_trains);
-        const auto& de = head.backward(g);
-        pw::gradients_ready(head);  // the head's bucket may leave while the encoder runs backward
-        if (body_trains) body.backward(pool.backward(de));
-    }
-};
 
 struct Options : tx::RunOptions {
     Options() {
@@ -170,7 +142,7 @@ template <class Body>
 int train(dist::Communicator& comm, const Options& o, const tx::NounData& d) {
     const bool root = comm.rank() == 0;
     pw::manual_seed(o.seed + 1000 * std::uint64_t(comm.rank()));  // rank 0's draws win: synchronize_model below
-    Classifier<Body> model{pw::hf::load_bert<Body>(o.model), pw::Pooler{}, pw::Linear(384, d.classes)};
+    tx::Classifier<Body> model{pw::hf::load_bert<Body>(o.model), pw::Pooler{}, pw::Linear(384, d.classes)};
     pw::initialize(model.head, o.seed + std::uint64_t(comm.rank()));
     model.head.set_path("head");
     dist::synchronize_model(comm, model);

@@ -84,35 +84,7 @@ struct SearchedSpec : pw::bert::Plain {
 };
 using Body = pw::BertModel<pw::BertEncoder<SearchedSpec>>;
 
-/// The encoder, mean pooling and the head as one model: what search::run,
-/// derive and the optimisers walk (visit, visit_children).
-struct Classifier {
-    using Scalar = float;
-    Body body;
-    pw::Pooler pool;
-    pw::Linear head;
-
-    template <class F>
-    void visit(F&& f) {
-        body.visit(f);
-        head.visit(f);
-    }
-    template <class F>
-    void visit_children(F&& f) {
-        f(body);
-        f(pool);
-        f(head);
-    }
-    /// Mean-pooled logits of a batch.
-    const pw::Tensor<float>& forward(const pw::TokenBatch& x) { return head.forward(pool.forward(body.forward(x), x)); }
-    /// Backward of forward's logits; nothing below the head when the body has nothing to train.
-    void backward(const pw::Tensor<float>& g) {
-        const bool body_trains = pw::any_trainable(body);
-        head.set_input_grad(body_trains);
-        const auto& de = head.backward(g);
-        if (body_trains) body.backward(pool.backward(de));
-    }
-};
+using Classifier = tx::Classifier<Body>;
 
 // ---- options -------------------------------------------------------------------
 

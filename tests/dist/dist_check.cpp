@@ -46,6 +46,16 @@ void expect(bool ok, const std::string& what) {
     }
 }
 
+template <class F>
+std::string error_of(F&& f) {
+    try {
+        f();
+    } catch (const dist::DistError& e) {
+        return e.what();
+    }
+    return {};
+}
+
 template <class T>
 using Net = pw::Sequential<pw::Tune<pw::BasicLinear<T>, pw::LoRA<2, 4>>, pw::BasicRelu<T>,
                            pw::Tune<pw::BasicLinear<T>, pw::Adapter<3>>, pw::BasicRelu<T>,
@@ -237,6 +247,54 @@ void buffers_check(dist::Communicator& comm) {
         expect(bn.running_mean[c] == float(c) && bn.running_var[c] == 1.0f, "buffers: running statistics not rank 0's");
 }
 
+/// BatchNorm under data parallelism: each rank normalises with its shard's statistics; with
+/// sync_buffers the running statistics stay identical across ranks, and after one step the
+/// running mean is the global batch's (the first Linear is the same everywhere); without
+/// it the ranks drift apart.
+void batchnorm_check(dist::Communicator& comm) {
+    using BnNet = pw::Sequential<pw::BasicLinear<double>, pw::BasicBatchNorm2d<double>, pw::BasicRelu<double>,
+                                 pw::BasicLinear<double>>;
+    const auto make = [] {
+        pw::manual_seed(70);
+        return BnNet{pw::BasicLinear<double>(6, 8), pw::BasicBatchNorm2d<double>(8), pw::BasicRelu<double>{},
+                     pw::BasicLinear<double>(8, 3)};
+    };
+    auto data = make_data<double>(3, 10, 6, 41);
+    for (const bool sync : {true, false}) {
+        for (const std::size_t epochs : {std::size_t(1), std::size_t(3)}) {
+            auto net = make();
+            dist::synchronize_model(comm, net);
+            pw::BasicSGD<double> inner(pw::trainable_parameters(net), {.lr = 0.1});
+            dist::DataParallel opt(comm, inner);
+            if (sync) opt.sync_buffers(net);
+            pw::VectorSource<double> first;
+            first.push_back(data.batch(0));
+            dist::ShardedSource shard(comm, first);
+            dist::ShardedSource shard_all(comm, data);
+            if (epochs == 1) pw::fit(net, opt, shard, {.epochs = 1, .verbose = false});
+            else pw::fit(net, opt, shard_all, {.epochs = epochs, .verbose = false});
+            const auto err = error_of([&] { dist::check_in_sync(comm, net); });
+            if (sync) {
+                expect(err.empty(), "batchnorm: with sync_buffers the ranks differ: " + err);
+            } else if (epochs > 1) {
+                expect(err.find("running_") != std::string::npos,
+                       "batchnorm: without sync_buffers the running statistics should differ, got: " + err);
+            }
+            if (sync && epochs == 1) {  // one step: the running mean of the global batch
+                auto ref = make();
+                pw::BasicSGD<double> ref_opt(pw::trainable_parameters(ref), {.lr = 0.1});
+                pw::fit(ref, ref_opt, first, {.epochs = 1, .verbose = false});
+                const auto& a = ref.template get<1>().running_mean;
+                const auto& b = net.template get<1>().running_mean;
+                double diff = 0;
+                for (std::size_t c = 0; c < a.size(); ++c) diff = std::max(diff, std::abs(a[c] - b[c]));
+                expect(diff <= 1e-14, "batchnorm: the running mean after one step differs from one process by " +
+                                          std::to_string(diff));
+            }
+        }
+    }
+}
+
 int mode_parity(dist::Communicator& comm) {
     parity_fit<float>(comm, 1e-6, {}, "fp32, default options");
     parity_fit<float>(comm, 1e-6, {.bucket_bytes = 128, .overlap = true}, "fp32, small buckets, overlap");
@@ -244,6 +302,7 @@ int mode_parity(dist::Communicator& comm) {
     parity_exact(comm);
     resend_check(comm);
     buffers_check(comm);
+    batchnorm_check(comm);
     return 0;
 }
 
@@ -334,16 +393,6 @@ int mode_multitask(dist::Communicator& comm) {
 }
 
 // -- mismatches, checkpoints, faults -------------------------------------------------------
-
-template <class F>
-std::string error_of(F&& f) {
-    try {
-        f();
-    } catch (const dist::DistError& e) {
-        return e.what();
-    }
-    return {};
-}
 
 int mode_mismatch(dist::Communicator& comm) {
     const bool odd = comm.rank() == comm.size() - 1;

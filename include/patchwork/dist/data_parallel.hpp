@@ -10,6 +10,7 @@
 //     dist::synchronize_model(comm, model);           // same architecture, rank 0's values everywhere
 //     AdamW inner{trainable_parameters(model), {.lr = 1e-3}};
 //     dist::DataParallel opt(comm, inner);            // an Optimizer: fit, fit_multitask, search::run take it
+//     opt.sync_buffers(model);                        // with BatchNorm: running statistics kept equal
 //     Batcher<float> global(train, 64, seed);         // the same global batches on every rank
 //     dist::ShardedSource shard(comm, global);        // this rank's rows of each
 //     fit(model, opt, shard, {.epochs = 3});
@@ -322,6 +323,7 @@ public:
                 }
         }
         for (std::size_t b = 0; b < buckets_.size(); ++b) unpack(b);
+        if (!buffers_.empty()) average_buffers();
         for (auto& bucket : buckets_) {
             bucket.pending = bucket.slots.size();
             bucket.launched = bucket.early = false;
@@ -346,6 +348,44 @@ public:
     void zero_grad() { inner_.zero_grad(); }
     void set_lr_factor(double f) { inner_.set_lr_factor(f); }
     [[nodiscard]] double lr() const { return inner_.lr(); }
+
+    /// Keep `model`'s running statistics (BatchNorm2d buffers, and the
+    /// per-task statistics of a multi-task model, which are frozen parameters
+    /// named *.running_mean / *.running_var) the same on every rank: at each
+    /// reduce_gradients() their changes since the last one are averaged with
+    /// the ranks' batch shares, like the gradients. A running mean then
+    /// follows the global batch's mean exactly; a running variance follows the
+    /// average of the per-rank variances (each rank normalises with its own
+    /// batch statistics, as without synchronised BatchNorm). Rank 0's values
+    /// are broadcast first. Collective.
+    template <class M>
+    void sync_buffers(M& model) {
+        buffers_.clear();
+        for_each_module(model, [&](auto& m) {
+            if constexpr (requires {
+                              m.running_mean.data();
+                              m.running_var.data();
+                          }) {
+                if constexpr (std::is_same_v<std::remove_cvref_t<decltype(*m.running_mean.data())>, Scalar>) {
+                    buffers_.push_back(&m.running_mean);
+                    buffers_.push_back(&m.running_var);
+                }
+            }
+        });
+        model.visit([&](auto& p) {
+            if constexpr (std::is_same_v<std::remove_cvref_t<decltype(p)>, Param>)
+                if (!p.trainable() && (p.leaf() == "running_mean" || p.leaf() == "running_var"))
+                    buffers_.push_back(&p.value);
+        });
+        buffer_base_.clear();
+        std::size_t total = 0;
+        for (auto* b : buffers_) {
+            if (b->size()) comm_.broadcast(b->data(), b->size() * sizeof(Scalar), 0, "the broadcast of running statistics");
+            buffer_base_.insert(buffer_base_.end(), b->begin(), b->end());
+            total += b->size();
+        }
+        buffer_flat_.resize(total);
+    }
 
     /// The same averaging applied to another optimiser (search::run wraps its
     /// architecture optimiser this way, so the alphas are averaged too).
@@ -512,6 +552,25 @@ private:
         }
     }
 
+    /// buffers <- base + sum over ranks of w_r (buffers_r - base); base <- buffers.
+    void average_buffers() {
+        const auto w = Scalar(comm_.local_weight());
+        std::size_t at = 0;
+        for (auto* b : buffers_) {
+            for (std::size_t k = 0; k < b->size(); ++k) buffer_flat_[at + k] = w * ((*b)[k] - buffer_base_[at + k]);
+            at += b->size();
+        }
+        comm_.allreduce_sum(buffer_flat_.data(), buffer_flat_.size(), "the all-reduce of running statistics");
+        at = 0;
+        for (auto* b : buffers_) {
+            for (std::size_t k = 0; k < b->size(); ++k) {
+                (*b)[k] = buffer_base_[at + k] + buffer_flat_[at + k];
+                buffer_base_[at + k] = (*b)[k];
+            }
+            at += b->size();
+        }
+    }
+
     // GradientReadyObserver: a chain child's backward returned.
     void gradient_ready(const void* parameter) override {
         if (!armed_) return;
@@ -550,6 +609,9 @@ private:
     std::vector<Bucket> buckets_;
     std::size_t next_launch_ = 0;
     ReductionStats last_{};
+    std::vector<Tensor<Scalar>*> buffers_;  ///< sync_buffers: running statistics
+    std::vector<Scalar> buffer_base_;       ///< their values after the last average
+    std::vector<Scalar> buffer_flat_;
     bool reduced_ = false;
     bool armed_ = false;
 };
