@@ -235,6 +235,7 @@ void BM_Patchwork(benchmark::State& state, ConvSpec s, std::size_t hw, Mode mode
         }
         benchmark::ClobberMemory();
     }
+    state.SetLabel(conv.backend());
     set_gflops(state, mode_flops(s, hw, mode));
 }
 

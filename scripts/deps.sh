@@ -5,7 +5,7 @@ patchwork_install_deps() {
     local pkgs=(meson ninja-build pkg-config g++ python3 libeigen3-dev xtensor-dev libxsimd-dev doctest-dev
                 zlib1g-dev nlohmann-json3-dev libopenblas-dev libbenchmark-dev dataset-fashion-mnist
                 python3-pip libutf8proc-dev wordnet-base clang libclang-rt-14-dev
-                libopenmpi-dev openmpi-bin "$@")
+                libopenmpi-dev openmpi-bin libdnnl-dev "$@")
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -220,6 +220,89 @@ TEST_CASE("conv2d: batches of many chunks and tiles match the direct convolution
     }
 }
 
+TEST_CASE("conv2d (float): forward and backward on the build's backend match the direct convolution") {
+    // Float convolutions run on oneDNN in builds with the `dnnl` option and on
+    // patchwork's kernels otherwise (and for the cases oneDNN leaves); either must give
+    // the direct convolution's values within float rounding, accumulate
+    // gradients over calls, and honour a frozen weight and a switched-off input
+    // gradient. The double-precision tests above always take patchwork's kernels.
+    struct Variant {
+        bool freeze_weight, input_grad;
+    };
+    pw::Rng rng(43);
+    for (const auto& c : conv_cases())
+        for (const Variant v : {Variant{false, true}, Variant{true, true}, Variant{false, false}}) {
+            INFO(describe(c) << " frozen weight=" << v.freeze_weight << " input grad=" << v.input_grad);
+            pw::Conv2d conv(c.in, c.out, c.kernel, c.options);
+            pw::init::normal(conv.weight.value, rng, 0.0, 0.5);
+            if (conv.has_bias()) pw::init::normal(conv.bias.value, rng, 0.0, 0.5);
+            conv.weight.set_trainable(!v.freeze_weight);
+            conv.set_input_grad(v.input_grad);
+            pw::Tensor<float> x(pw::Shape{3, 7, 6, c.in});
+            pw::init::normal(x, rng, 0.0, 1.0);
+            const pw::Tensor<float> y = conv.forward(x);
+#if defined(PATCHWORK_USE_DNNL)
+            // oneDNN takes every case whose output size is exact with a bottom/right padding of at most p
+            // (stride 2 without padding over an even extent skips the last row: native), except channel
+            // multipliers, for which it may have only reference kernels (then native).
+            const auto exact = [&](std::size_t extent) {
+                return (extent + 2 * c.options.padding - c.kernel) % c.options.stride <= c.options.padding;
+            };
+            if (!(conv.depthwise() && c.out != c.in))
+                CHECK(std::string(conv.backend()) == (exact(7) && exact(6) ? "onednn" : "patchwork"));
+#else
+            CHECK(std::string(conv.backend()) == "patchwork");
+#endif
+            const auto expected = naive_conv(x, conv);
+            REQUIRE(y.shape() == expected.shape());
+            for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(y[i] == doctest::Approx(expected[i]).epsilon(1e-5));
+            pw::Tensor<float> dy(y.shape());
+            pw::init::normal(dy, rng, 0.0, 1.0);
+            pw::zero_grad(conv);
+            const auto ref = naive_conv_backward(x, dy, conv);
+            for (int call = 1; call <= 2; ++call) {  // the second call adds the same gradients once more
+                INFO("backward call " << call);
+                const pw::Tensor<float> dx = conv.backward(dy);
+                if (v.input_grad) {
+                    REQUIRE(dx.shape() == x.shape());
+                    for (std::size_t i = 0; i < dx.size(); ++i)
+                        REQUIRE(dx[i] == doctest::Approx(ref.dx[i]).epsilon(1e-5).scale(1));
+                } else {
+                    CHECK(dx.empty());
+                }
+                if (v.freeze_weight) CHECK(conv.weight.grad.empty());
+                else
+                    for (std::size_t i = 0; i < ref.dw.size(); ++i)
+                        REQUIRE(conv.weight.grad[i] == doctest::Approx(call * ref.dw[i]).epsilon(1e-5).scale(1));
+                if (conv.has_bias())
+                    for (std::size_t i = 0; i < ref.db.size(); ++i)
+                        REQUIRE(conv.bias.grad[i] == doctest::Approx(call * ref.db[i]).epsilon(1e-5).scale(1));
+            }
+        }
+}
+
+TEST_CASE("conv2d (float): a new input shape after the first, and a copied layer, give the same values") {
+    // The oneDNN backend keeps primitives per input shape; a copy of a layer builds its own.
+    pw::Rng rng(47);
+    pw::Conv2d conv(6, 8, 3, {.padding = 1});
+    pw::init::normal(conv.weight.value, rng, 0.0, 0.5);
+    pw::init::normal(conv.bias.value, rng, 0.0, 0.5);
+    for (const pw::Shape& shape : {pw::Shape{2, 5, 5, 6}, pw::Shape{4, 9, 7, 6}, pw::Shape{2, 5, 5, 6}}) {
+        INFO("input " << shape);
+        pw::Tensor<float> x(shape);
+        pw::init::normal(x, rng, 0.0, 1.0);
+        const pw::Tensor<float> y = conv.forward(x);
+        pw::Conv2d copy = conv;
+        const pw::Tensor<float> y_copy = copy.forward(x);
+        const auto expected = naive_conv(x, conv);
+        REQUIRE(y.shape() == expected.shape());
+        for (std::size_t i = 0; i < y.size(); ++i) {
+            REQUIRE(y[i] == doctest::Approx(expected[i]).epsilon(1e-5));
+            REQUIRE(y_copy[i] == y[i]);
+        }
+    }
+}
+
 TEST_CASE("conv2d: output size, weight layout and roles") {
     pw::Conv2d conv(3, 8, 3, {.stride = 2, .padding = 1});
     CHECK(conv.weight.value.shape() == pw::Shape{8, 3, 3, 3});

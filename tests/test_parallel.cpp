@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <cstddef>
+#include <string>
 #include <vector>
 
 #if defined(_OPENMP)
@@ -91,31 +92,52 @@ TEST_CASE("parallel: LayerNorm, ReLU, GELU and ScaleShift give the same bits on 
     set_threads(2);
 }
 
-TEST_CASE("parallel: DepthwiseConv2d's gradients give the same bits on 1 and 2 threads") {
+namespace {
+/// Forward and backward of a float convolution on `threads` threads: dx, dW, db.
+std::vector<pw::Tensor<float>> conv_outputs(pw::Conv2d conv, const pw::Tensor<float>& x, const pw::Tensor<float>& dy,
+                                            int threads, bool onednn) {
+    set_threads(threads);
+    pw::Rng rng(9);
+    pw::init::normal(conv.weight.value, rng, 0.0, 0.3);
+    pw::init::normal(conv.bias.value, rng, 0.0, 0.3);
+    conv.set_input_grad(true);
+    conv.set_onednn(onednn);
+    conv.forward(x);
+    if (!onednn) CHECK(std::string(conv.backend()) == "patchwork");
+    std::vector<pw::Tensor<float>> out;
+    out.push_back(conv.backward(dy));
+    out.push_back(conv.weight.grad);
+    out.push_back(conv.bias.grad);
+    return out;
+}
+
+void check_same_bits(const std::vector<pw::Tensor<float>>& a, const std::vector<pw::Tensor<float>>& b) {
+    for (std::size_t k = 0; k < a.size(); ++k) {
+        INFO("output ", k, " (dx, dW, db)");
+        REQUIRE(a[k].shape() == b[k].shape());
+        std::size_t differ = 0;
+        for (std::size_t i = 0; i < a[k].size(); ++i) differ += a[k][i] != b[k][i];
+        CHECK(differ == 0);
+    }
+}
+}  // namespace
+
+TEST_CASE("parallel: Conv2d and DepthwiseConv2d gradients give the same bits on 1 and 2 threads") {
     // 16 x 20 x 20 = 6400 output pixels: several chunks of the weight gradient's partial sums.
     pw::Rng rng(8);
-    pw::Tensor<float> x(pw::Shape{16, 20, 20, 8}), dy(pw::Shape{16, 20, 20, 8});
+    pw::Tensor<float> x(pw::Shape{16, 20, 20, 8}), dy(pw::Shape{16, 20, 20, 8}), dy16(pw::Shape{16, 20, 20, 16});
     pw::init::normal(x, rng, 0.0, 1.0);
     pw::init::normal(dy, rng, 0.0, 1.0);
-    const auto run = [&](int threads) {
-        set_threads(threads);
-        pw::DepthwiseConv2d conv(8, 3, {.padding = 1});
-        pw::init::normal(conv.weight.value, rng = pw::Rng(9), 0.0, 0.3);
-        conv.forward(x);
-        std::vector<pw::Tensor<float>> out;
-        out.push_back(conv.backward(dy));
-        out.push_back(conv.weight.grad);
-        out.push_back(conv.bias.grad);
-        return out;
-    };
-    const auto one = run(1);
-    const auto two = run(2);
-    for (std::size_t k = 0; k < one.size(); ++k) {
-        INFO("output ", k);
-        REQUIRE(one[k].shape() == two[k].shape());
-        std::size_t differ = 0;
-        for (std::size_t i = 0; i < one[k].size(); ++i) differ += one[k][i] != two[k][i];
-        CHECK(differ == 0);
+    pw::init::normal(dy16, rng, 0.0, 1.0);
+    const pw::Conv2d depthwise = pw::DepthwiseConv2d(8, 3, {.padding = 1});
+    const pw::Conv2d dense(8, 16, 3, {.padding = 1});
+    SUBCASE("patchwork's kernels (set_onednn(false)): any number of threads") {
+        check_same_bits(conv_outputs(depthwise, x, dy, 1, false), conv_outputs(depthwise, x, dy, 2, false));
+        check_same_bits(conv_outputs(dense, x, dy16, 1, false), conv_outputs(dense, x, dy16, 2, false));
+    }
+    SUBCASE("the build's backend (oneDNN where built with it): the same bits on the same number of threads") {
+        check_same_bits(conv_outputs(depthwise, x, dy, 2, true), conv_outputs(depthwise, x, dy, 2, true));
+        check_same_bits(conv_outputs(dense, x, dy16, 2, true), conv_outputs(dense, x, dy16, 2, true));
     }
     set_threads(2);
 }

@@ -84,6 +84,7 @@
 #include "patchwork/core/module.hpp"
 #include "patchwork/core/mixed_batch.hpp"
 #include "patchwork/core/parallel.hpp"
+#include "patchwork/ops/dnnl_conv.hpp"
 #include "patchwork/ops/gemm.hpp"
 
 namespace patchwork {
@@ -363,6 +364,16 @@ public:
     /// as a DepthwiseConv2d). A single-channel dense convolution (a stem on
     /// grayscale images) is not depthwise: its filters keep Role::weight.
     [[nodiscard]] bool depthwise() const noexcept { return depthwise_; }
+    /// Which implementation ran the last forward (and runs its backward):
+    /// "onednn" for a float convolution in a build with the oneDNN backend
+    /// (meson option `dnnl`; see ops/dnnl_conv.hpp for the cases it leaves to
+    /// patchwork), "patchwork" for the own kernels.
+    [[nodiscard]] const char* backend() const noexcept { return dnnl_used_ ? "onednn" : "patchwork"; }
+    /// Let this layer run on oneDNN where the build has it (the default), or
+    /// keep it on patchwork's kernels, whose results have the same bits on any
+    /// number of threads (oneDNN's weight gradients are reproducible only on
+    /// the same number of threads). Takes effect at the next forward.
+    void set_onednn(bool allowed) noexcept { onednn_allowed_ = allowed; }
 
     void reset_parameters(Rng& rng) {
         // Kaiming-uniform with gain 1 over the filter's fan-in, as for Linear.
@@ -382,7 +393,10 @@ public:
         x_ = x;
         geo_ = detail::SpatialGeometry(x.shape(), window_);
         y_.resize(Shape{geo_.batch, geo_.ho, geo_.wo, out_});
+        dnnl_used_ = false;
         if (depthwise()) {
+            // Per-task filters or biases of a mixed batch: only the native kernels apply them per segment.
+            if (mb == nullptr && dnnl_forward(x, true)) return y_;
             depthwise_forward(x, mb);
             if (out_ == in_) return y_;  // the bias was the sums' starting value
         } else {
@@ -404,6 +418,8 @@ public:
         // filters), one segment otherwise; derivation at the top of this file.
         const MixedBatch<T>* mb = mixed_batch_for_backward(mixed_, path_);
         if (!depthwise()) return dense_backward(x, dy, mb);
+        if (dnnl_used_)  // a forward on oneDNN had no mixed batch
+            return dnnl_backward(x, dy, weight.wants_grad(), options_.bias && bias.wants_grad());
         if (options_.bias)
             for_each_segment(mb, dy, path_, "conv output gradient", [&](int task, std::size_t p0, std::size_t np) {
                 Parameter<T>& b = mixed_use(mb, bias, task);
@@ -461,6 +477,7 @@ private:
     void dense_forward(const Tensor<T>& x, bool with_bias) {
         const std::size_t kg = group_cols(), cog = out_ / options_.groups, width = col_width();
         tiling_ = detail::ConvTiling(geo_, pointwise() ? std::max(in_, out_) : width);
+        if (dnnl_forward(x, with_bias)) return;
         if (!pointwise()) scratch_.resize(Shape{detail::thread_slots(), tiling_.tile * width});
         const ConstMatrixMap<T> w(weight.value.data(), Eigen::Index(out_), Eigen::Index(kg));
         const bool add_bias = with_bias && options_.bias;
@@ -496,6 +513,7 @@ private:
             });
         const bool weight_grad = weight.wants_grad();
         if (!weight_grad && !bias_grad && !input_grad_) return empty_;
+        if (dnnl_used_) return dnnl_backward(x, dy, weight_grad, bias_grad);
         if (input_grad_) dx_.resize(x.shape());
         const std::size_t chunks = tiling_.chunks, wsize = out_ * kg;
         if (weight_grad) dw_chunks_.resize(Shape{chunks, wsize});
@@ -554,6 +572,56 @@ private:
             for (std::size_t c = 0; c < chunks; ++c) detail::add_row(db_chunks_.data() + c * out_, bias.grad.data(), out_);
         return input_grad_ ? dx_ : empty_;
     }
+
+    /// The oneDNN backend (ops/dnnl_conv.hpp), for float convolutions in builds
+    /// with PATCHWORK_USE_DNNL: y = conv(x, W) (+ b) by oneDNN, true if it ran.
+    bool dnnl_forward([[maybe_unused]] const Tensor<T>& x, [[maybe_unused]] bool with_bias) {
+        dnnl_used_ = false;
+#if defined(PATCHWORK_USE_DNNL)
+        if constexpr (std::is_same_v<T, float>) {
+            if (!onednn_allowed_) return false;
+            auto& conv = dnnl_.get(dnnl_shape());
+            if (!conv.usable()) return false;
+            conv.forward(x.data(), weight.value.data(),
+                                 with_bias && options_.bias ? bias.value.data() : nullptr, y_.data());
+            dnnl_used_ = true;
+        }
+#endif
+        return dnnl_used_;
+    }
+
+    /// The backward of a forward that ran on oneDNN: the weight (and bias)
+    /// gradient of the whole batch into a scratch block, added to the
+    /// parameters' gradients; dx written by oneDNN.
+    const Tensor<T>& dnnl_backward([[maybe_unused]] const Tensor<T>& x, [[maybe_unused]] const Tensor<T>& dy,
+                                   [[maybe_unused]] bool weight_grad, [[maybe_unused]] bool bias_grad) {
+#if defined(PATCHWORK_USE_DNNL)
+        if constexpr (std::is_same_v<T, float>) {
+            auto& conv = dnnl_.get(dnnl_shape());
+            if (weight_grad) {
+                dw_chunks_.resize(Shape{1, weight.value.size()});
+                if (bias_grad) db_chunks_.resize(Shape{1, out_});
+                conv.backward_weights(x.data(), dy.data(), dw_chunks_.data(), bias_grad ? db_chunks_.data() : nullptr);
+                detail::add_row(dw_chunks_.data(), weight.grad.data(), weight.value.size());
+                if (bias_grad) detail::add_row(db_chunks_.data(), bias.grad.data(), out_);
+            } else if (bias_grad) {
+                detail::add_column_sums(dy.data(), geo_.out_pixels(), out_, bias.grad.data());
+            }
+            if (input_grad_) {
+                dx_.resize(x.shape());
+                conv.backward_data(dy.data(), weight.value.data(), dx_.data());
+            }
+        }
+#endif
+        return input_grad_ ? dx_ : empty_;
+    }
+
+#if defined(PATCHWORK_USE_DNNL)
+    [[nodiscard]] ops::dnnl_backend::ConvShape dnnl_shape() const noexcept {
+        return {geo_.batch, geo_.h, geo_.w, in_, out_, window_.kernel, window_.stride, window_.padding,
+                options_.groups, geo_.ho, geo_.wo};
+    }
+#endif
 
     /// f(i, q, t0, n) for every run of taps of the im2col row of output pixel p0 + i
     /// (i < np) that lies inside the image: taps t0 .. t0 + n - 1 of one kernel row read
@@ -822,6 +890,11 @@ private:
     Tensor<T> y_, dx_, wt_, dwt_, empty_;
     Tensor<T> scratch_;             ///< per-thread X_col and dX_col tiles [threads, ...]
     Tensor<T> dw_chunks_, db_chunks_;  ///< per-chunk partial weight and bias gradients
+    bool dnnl_used_ = false;           ///< the last forward ran on oneDNN
+    bool onednn_allowed_ = true;       ///< set_onednn
+#if defined(PATCHWORK_USE_DNNL)
+    ops::dnnl_backend::ConvCache dnnl_;  ///< oneDNN primitives per input shape
+#endif
 };
 
 /// A depthwise convolution: groups = channels, one k x k filter per channel
