@@ -220,6 +220,54 @@ TEST_CASE("conv2d: batches of many chunks and tiles match the direct convolution
     }
 }
 
+TEST_CASE("depthwise conv: the row kernels at every border, stride and size match the direct convolution") {
+    // Whole vectors of channels and k = 3 or 5 take detail::depthwise_row (forward, and the input
+    // gradient for stride 1); images narrower than the window, windows partly outside on both sides
+    // and rows of fewer than four interior pixels exercise its checked columns. Float runs
+    // on patchwork's kernels here (set_onednn(false)); double always does.
+    struct Case {
+        std::size_t channels, kernel, stride, padding, h, w;
+    };
+    const Case cases[] = {
+        {8, 3, 1, 1, 7, 9},   {16, 3, 1, 0, 5, 11}, {8, 3, 2, 1, 9, 8},  {8, 3, 1, 2, 4, 4}, {8, 5, 1, 2, 6, 13},
+        {16, 5, 2, 2, 7, 7},  {8, 5, 1, 4, 2, 3},   {8, 3, 1, 1, 1, 1},  {8, 5, 1, 1, 5, 5}, {24, 3, 2, 0, 6, 10},
+    };
+    const auto run = [&](auto scalar) {
+        using T = decltype(scalar);
+        pw::Rng rng(53);
+        for (const auto& c : cases) {
+            INFO("C=" << c.channels << " k=" << c.kernel << " stride=" << c.stride << " pad=" << c.padding << " "
+                      << c.h << "x" << c.w << " " << (sizeof(T) == 4 ? "float" : "double"));
+            pw::BasicConv2d<T> conv = pw::BasicDepthwiseConv2d<T>(c.channels, c.kernel,
+                                                                  {.stride = c.stride, .padding = c.padding});
+            conv.set_onednn(false);
+            conv.set_input_grad(true);
+            pw::init::normal(conv.weight.value, rng, 0.0, 0.5);
+            pw::init::normal(conv.bias.value, rng, 0.0, 0.5);
+            pw::Tensor<T> x(pw::Shape{3, c.h, c.w, c.channels});
+            pw::init::normal(x, rng, 0.0, 1.0);
+            const pw::Tensor<T> y = conv.forward(x);
+            CHECK(std::string(conv.backend()) == "patchwork");
+            const auto expected = naive_conv(x, conv);
+            REQUIRE(y.shape() == expected.shape());
+            const double eps = sizeof(T) == 4 ? 1e-5 : 1e-12;
+            for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(y[i] == doctest::Approx(expected[i]).epsilon(eps));
+            pw::Tensor<T> dy(y.shape());
+            pw::init::normal(dy, rng, 0.0, 1.0);
+            pw::zero_grad(conv);
+            const pw::Tensor<T> dx = conv.backward(dy);
+            const auto ref = naive_conv_backward(x, dy, conv);
+            for (std::size_t i = 0; i < dx.size(); ++i) REQUIRE(dx[i] == doctest::Approx(ref.dx[i]).epsilon(eps));
+            for (std::size_t i = 0; i < ref.dw.size(); ++i)
+                REQUIRE(conv.weight.grad[i] == doctest::Approx(ref.dw[i]).epsilon(eps));
+            for (std::size_t i = 0; i < ref.db.size(); ++i)
+                REQUIRE(conv.bias.grad[i] == doctest::Approx(ref.db[i]).epsilon(eps));
+        }
+    };
+    run(float{});
+    run(double{});
+}
+
 TEST_CASE("conv2d (float): forward and backward on the build's backend match the direct convolution") {
     // Float convolutions run on oneDNN in builds with the `dnnl` option and on
     // patchwork's kernels otherwise (and for the cases oneDNN leaves); either must give

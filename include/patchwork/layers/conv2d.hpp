@@ -73,6 +73,12 @@
 // weight of a dense or grouped convolution is never per row (its GEMM runs
 // once over all pixels): a mixed batch in which it is per task throws.
 //
+// With the meson option `dnnl` (PATCHWORK_USE_DNNL), float convolutions run on
+// oneDNN instead (ops/dnnl_conv.hpp: the same NHWC tensors, no layout copies of
+// the activations), except the cases it leaves to the kernels above: double
+// precision, mixed-task batches of depthwise convolutions, shapes oneDNN has
+// only reference kernels for, and layers told set_onednn(false).
+//
 // As for Linear, the layer keeps a pointer to its input: x must stay alive and
 // unchanged until the matching backward. A frozen weight skips its gradient
 // work; a switched-off input gradient skips dX_col and col2im.
@@ -80,6 +86,10 @@
 #include <cstddef>
 #include <cstring>
 #include <string>
+
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include "patchwork/core/module.hpp"
 #include "patchwork/core/mixed_batch.hpp"
@@ -301,6 +311,162 @@ struct ChannelSums {
         }
     }
 };
+
+/// a b + c on SIMD vectors, fused where the target has FMA.
+template <class Vec>
+inline Vec fused_multiply_add(const Vec& a, const Vec& b, const Vec& c) noexcept {
+#if defined(__FMA__)
+    if constexpr (sizeof(Vec) == 32 && sizeof(a[0]) == 4) return Vec(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(c)));
+    else if constexpr (sizeof(Vec) == 32 && sizeof(a[0]) == 8)
+        return Vec(_mm256_fmadd_pd(__m256d(a), __m256d(b), __m256d(c)));
+    else if constexpr (sizeof(Vec) == 16 && sizeof(a[0]) == 4) return Vec(_mm_fmadd_ps(__m128(a), __m128(b), __m128(c)));
+    else if constexpr (sizeof(Vec) == 16 && sizeof(a[0]) == 8)
+        return Vec(_mm_fmadd_pd(__m128d(a), __m128d(b), __m128d(c)));
+    else
+#endif
+        return a * b + c;
+}
+
+/// One output row of a depthwise window sum with a K x K kernel known at
+/// compile time, over all channels (C a multiple of the vector width):
+///   out[ox, c] = init[c] + sum_{ky, kx} in[oy s - p + ky, ox s - p + kx, c] wt[(ky K + kx) C + c]
+/// with `in` one image of in_h x in_w pixels, taps outside it reading zero.
+/// Per block of one vector of channels, the K K filter vectors stay in
+/// registers and four output pixels are summed at once (four independent
+/// chains of fused multiply-adds); the columns whose window crosses the left
+/// or right border take a checked loop. Used for the forward (in = x, wt = Wt,
+/// init = b) and, with stride 1, for the gathered input gradient (in = dY,
+/// wt = Wt flipped, p' = K - 1 - p): the same sums.
+template <class T, std::size_t K>
+void depthwise_row(const T* in, std::size_t in_h, std::size_t in_w, std::size_t c_all, std::size_t out_w,
+                   std::size_t stride, std::size_t pad, std::size_t oy, const T* wt, const T* init, T* out) noexcept {
+    using CS = ChannelSums<T>;
+    using Vec = typename CS::Vec;
+    constexpr std::size_t lanes = CS::lanes;
+    const std::ptrdiff_t iy0 = std::ptrdiff_t(oy * stride) - std::ptrdiff_t(pad);
+    const std::size_t ky0 = iy0 < 0 ? std::size_t(-iy0) : 0;
+    const auto ky1 = std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(in_h) - iy0, 0, std::ptrdiff_t(K)));
+    // Columns ox whose window lies inside the image: pad <= ox s and ox s - pad + K <= in_w.
+    const std::size_t ox_lo = std::min(out_w, (pad + stride - 1) / stride);
+    const std::size_t ox_hi = in_w + pad >= K ? std::min(out_w, (in_w + pad - K) / stride + 1) : 0;
+    const auto row_of = [&](std::size_t ky) { return in + std::size_t(iy0 + std::ptrdiff_t(ky)) * in_w * c_all; };
+    for (std::size_t cb = 0; cb < c_all; cb += lanes) {
+        Vec w[K * K];
+        for (std::size_t t = 0; t < K * K; ++t) w[t] = CS::load(wt + t * c_all + cb);
+        const Vec start = init != nullptr ? CS::load(init + cb) : Vec{};
+        const auto checked = [&](std::size_t ox) {
+            const std::ptrdiff_t ix0 = std::ptrdiff_t(ox * stride) - std::ptrdiff_t(pad);
+            const std::size_t kx0 = ix0 < 0 ? std::size_t(-ix0) : 0;
+            const auto kx1 = std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(in_w) - ix0, 0, std::ptrdiff_t(K)));
+            Vec acc = start;
+            for (std::size_t ky = ky0; ky < ky1; ++ky)
+                for (std::size_t kx = kx0; kx < kx1; ++kx)
+                    acc = fused_multiply_add(CS::load(row_of(ky) + std::size_t(ix0 + std::ptrdiff_t(kx)) * c_all + cb),
+                                             w[ky * K + kx], acc);
+            CS::store(out + ox * c_all + cb, acc);
+        };
+        std::size_t ox = 0;
+        for (; ox < std::min(ox_lo, out_w); ++ox) checked(ox);
+        const std::size_t step = stride * c_all;
+        for (; ox + 4 <= ox_hi; ox += 4) {
+            Vec a0 = start, a1 = start, a2 = start, a3 = start;
+            for (std::size_t ky = ky0; ky < ky1; ++ky) {
+                const T* r = row_of(ky) + (ox * stride - pad) * c_all + cb;
+                for (std::size_t kx = 0; kx < K; ++kx, r += c_all) {
+                    const Vec wk = w[ky * K + kx];
+                    a0 = fused_multiply_add(CS::load(r), wk, a0);
+                    a1 = fused_multiply_add(CS::load(r + step), wk, a1);
+                    a2 = fused_multiply_add(CS::load(r + 2 * step), wk, a2);
+                    a3 = fused_multiply_add(CS::load(r + 3 * step), wk, a3);
+                }
+            }
+            T* o = out + ox * c_all + cb;
+            CS::store(o, a0);
+            CS::store(o + c_all, a1);
+            CS::store(o + 2 * c_all, a2);
+            CS::store(o + 3 * c_all, a3);
+        }
+        for (; ox < out_w; ++ox) checked(ox);
+    }
+}
+
+/// The weight gradient's share of output pixels [ox_a, ox_b) of one output row:
+///   dwt[(ky K + kx) C + c] += sum_ox g[ox, c] in[oy s - p + ky, ox s - p + kx, c]
+/// (g: the output gradient's row, in: one image, taps outside it read zero).
+/// Per block of one vector of channels, the K K sums stay in registers over
+/// the row; a row whose window is inside the image vertically takes a fully
+/// unrolled loop (compile-time tap indices), the border rows a checked one.
+template <class T, std::size_t K>
+void depthwise_row_weight_grad(const T* in, std::size_t in_h, std::size_t in_w, std::size_t c_all,
+                               std::size_t stride, std::size_t pad, std::size_t oy, std::size_t ox_a,
+                               std::size_t ox_b, const T* g, T* dwt) noexcept {
+    using CS = ChannelSums<T>;
+    using Vec = typename CS::Vec;
+    constexpr std::size_t lanes = CS::lanes;
+    const std::ptrdiff_t iy0 = std::ptrdiff_t(oy * stride) - std::ptrdiff_t(pad);
+    const std::size_t ky0 = iy0 < 0 ? std::size_t(-iy0) : 0;
+    const auto ky1 = std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(in_h) - iy0, 0, std::ptrdiff_t(K)));
+    const std::size_t out_w = ox_b;
+    const std::size_t ox_lo = std::clamp((pad + stride - 1) / stride, ox_a, out_w);
+    const std::size_t ox_hi =
+        std::clamp(in_w + pad >= K ? (in_w + pad - K) / stride + 1 : std::size_t(0), ox_lo, out_w);
+    const auto row_of = [&](std::size_t ky) { return in + std::size_t(iy0 + std::ptrdiff_t(ky)) * in_w * c_all; };
+    for (std::size_t cb = 0; cb < c_all; cb += lanes) {
+        Vec acc[K * K];
+        for (std::size_t t = 0; t < K * K; ++t) acc[t] = CS::load(dwt + t * c_all + cb);
+        const auto checked = [&](std::size_t ox) {
+            const std::ptrdiff_t ix0 = std::ptrdiff_t(ox * stride) - std::ptrdiff_t(pad);
+            const std::size_t kx0 = ix0 < 0 ? std::size_t(-ix0) : 0;
+            const auto kx1 = std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(in_w) - ix0, 0, std::ptrdiff_t(K)));
+            const Vec gv = CS::load(g + ox * c_all + cb);
+            for (std::size_t ky = ky0; ky < ky1; ++ky)
+                for (std::size_t kx = kx0; kx < kx1; ++kx)
+                    acc[ky * K + kx] = fused_multiply_add(
+                        CS::load(row_of(ky) + std::size_t(ix0 + std::ptrdiff_t(kx)) * c_all + cb), gv, acc[ky * K + kx]);
+        };
+        for (std::size_t ox = ox_a; ox < ox_lo; ++ox) checked(ox);
+        if (ky0 == 0 && ky1 == K) {
+            const T* r0 = row_of(0);
+            const std::size_t row_stride = in_w * c_all;
+            for (std::size_t ox = ox_lo; ox < ox_hi; ++ox) {
+                const Vec gv = CS::load(g + ox * c_all + cb);
+                const T* r = r0 + (ox * stride - pad) * c_all + cb;
+                for (std::size_t ky = 0; ky < K; ++ky)
+                    for (std::size_t kx = 0; kx < K; ++kx)
+                        acc[ky * K + kx] =
+                            fused_multiply_add(CS::load(r + ky * row_stride + kx * c_all), gv, acc[ky * K + kx]);
+            }
+        } else {
+            for (std::size_t ox = ox_lo; ox < ox_hi; ++ox) checked(ox);
+        }
+        for (std::size_t ox = ox_hi; ox < out_w; ++ox) checked(ox);
+        for (std::size_t t = 0; t < K * K; ++t) CS::store(dwt + t * c_all + cb, acc[t]);
+    }
+}
+
+/// depthwise_row for the kernel sizes it is compiled for (3 and 5); false for others.
+template <class T>
+bool depthwise_row_for(std::size_t k, const T* in, std::size_t in_h, std::size_t in_w, std::size_t c_all,
+                       std::size_t out_w, std::size_t stride, std::size_t pad, std::size_t oy, const T* wt,
+                       const T* init, T* out) noexcept {
+    switch (k) {
+    case 3: depthwise_row<T, 3>(in, in_h, in_w, c_all, out_w, stride, pad, oy, wt, init, out); return true;
+    case 5: depthwise_row<T, 5>(in, in_h, in_w, c_all, out_w, stride, pad, oy, wt, init, out); return true;
+    default: return false;
+    }
+}
+
+/// depthwise_row_weight_grad for the kernel sizes it is compiled for (3 and 5); false for others.
+template <class T>
+bool depthwise_row_weight_grad_for(std::size_t k, const T* in, std::size_t in_h, std::size_t in_w,
+                                   std::size_t c_all, std::size_t stride, std::size_t pad, std::size_t oy,
+                                   std::size_t ox_a, std::size_t ox_b, const T* g, T* dwt) noexcept {
+    switch (k) {
+    case 3: depthwise_row_weight_grad<T, 3>(in, in_h, in_w, c_all, stride, pad, oy, ox_a, ox_b, g, dwt); return true;
+    case 5: depthwise_row_weight_grad<T, 5>(in, in_h, in_w, c_all, stride, pad, oy, ox_a, ox_b, g, dwt); return true;
+    default: return false;
+    }
+}
 
 /// Check that x is a non-empty NHWC tensor with `channels` channels that the window fits in.
 template <class T>
@@ -720,6 +886,16 @@ private:
             const T* wt = transpose_depthwise_weight(mixed_use(mb, weight, task).value, si++);
             if (m == 1) {
                 const T* b = options_.bias ? mixed_use(mb, bias, task).value.data() : nullptr;
+                if (row_kernel()) {  // whole output rows (a segment is whole images)
+                    const std::size_t in_image = geo_.h * geo_.w * in_;
+                    for_rows(np / geo_.wo, geo_.wo * taps * out_, [&](std::size_t i) {
+                        const std::size_t row = p0 / geo_.wo + i, n = row / geo_.ho;
+                        detail::depthwise_row_for(window_.kernel, x.data() + n * in_image, geo_.h, geo_.w, out_,
+                                                  geo_.wo, window_.stride, window_.padding, row % geo_.ho, wt, b,
+                                                  y_.data() + row * geo_.wo * out_);
+                    });
+                    return;
+                }
                 for_rows(np, taps * out_, [&](std::size_t i) { depthwise_pixel_forward(x.data(), wt, b, p0 + i); });
                 return;
             }
@@ -734,6 +910,13 @@ private:
                 });
             });
         });
+    }
+
+    /// detail::depthwise_row applies: one output channel per input channel, a
+    /// kernel size it is compiled for, and whole vectors of channels.
+    [[nodiscard]] bool row_kernel() const noexcept {
+        return out_ == in_ && (window_.kernel == 3 || window_.kernel == 5) &&
+               out_ % detail::ChannelSums<T>::lanes == 0;
     }
 
     /// y[p] = b + sum_t x[q(p, t)] Wt[t] for output pixel p (m = 1).
@@ -785,6 +968,18 @@ private:
     /// strides, summed (in pixel order) with the channel sums in registers.
     void depthwise_weight_grad_chunk(const T* x, const T* dy, std::size_t begin, std::size_t end, T* block) const {
         const std::size_t k = window_.kernel, s = window_.stride, pad = window_.padding, c_all = out_;
+        if (row_kernel()) {  // row piece by row piece, all taps' sums in registers
+            std::fill(block, block + k * k * c_all, T(0));
+            const std::size_t in_image = geo_.h * geo_.w * c_all;
+            for (std::size_t p = begin; p < end;) {
+                const std::size_t ox = p % geo_.wo, row = p / geo_.wo, oy = row % geo_.ho, n = row / geo_.ho;
+                const std::size_t piece_end = std::min(end, (row + 1) * geo_.wo);
+                detail::depthwise_row_weight_grad_for(k, x + n * in_image, geo_.h, geo_.w, c_all, s, pad, oy, ox,
+                                                      ox + (piece_end - p), dy + row * geo_.wo * c_all, block);
+                p = piece_end;
+            }
+            return;
+        }
         for (std::size_t ky = 0; ky < k; ++ky)
             for (std::size_t kx = 0; kx < k; ++kx) {
                 T* dst = block + (ky * k + kx) * c_all;
@@ -858,6 +1053,20 @@ private:
             if (gather) {
                 // The segment's images are its input pixels too (one image in, one image out).
                 const std::size_t in_image = geo_.h * geo_.w, q0 = p0 / per_image * in_image;
+                if (row_kernel() && window_.padding < window_.kernel) {
+                    // dx = the window sum of dY with the filters flipped and padding k - 1 - p (stride 1).
+                    const std::size_t k = window_.kernel;
+                    wt_flip_.resize(Shape{taps, out_});
+                    for (std::size_t t = 0; t < taps; ++t)
+                        std::copy_n(wt + t * out_, out_, wt_flip_.data() + (taps - 1 - t) * out_);
+                    for_rows(np / per_image * geo_.h, geo_.w * taps * out_, [&](std::size_t i) {
+                        const std::size_t row = q0 / geo_.w + i, n = row / geo_.h;
+                        detail::depthwise_row_for(k, dy.data() + n * per_image * out_, geo_.ho, geo_.wo, out_, geo_.w,
+                                                  1, k - 1 - window_.padding, row % geo_.h, wt_flip_.data(),
+                                                  static_cast<const T*>(nullptr), dx_.data() + row * geo_.w * out_);
+                    });
+                    return;
+                }
                 for_rows(np / per_image * in_image, taps * out_,
                          [&](std::size_t i) { depthwise_pixel_input_grad(dy.data(), wt, q0 + i); });
                 return;
@@ -887,7 +1096,7 @@ private:
     const MixedBatch<T>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
     detail::SpatialGeometry geo_;
     detail::ConvTiling tiling_;  ///< the last dense forward's chunks and tiles
-    Tensor<T> y_, dx_, wt_, dwt_, empty_;
+    Tensor<T> y_, dx_, wt_, dwt_, wt_flip_, empty_;
     Tensor<T> scratch_;             ///< per-thread X_col and dX_col tiles [threads, ...]
     Tensor<T> dw_chunks_, db_chunks_;  ///< per-chunk partial weight and bias gradients
     bool dnnl_used_ = false;           ///< the last forward ran on oneDNN
