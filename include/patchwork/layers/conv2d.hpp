@@ -327,6 +327,37 @@ inline Vec fused_multiply_add(const Vec& a, const Vec& b, const Vec& c) noexcept
         return a * b + c;
 }
 
+/// Where the K x K windows of output row oy lie over an image of in_h x in_w
+/// pixels (stride s, padding p): the first input row iy0 (possibly in the
+/// padding), the kernel rows [ky0, ky1) inside the image, and the output
+/// columns [ox_lo, ox_hi) whose windows lie inside horizontally (empty when
+/// none do); columns(ox) gives the kernel columns inside for any column.
+struct WindowRow {
+    std::ptrdiff_t iy0;
+    std::size_t ky0, ky1, ox_lo, ox_hi;
+    std::size_t k, in_w, stride, pad;
+
+    WindowRow(std::size_t kernel, std::size_t in_h, std::size_t in_width, std::size_t out_w, std::size_t s,
+              std::size_t p, std::size_t oy) noexcept
+        : iy0(std::ptrdiff_t(oy * s) - std::ptrdiff_t(p)), ky0(iy0 < 0 ? std::size_t(-iy0) : 0),
+          ky1(std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(in_h) - iy0, 0, std::ptrdiff_t(kernel)))),
+          ox_lo(std::min(out_w, (p + s - 1) / s)),  // p <= ox s
+          ox_hi(std::max(ox_lo, in_width + p >= kernel ? std::min(out_w, (in_width + p - kernel) / s + 1)
+                                                       : std::size_t(0))),  // ox s - p + K <= in_w
+          k(kernel), in_w(in_width), stride(s), pad(p) {}
+
+    /// The input column of output column ox's first kernel column, and its kernel columns [kx0, kx1) inside.
+    struct Columns {
+        std::ptrdiff_t ix0;
+        std::size_t kx0, kx1;
+    };
+    [[nodiscard]] Columns columns(std::size_t ox) const noexcept {
+        const std::ptrdiff_t ix0 = std::ptrdiff_t(ox * stride) - std::ptrdiff_t(pad);
+        return {ix0, ix0 < 0 ? std::size_t(-ix0) : 0,
+                std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(in_w) - ix0, 0, std::ptrdiff_t(k)))};
+    }
+};
+
 /// One output row of a depthwise window sum with a K x K kernel known at
 /// compile time, over all channels (C a multiple of the vector width):
 ///   out[ox, c] = init[c] + sum_{ky, kx} in[oy s - p + ky, ox s - p + kx, c] wt[(ky K + kx) C + c]
@@ -343,21 +374,15 @@ void depthwise_row(const T* in, std::size_t in_h, std::size_t in_w, std::size_t 
     using CS = ChannelSums<T>;
     using Vec = typename CS::Vec;
     constexpr std::size_t lanes = CS::lanes;
-    const std::ptrdiff_t iy0 = std::ptrdiff_t(oy * stride) - std::ptrdiff_t(pad);
-    const std::size_t ky0 = iy0 < 0 ? std::size_t(-iy0) : 0;
-    const auto ky1 = std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(in_h) - iy0, 0, std::ptrdiff_t(K)));
-    // Columns ox whose window lies inside the image: pad <= ox s and ox s - pad + K <= in_w.
-    const std::size_t ox_lo = std::min(out_w, (pad + stride - 1) / stride);
-    const std::size_t ox_hi = in_w + pad >= K ? std::min(out_w, (in_w + pad - K) / stride + 1) : 0;
-    const auto row_of = [&](std::size_t ky) { return in + std::size_t(iy0 + std::ptrdiff_t(ky)) * in_w * c_all; };
+    const WindowRow wr(K, in_h, in_w, out_w, stride, pad, oy);
+    const std::size_t ky0 = wr.ky0, ky1 = wr.ky1, ox_hi = wr.ox_hi;
+    const auto row_of = [&](std::size_t ky) { return in + std::size_t(wr.iy0 + std::ptrdiff_t(ky)) * in_w * c_all; };
     for (std::size_t cb = 0; cb < c_all; cb += lanes) {
         Vec w[K * K];
         for (std::size_t t = 0; t < K * K; ++t) w[t] = CS::load(wt + t * c_all + cb);
         const Vec start = init != nullptr ? CS::load(init + cb) : Vec{};
         const auto checked = [&](std::size_t ox) {
-            const std::ptrdiff_t ix0 = std::ptrdiff_t(ox * stride) - std::ptrdiff_t(pad);
-            const std::size_t kx0 = ix0 < 0 ? std::size_t(-ix0) : 0;
-            const auto kx1 = std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(in_w) - ix0, 0, std::ptrdiff_t(K)));
+            const auto [ix0, kx0, kx1] = wr.columns(ox);
             Vec acc = start;
             for (std::size_t ky = ky0; ky < ky1; ++ky)
                 for (std::size_t kx = kx0; kx < kx1; ++kx)
@@ -366,7 +391,7 @@ void depthwise_row(const T* in, std::size_t in_h, std::size_t in_w, std::size_t 
             CS::store(out + ox * c_all + cb, acc);
         };
         std::size_t ox = 0;
-        for (; ox < std::min(ox_lo, out_w); ++ox) checked(ox);
+        for (; ox < wr.ox_lo; ++ox) checked(ox);
         const std::size_t step = stride * c_all;
         for (; ox + 4 <= ox_hi; ox += 4) {
             Vec a0 = start, a1 = start, a2 = start, a3 = start;
@@ -403,21 +428,16 @@ void depthwise_row_weight_grad(const T* in, std::size_t in_h, std::size_t in_w, 
     using CS = ChannelSums<T>;
     using Vec = typename CS::Vec;
     constexpr std::size_t lanes = CS::lanes;
-    const std::ptrdiff_t iy0 = std::ptrdiff_t(oy * stride) - std::ptrdiff_t(pad);
-    const std::size_t ky0 = iy0 < 0 ? std::size_t(-iy0) : 0;
-    const auto ky1 = std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(in_h) - iy0, 0, std::ptrdiff_t(K)));
-    const std::size_t out_w = ox_b;
-    const std::size_t ox_lo = std::clamp((pad + stride - 1) / stride, ox_a, out_w);
-    const std::size_t ox_hi =
-        std::clamp(in_w + pad >= K ? (in_w + pad - K) / stride + 1 : std::size_t(0), ox_lo, out_w);
-    const auto row_of = [&](std::size_t ky) { return in + std::size_t(iy0 + std::ptrdiff_t(ky)) * in_w * c_all; };
+    const WindowRow wr(K, in_h, in_w, ox_b, stride, pad, oy);
+    const std::size_t ky0 = wr.ky0, ky1 = wr.ky1, out_w = ox_b;
+    // The inside columns, cut to [ox_a, ox_b).
+    const std::size_t ox_lo = std::clamp(wr.ox_lo, ox_a, out_w), ox_hi = std::clamp(wr.ox_hi, ox_lo, out_w);
+    const auto row_of = [&](std::size_t ky) { return in + std::size_t(wr.iy0 + std::ptrdiff_t(ky)) * in_w * c_all; };
     for (std::size_t cb = 0; cb < c_all; cb += lanes) {
         Vec acc[K * K];
         for (std::size_t t = 0; t < K * K; ++t) acc[t] = CS::load(dwt + t * c_all + cb);
         const auto checked = [&](std::size_t ox) {
-            const std::ptrdiff_t ix0 = std::ptrdiff_t(ox * stride) - std::ptrdiff_t(pad);
-            const std::size_t kx0 = ix0 < 0 ? std::size_t(-ix0) : 0;
-            const auto kx1 = std::size_t(std::clamp<std::ptrdiff_t>(std::ptrdiff_t(in_w) - ix0, 0, std::ptrdiff_t(K)));
+            const auto [ix0, kx0, kx1] = wr.columns(ox);
             const Vec gv = CS::load(g + ox * c_all + cb);
             for (std::size_t ky = ky0; ky < ky1; ++ky)
                 for (std::size_t kx = kx0; kx < kx1; ++kx)
