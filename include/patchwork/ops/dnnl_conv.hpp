@@ -42,7 +42,6 @@
 #include <memory>
 #include <string>
 #include <string_view>
-#include <type_traits>
 #include <vector>
 
 #include <oneapi/dnnl/dnnl.h>
@@ -59,22 +58,57 @@ inline void check(dnnl_status_t status, const char* what) {
         throw Error(std::string("oneDNN: ") + what + " failed (dnnl_status_t " + std::to_string(int(status)) + ")");
 }
 
-struct PrimitiveDescDeleter {
+/// An owned oneDNN handle (a pointer to one of its opaque structs), destroyed
+/// by a `Destroy` functor.
+template <class H, class Destroy>
+class Handle {
+public:
+    Handle() = default;
+    explicit Handle(H h) noexcept : h_(h) {}
+    Handle(Handle&& o) noexcept : h_(o.release()) {}
+    Handle& operator=(Handle&& o) noexcept {
+        if (this != &o) {
+            reset();
+            h_ = o.release();
+        }
+        return *this;
+    }
+    Handle(const Handle&) = delete;
+    Handle& operator=(const Handle&) = delete;
+    ~Handle() { reset(); }
+
+    [[nodiscard]] H get() const noexcept { return h_; }
+    [[nodiscard]] explicit operator bool() const noexcept { return h_ != nullptr; }
+    H release() noexcept {
+        H h = h_;
+        h_ = nullptr;
+        return h;
+    }
+    void reset() noexcept {
+        if (h_ != nullptr) Destroy{}(h_);
+        h_ = nullptr;
+    }
+
+private:
+    H h_ = nullptr;
+};
+
+struct DestroyPrimitiveDesc {
     void operator()(dnnl_primitive_desc_t p) const noexcept { dnnl_primitive_desc_destroy(p); }
 };
-struct PrimitiveDeleter {
+struct DestroyPrimitive {
     void operator()(dnnl_primitive_t p) const noexcept { dnnl_primitive_destroy(p); }
 };
-struct MemoryDeleter {
+struct DestroyMemory {
     void operator()(dnnl_memory_t p) const noexcept { dnnl_memory_destroy(p); }
 };
-struct StreamDeleter {
+struct DestroyStream {
     void operator()(dnnl_stream_t p) const noexcept { dnnl_stream_destroy(p); }
 };
-using PrimitiveDesc = std::unique_ptr<std::remove_pointer_t<dnnl_primitive_desc_t>, PrimitiveDescDeleter>;
-using PrimitiveHandle = std::unique_ptr<std::remove_pointer_t<dnnl_primitive_t>, PrimitiveDeleter>;
-using Memory = std::unique_ptr<std::remove_pointer_t<dnnl_memory_t>, MemoryDeleter>;
-using Stream = std::unique_ptr<std::remove_pointer_t<dnnl_stream_t>, StreamDeleter>;
+using PrimitiveDesc = Handle<dnnl_primitive_desc_t, DestroyPrimitiveDesc>;
+using PrimitiveHandle = Handle<dnnl_primitive_t, DestroyPrimitive>;
+using Memory = Handle<dnnl_memory_t, DestroyMemory>;
+using Stream = Handle<dnnl_stream_t, DestroyStream>;
 
 }  // namespace detail
 
@@ -112,15 +146,16 @@ struct ConvShape {
     [[nodiscard]] bool supported() const noexcept { return pad_r(h, ho) >= 0 && pad_r(w, wo) >= 0; }
 };
 
-/// A primitive with its descriptor; executed with memory objects made per call
-/// around the caller's buffers (no copies).
+/// A primitive with its descriptor, executed on the caller's buffers (no
+/// copies) through memory objects made on the first call and pointed at the
+/// new buffers on the next ones (no allocation per call).
 class Primitive {
 public:
     Primitive() = default;
     explicit Primitive(detail::PrimitiveDesc pd) : pd_(std::move(pd)) {
         dnnl_primitive_t p = nullptr;
         detail::check(dnnl_primitive_create(&p, pd_.get()), "dnnl_primitive_create");
-        prim_.reset(p);
+        prim_ = detail::PrimitiveHandle(p);
     }
     [[nodiscard]] explicit operator bool() const noexcept { return bool(prim_); }
     [[nodiscard]] const_dnnl_primitive_desc_t pd() const noexcept { return pd_.get(); }
@@ -139,19 +174,28 @@ public:
         const dnnl_memory_desc_t* md;
         const void* data;
     };
-    /// Runs the primitive on the given buffers (each described by md) and waits.
-    void execute(std::initializer_list<Arg> args) const {
-        std::vector<detail::Memory> keep;
-        std::vector<dnnl_exec_arg_t> exec;
-        keep.reserve(args.size());
-        exec.reserve(args.size());
+    /// Runs the primitive on the given buffers (each described by md) and
+    /// waits. Every call must pass the same argument kinds and descriptors.
+    void execute(std::initializer_list<Arg> args) {
+        if (args.size() > max_args) throw Error("oneDNN: more arguments than a convolution has");
+        if (args_ != args.size())
+            for (std::size_t i = 0; i < max_args; ++i) memory_[i].reset();
+        args_ = args.size();
+        std::size_t i = 0;
         for (const Arg& a : args) {
-            dnnl_memory_t m = nullptr;
-            detail::check(dnnl_memory_create(&m, a.md, engine(), const_cast<void*>(a.data)), "dnnl_memory_create");
-            keep.emplace_back(m);
-            exec.push_back({a.kind, m});
+            if (!memory_[i]) {
+                dnnl_memory_t m = nullptr;
+                detail::check(dnnl_memory_create(&m, a.md, engine(), const_cast<void*>(a.data)), "dnnl_memory_create");
+                memory_[i] = detail::Memory(m);
+                exec_[i] = {a.kind, m};
+            } else {
+                if (exec_[i].arg != a.kind) throw Error("oneDNN: a primitive executed with other arguments than before");
+                detail::check(dnnl_memory_set_data_handle(memory_[i].get(), const_cast<void*>(a.data)),
+                              "dnnl_memory_set_data_handle");
+            }
+            ++i;
         }
-        detail::check(dnnl_primitive_execute(prim_.get(), stream(), int(exec.size()), exec.data()),
+        detail::check(dnnl_primitive_execute(prim_.get(), stream(), int(args_), exec_),
                       "dnnl_primitive_execute");
         detail::check(dnnl_stream_wait(stream()), "dnnl_stream_wait");
     }
@@ -159,6 +203,12 @@ public:
 private:
     detail::PrimitiveDesc pd_;
     detail::PrimitiveHandle prim_;
+    // One memory object per argument, kept between calls. (Fixed arrays: nvcc 13's
+    // front end fails on a std::vector of dnnl_exec_arg_t, a typedef'd unnamed struct.)
+    static constexpr std::size_t max_args = 4;
+    detail::Memory memory_[max_args];
+    dnnl_exec_arg_t exec_[max_args]{};
+    std::size_t args_ = 0;
 };
 
 /// One convolution's oneDNN primitives for one input shape, built on first use.
@@ -212,7 +262,7 @@ public:
 
     /// y = conv(x, W) (+ b when b is not null).
     void forward(const float* x, const float* w, const float* b, float* y) {
-        const Primitive& fwd = prepare_forward(b != nullptr);
+        Primitive& fwd = prepare_forward(b != nullptr);
         const dnnl_memory_desc_t& wmd = fwd.md(dnnl_query_weights_md);
         const float* wp = to_primitive_weights(w, wmd, fwd_w_);
         if (b != nullptr)
@@ -235,7 +285,7 @@ public:
     /// patchwork's layout [C_out, k, k, C_in / G] (overwritten); db (if not
     /// null) the bias gradient (overwritten).
     void backward_weights(const float* x, const float* dy, float* dw, float* db) {
-        const Primitive& bwd = prepare_backward_weights(db != nullptr);
+        Primitive& bwd = prepare_backward_weights(db != nullptr);
         const dnnl_memory_desc_t& dwmd = bwd.md(dnnl_query_diff_weights_md);
         const bool same = dnnl_memory_desc_equal(&dwmd, &user_w_md_) != 0;
         if (!same) staging_.resize(dnnl_memory_desc_get_size(&dwmd) / sizeof(float));
@@ -250,7 +300,7 @@ public:
     }
 
 private:
-    const Primitive& prepare_forward(bool with_bias) {
+    Primitive& prepare_forward(bool with_bias) {
         Primitive& fwd = with_bias ? fwd_bias_ : fwd_;
         if (fwd) return fwd;
         dnnl_convolution_desc_t desc;
@@ -272,7 +322,7 @@ private:
         bwd_data_ = Primitive(create_pd(&desc, hint.pd(), "convolution backward data"));
     }
 
-    const Primitive& prepare_backward_weights(bool with_bias) {
+    Primitive& prepare_backward_weights(bool with_bias) {
         Primitive& bwd = with_bias ? bwd_w_bias_ : bwd_w_;
         if (bwd) return bwd;
         const Primitive& hint = prepare_forward(with_bias);
