@@ -232,6 +232,22 @@ void mix_backward(const E* g, std::size_t m, const E* const* candidates, std::si
     cuda::check_launch("mix_alpha_grad_kernel", where);
 }
 
+/// alpha_grad [k] += (1/tau) p_i (dgate_i - sum_j p_j dgate_j) for a given dL/dw
+/// (dgate [k], on the device): a penalty on the gate values, added to the
+/// gradient the mixing backward gives. One block, as mix_backward's last step.
+template <class A>
+void mix_gate_backward(const A* dgate, std::size_t k, const A* soft, const MixGates<A>& gates, A* alpha_grad,
+                       std::string_view where) {
+    detail::check_mix(k, 1, where);
+    const double inv_tau = detail::inverse_tau(gates, where);
+    check::pointer(where, "the gate gradient", dgate);
+    check::pointer(where, "the soft gate values p", soft);
+    check::pointer(where, "the alpha gradient", alpha_grad);
+    kernels::launch(detail::mix_alpha_grad_kernel<A>, 1, unsigned(32 * k), 0, stream(), dgate, 1, int(k), soft,
+                    inv_tau, alpha_grad);
+    cuda::check_launch("mix_alpha_grad_kernel", where);
+}
+
 /// As mix_backward with candidates and their gradients stacked [k, m] (d_stacked nullable).
 template <class E>
 void mix_backward_stacked(const E* g, std::size_t m, const E* stacked, std::size_t k, const accum_t<E>* soft,

@@ -3,7 +3,7 @@
 // patchwork/ops/cuda_ops.hpp: what the adapter, scale-shift and LoRA policy
 // modules run when their Device is Cuda. They check shapes (naming the module
 // path), then call the raw-pointer launchers of adapter.cuh, scale_shift.cuh
-// and multitask.cuh (one task). For float and double the kernels' gradient
+// and multitask.cuh (one task), and what a searched module runs (mix.cuh). For float and double the kernels' gradient
 // type accum_t<T> is T, so parameter gradients accumulate straight into the
 // parameters' gradient tensors. Backward scratch memory is the current
 // context's workspace (cuda::Context::workspace).
@@ -11,6 +11,7 @@
 
 #include "patchwork/cuda/device_tensor.hpp"
 #include "patchwork/kernels/adapter.cuh"
+#include "patchwork/kernels/mix.cuh"
 #include "patchwork/kernels/multitask.cuh"
 #include "patchwork/kernels/scale_shift.cuh"
 #include "patchwork/ops/cuda_ops.hpp"
@@ -104,6 +105,62 @@ void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Ten
     kernels::multitask_lora_backward<T>(x.data(), g.data(), base_dx.empty() ? nullptr : base_dx.data(), nullptr, n,
                                         in, out, r, 1, a.data(), b.data(), T(s), u.data(), detail::data_or_null(dx),
                                         {detail::data_or_null(da), detail::data_or_null(db)}, where);
+}
+
+template <class T>
+void search_mix_forward(const Tensor<T, Cuda>& alpha, const Tensor<T, Cuda>* noise, double tau, bool hard,
+                        const Tensor<T, Cuda>* const* candidates, Tensor<T, Cuda>& y, Tensor<T, Cuda>& soft,
+                        Tensor<T, Cuda>& used, std::string_view where) {
+    const std::size_t k = alpha.size();
+    kernels::detail::check_mix(k, 1, where);
+    const Shape& shape = candidates[0]->shape();
+    const T* ptrs[kernels::kMaxCandidates];
+    for (std::size_t j = 0; j < k; ++j) {
+        if (!(candidates[j]->shape() == shape))
+            throw ShapeError(patchwork::detail::concat(where, ": candidate ", j, " output ", candidates[j]->shape(),
+                                                       " does not match candidate 0's ", shape));
+        ptrs[j] = candidates[j]->data();
+    }
+    if (noise != nullptr) detail::expect_shape(*noise, alpha.shape(), where, "gate noise");
+    y.resize(shape);
+    soft.resize(alpha.shape());
+    used.resize(alpha.shape());
+    const kernels::MixGates<T> gates{noise != nullptr ? noise->data() : nullptr, tau, hard};
+    kernels::mix_forward<T>(alpha.data(), k, gates, ptrs, y.size(), y.data(), soft.data(), used.data(), where);
+}
+
+template <class T>
+void search_mix_backward(const Tensor<T, Cuda>& g, const Tensor<T, Cuda>* const* candidates,
+                         const Tensor<T, Cuda>& soft, const Tensor<T, Cuda>& used, const Tensor<T, Cuda>* noise,
+                         double tau, Tensor<T, Cuda>* const* d_candidates, Tensor<T, Cuda>* alpha_grad,
+                         std::string_view where) {
+    const std::size_t k = used.size();
+    kernels::detail::check_mix(k, 1, where);
+    const T* ptrs[kernels::kMaxCandidates];
+    T* dptrs[kernels::kMaxCandidates];
+    for (std::size_t j = 0; j < k; ++j) {
+        detail::expect_shape(*candidates[j], g.shape(), where, "candidate output (against the output gradient)");
+        ptrs[j] = candidates[j]->data();
+        dptrs[j] = nullptr;
+        if (d_candidates != nullptr && d_candidates[j] != nullptr) {
+            d_candidates[j]->resize(g.shape());
+            dptrs[j] = d_candidates[j]->data();
+        }
+    }
+    if (alpha_grad != nullptr) detail::expect_shape(*alpha_grad, used.shape(), where, "alpha gradient");
+    const kernels::MixGates<T> gates{noise != nullptr ? noise->data() : nullptr, tau, false};
+    kernels::mix_backward<T>(g.data(), g.size(), ptrs, k, soft.data(), used.data(), gates, dptrs,
+                             detail::data_or_null(alpha_grad), where);
+}
+
+template <class T>
+void search_gate_backward(const Tensor<T, Cuda>& dgate, const Tensor<T, Cuda>& soft, double tau, bool noisy,
+                          Tensor<T, Cuda>& alpha_grad, std::string_view where) {
+    detail::expect_shape(dgate, soft.shape(), where, "gate gradient");
+    detail::expect_shape(alpha_grad, soft.shape(), where, "alpha gradient");
+    // Only whether noise was used and tau matter here (the noise values do not).
+    const kernels::MixGates<T> gates{noisy ? dgate.data() : nullptr, tau, false};
+    kernels::mix_gate_backward<T>(dgate.data(), soft.size(), soft.data(), gates, alpha_grad.data(), where);
 }
 
 }  // namespace patchwork::cuda

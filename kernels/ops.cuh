@@ -271,6 +271,53 @@ __global__ void adam_kernel(T* __restrict__ w, const T* __restrict__ g, T* __res
     }
 }
 
+// ---- vector operations (search mixing, gradient clipping) -----------------
+
+/// y[i] += a x[i].
+template <class T>
+__global__ void axpy_kernel(T a, const T* __restrict__ x, T* __restrict__ y, std::size_t n) {
+    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+         i += std::size_t(gridDim.x) * blockDim.x)
+        y[i] += a * x[i];
+}
+
+/// x[i] *= a.
+template <class T>
+__global__ void scale_kernel(T a, T* __restrict__ x, std::size_t n) {
+    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+         i += std::size_t(gridDim.x) * blockDim.x)
+        x[i] *= a;
+}
+
+/// Blocks of the squared norm: a fixed count for a given n, so the sum order
+/// (and the result) does not depend on the device.
+constexpr unsigned squared_norm_blocks(std::size_t n) {
+    const std::size_t b = ceil_div(n, 256);
+    return unsigned(b == 0 ? 1 : (b < 256 ? b : 256));
+}
+
+/// partial[block] = sum of x[i]^2 over the block's grid-stride elements, in double.
+template <class T>
+__global__ void __launch_bounds__(256) squared_sum_kernel(const T* __restrict__ x, std::size_t n,
+                                                          double* __restrict__ partial) {
+    __shared__ double scratch[32];
+    double s = 0;
+    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+         i += std::size_t(gridDim.x) * blockDim.x)
+        s += double(x[i]) * double(x[i]);
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+/// out[0] = sum of partial[0 .. blocks) in block order (one warp, lanes strided, then a warp sum).
+__global__ void squared_sum_finish_kernel(const double* __restrict__ partial, unsigned blocks,
+                                          double* __restrict__ out) {
+    double s = 0;
+    for (unsigned b = threadIdx.x; b < blocks; b += 32) s += partial[b];
+    s = warp_sum(s);
+    if (threadIdx.x == 0) out[0] = s;
+}
+
 }  // namespace detail
 }  // namespace patchwork::kernels
 
@@ -387,6 +434,45 @@ void adam_update(Tensor<T, Cuda>& w, const Tensor<T, Cuda>& g, Tensor<T, Cuda>& 
     kernels::launch(kernels::detail::adam_kernel<T>, kernels::grid_1d(w.size(), 256), 256, 0, kernels::stream(), w.data(), g.data(), m.data(), v.data(), w.size(), T(beta1), T(beta2), T(decoupled ? 0 : weight_decay),
         decay ? T(1 - lr * weight_decay) : T(1), T(lr / bc1), T(std::sqrt(bc2)), T(eps), decoupled);
     check_launch("adam_kernel", where);
+}
+
+template <class T>
+void axpy(T a, const Tensor<T, Cuda>& x, Tensor<T, Cuda>& y, std::string_view where) {
+    if (!(x.shape() == y.shape()))
+        throw ShapeError(patchwork::detail::concat(where, ": y += a x needs equal shapes, got x ", x.shape(),
+                                                   " and y ", y.shape()));
+    if (x.size() == 0) return;
+    kernels::launch(kernels::detail::axpy_kernel<T>, kernels::grid_1d(x.size(), 256), 256, 0, kernels::stream(), a,
+                    x.data(), y.data(), x.size());
+    check_launch("axpy_kernel", where);
+}
+
+template <class T>
+void scale(Tensor<T, Cuda>& x, T a, std::string_view where) {
+    if (x.size() == 0) return;
+    kernels::launch(kernels::detail::scale_kernel<T>, kernels::grid_1d(x.size(), 256), 256, 0, kernels::stream(), a,
+                    x.data(), x.size());
+    check_launch("scale_kernel", where);
+}
+
+template <class T>
+double squared_norm(const Tensor<T, Cuda>& x, std::string_view where) {
+    if (x.size() == 0) return 0.0;
+    const unsigned blocks = kernels::detail::squared_norm_blocks(x.size());
+    kernels::detail::Scratch scratch({}, kernels::ws_bytes(blocks, sizeof(double)) + kernels::ws_bytes(1, sizeof(double)),
+                                     where);
+    double* partial = scratch.take<double>(blocks);
+    double* total = scratch.take<double>(1);
+    kernels::launch(kernels::detail::squared_sum_kernel<T>, blocks, 256, 0, kernels::stream(), x.data(), x.size(),
+                    partial);
+    check_launch("squared_sum_kernel", where);
+    kernels::launch(kernels::detail::squared_sum_finish_kernel, 1, 32, 0, kernels::stream(), partial, blocks, total);
+    check_launch("squared_sum_finish_kernel", where);
+    double out = 0;
+    check(cudaMemcpyAsync(&out, total, sizeof(double), cudaMemcpyDeviceToHost, context().stream()),
+          "cudaMemcpyAsync(device to host)", where);
+    context().synchronize(where);
+    return out;
 }
 
 }  // namespace patchwork::cuda

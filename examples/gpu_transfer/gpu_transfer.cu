@@ -7,6 +7,11 @@
 //    device: head only (body Frozen), NormPatch, Adapter<32> (the fused adapter
 //    kernel), LoRA<8, 16> on both body Linears (the fused low-rank kernel),
 //    FineTune. Print trainable parameters, test accuracy and training time.
+// 3. Architecture search on the device: each body Linear chooses among
+//    Frozen, Adapter<16>, LoRA<8, 16> and FineTune (first-order DARTS with a
+//    parameter penalty, search::run; weights on 80 % of the new training
+//    images, architecture weights on the other 20 %), then derive keeps the
+//    argmax per Linear and the derived model trains as the policies above.
 //
 // Images are loaded on the host and copied to the device batch by batch; the
 // loss value comes back once per step. Without a CUDA device the program
@@ -33,6 +38,8 @@ using Relu = pw::BasicRelu<float, Cuda>;
 using Body = pw::Sequential<Linear, LayerNorm, Relu, Linear, LayerNorm, Relu>;
 using LoraLinear = pw::Tune<Linear, pw::LoRA<8, 16>>;
 using LoraBody = pw::Sequential<LoraLinear, LayerNorm, Relu, LoraLinear, LayerNorm, Relu>;
+using SearchLinear = pw::Tune<Linear, pw::Search<pw::Frozen, pw::Adapter<16>, pw::LoRA<8, 16>, pw::FineTune>>;
+using SearchBody = pw::Sequential<SearchLinear, LayerNorm, Relu, SearchLinear, LayerNorm, Relu>;
 
 struct Options {
     std::size_t pretrain_epochs = 8;
@@ -41,6 +48,8 @@ struct Options {
     std::size_t test_limit = 0;    ///< first N test images only (0: all)
     std::size_t train_limit = 0;   ///< first N training images only (0: all; smoke runs)
     std::size_t batch = 64;
+    std::size_t search_epochs = 6;
+    double lambda = 0.5;  ///< the search's parameter penalty
     double lr = 2e-3;
     std::uint64_t seed = 1;
     std::string data_dir = pw::fashion_mnist_default_dir;
@@ -49,7 +58,8 @@ struct Options {
 [[noreturn]] void usage(const std::string& why) {
     std::cerr << "gpu_transfer: " << why << "\n"
               << "usage: gpu_transfer [--pretrain-epochs N] [--epochs N] [--per-class N] [--test-limit N]\n"
-                 "                    [--train-limit N] [--batch N] [--lr X] [--seed N] [--data-dir DIR]\n";
+                 "                    [--train-limit N] [--batch N] [--search-epochs N] [--lambda X] [--lr X]\n"
+                 "                    [--seed N] [--data-dir DIR]\n";
     std::exit(2);
 }
 
@@ -66,6 +76,8 @@ Options parse(int argc, char** argv) {
             else if (a == "--test-limit") o.test_limit = std::stoul(v);
             else if (a == "--train-limit") o.train_limit = std::stoul(v);
             else if (a == "--batch") o.batch = std::stoul(v);
+            else if (a == "--search-epochs") o.search_epochs = std::stoul(v);
+            else if (a == "--lambda") o.lambda = std::stod(v);
             else if (a == "--lr") o.lr = std::stod(v);
             else if (a == "--seed") o.seed = std::stoull(v);
             else if (a == "--data-dir") o.data_dir = v;
@@ -75,6 +87,7 @@ Options parse(int argc, char** argv) {
         }
     }
     if (o.batch == 0) usage("--batch must be positive");
+    if (o.search_epochs == 0) usage("--search-epochs must be positive");
     return o;
 }
 
@@ -195,6 +208,52 @@ int main(int argc, char** argv) try {
     }
 
     const double full = double(rows.back().trainable);
+
+    // 3. Search per body Linear on the device, derive, retrain the derived scheme.
+    using Searched = pw::Tune<SearchBody, pw::Frozen>;  // LayerNorms frozen; each Linear decides by search
+    const auto searched_model = [&] {
+        SearchBody sb(SearchLinear(body.get<0>()), body.get<1>(), Relu{}, SearchLinear(body.get<3>()), body.get<4>(),
+                      Relu{});
+        return pw::Sequential<Searched, Linear>(Searched(sb), head);
+    };
+    std::vector<std::size_t> choices;
+    std::string scheme;
+    {
+        auto m = searched_model();
+        m.set_input_grad(false);
+        const auto [weights_part, alpha_part] = pw::split(new_train, 0.8, o.seed);
+        pw::Batcher<float> tsrc(weights_part, {.batch_size = o.batch, .seed = o.seed});
+        pw::Batcher<float> vsrc(alpha_part, {.batch_size = o.batch, .seed = o.seed + 1});
+        pw::BasicAdamW<float, Cuda> wopt(pw::search::weight_parameters(m), {.lr = o.lr, .weight_decay = 1e-4});
+        const auto step = [](auto& model, const pw::Batch<float>& b) {
+            const auto loss = pw::cross_entropy(model.forward(pw::to_device(b.x)), std::span<const int>(b.labels));
+            model.backward(loss.grad);
+            return double(loss.value);
+        };
+        pw::search::SearchOptions so;
+        so.epochs = o.search_epochs;
+        so.penalty.lambda = o.lambda;
+        so.alpha.lr = 3e-2;
+        so.seed = o.seed;
+        pw::cuda::synchronize();
+        const auto t0 = std::chrono::steady_clock::now();
+        pw::search::run(m, wopt, tsrc, vsrc, step, so);
+        pw::cuda::synchronize();
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        choices = pw::search::argmax_scheme(m);
+        const auto report = pw::search::derive(m);
+        std::cout << "\nsearch on the device: " << o.search_epochs << " epochs, lambda " << o.lambda << ", "
+                  << seconds << " s\n"
+                  << report;
+        for (const auto& d : report.modules) scheme += (scheme.empty() ? "" : ", ") + d.chosen;
+    }
+    {
+        // The derived scheme from the pre-trained weights and the fresh head, trained as the rows above.
+        auto m = searched_model();
+        pw::search::derive(m, choices);
+        rows.push_back(adapt("Search: " + scheme, m, new_train, new_test, o));
+    }
+
     std::printf("\nadapting to classes 5-9 on %zu images, %zu epochs, batch %zu, AdamW lr %g\n", new_train.size(),
                 o.epochs, o.batch, o.lr);
     std::printf("%-26s %10s %8s %9s %8s\n", "policy", "trainable", "% full", "accuracy", "time(s)");

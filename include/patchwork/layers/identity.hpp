@@ -4,7 +4,8 @@
 // buffers must outlive their use (as for any saved input). Its width is fixed
 // at construction, which lets injection policies wrap it: an Adapter around an
 // Identity is the adapter alone, applied to a given tensor (architecture search
-// uses this to run several patches on one shared base output).
+// uses this to run several patches on one shared base output). It runs on
+// any device (Device = Cuda: the same, on device tensors).
 #include <cstddef>
 #include <string>
 
@@ -12,10 +13,11 @@
 
 namespace patchwork {
 
-template <class T>
+template <class T, class D = Cpu>
 class BasicIdentity : public ModuleBase {
 public:
     using Scalar = T;
+    using Device = D;
     static constexpr const char* kind() { return "identity"; }
     static constexpr unsigned roles = 0;
     static constexpr bool fixed_width = true;
@@ -30,11 +32,11 @@ public:
     void visit(F&&) noexcept {}
     void set_path(const std::string& p) { path_ = p; }
 
-    const Tensor<T>& forward(const Tensor<T>& x) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x) {
         check_cols(x, features_, path_, "identity input");
         return x;
     }
-    const Tensor<T>& backward(const Tensor<T>& dy) {
+    const Tensor<T, D>& backward(const Tensor<T, D>& dy) {
         check_cols(dy, features_, path_, "identity output gradient");
         if (!input_grad_) return empty_;
         return dy;
@@ -42,7 +44,7 @@ public:
 
 private:
     std::size_t features_;
-    Tensor<T> empty_;
+    Tensor<T, D> empty_;
 };
 
 using Identity = BasicIdentity<float>;

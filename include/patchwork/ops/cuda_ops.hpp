@@ -66,6 +66,19 @@ void adam_update(Tensor<T, Cuda>& w, const Tensor<T, Cuda>& g, Tensor<T, Cuda>& 
                  std::size_t t, double lr, double beta1, double beta2, double eps, double weight_decay,
                  bool decoupled, std::string_view where);
 
+/// y += a x (equal shapes).
+template <class T>
+void axpy(T a, const Tensor<T, Cuda>& x, Tensor<T, Cuda>& y, std::string_view where);
+
+/// x *= a.
+template <class T>
+void scale(Tensor<T, Cuda>& x, T a, std::string_view where);
+
+/// sum_i x_i^2, accumulated in double in a fixed order (bitwise reproducible);
+/// waits for the stream (the value comes back to the host).
+template <class T>
+[[nodiscard]] double squared_norm(const Tensor<T, Cuda>& x, std::string_view where);
+
 // ---- patches (the fused kernels of kernels/adapter.cuh, scale_shift.cuh, multitask.cuh;
 //      definitions in kernels/module_ops.cuh) ----
 
@@ -105,5 +118,32 @@ template <class T>
 void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& base_dx,
                    const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, double s, const Tensor<T, Cuda>& u,
                    Tensor<T, Cuda>* dx, Tensor<T, Cuda>* da, Tensor<T, Cuda>* db, std::string_view where);
+
+// ---- architecture search (the gate and mixing kernels of kernels/mix.cuh;
+//      definitions in kernels/module_ops.cuh) ----
+
+/// The gates of a searched module and its mixed output: z = (alpha + noise) / tau
+/// (noise null: z = alpha), p = softmax(z), w = onehot(argmax p) when hard, else p;
+/// y = sum_k w_k candidates[k] (K = alpha.size() candidates of equal shape);
+/// soft and used [K] receive p and w.
+template <class T>
+void search_mix_forward(const Tensor<T, Cuda>& alpha, const Tensor<T, Cuda>* noise, double tau, bool hard,
+                        const Tensor<T, Cuda>* const* candidates, Tensor<T, Cuda>& y, Tensor<T, Cuda>& soft,
+                        Tensor<T, Cuda>& used, std::string_view where);
+
+/// Its backward: d_candidates[k] = used_k g (each resized; the array or an entry
+/// may be null); alpha_grad += (1/tau) p (dgate - <p, dgate>) with dgate_k = <g,
+/// candidates[k]> (when not null; tau is 1 when noise is null).
+template <class T>
+void search_mix_backward(const Tensor<T, Cuda>& g, const Tensor<T, Cuda>* const* candidates,
+                         const Tensor<T, Cuda>& soft, const Tensor<T, Cuda>& used, const Tensor<T, Cuda>* noise,
+                         double tau, Tensor<T, Cuda>* const* d_candidates, Tensor<T, Cuda>* alpha_grad,
+                         std::string_view where);
+
+/// alpha_grad += (1/tau) p (dgate - <p, dgate>) for a given dL/dw [K] (a penalty
+/// on the gates); tau applies when the forward used noise (`noisy`).
+template <class T>
+void search_gate_backward(const Tensor<T, Cuda>& dgate, const Tensor<T, Cuda>& soft, double tau, bool noisy,
+                          Tensor<T, Cuda>& alpha_grad, std::string_view where);
 
 }  // namespace patchwork::cuda

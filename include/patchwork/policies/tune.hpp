@@ -54,7 +54,7 @@ constexpr bool policy_ok() {
 }
 
 /// Policies whose modules also run with Device = Cuda: every selection policy,
-/// and the injection policies that declare `on_device` (Adapter, ScaleShift, LoRA).
+/// and the injection policies that declare `on_device` (Adapter, ScaleShift, LoRA, Search).
 template <class P>
 constexpr bool runs_on_device = [] {
     if constexpr (InjectionPolicy<P>) {
@@ -82,7 +82,7 @@ class Tune : public ModuleBase {
     static_assert((detail::policy_ok<M, Policies>() && ...), "patchwork::Tune: a policy does not apply to this module");
     static_assert(std::is_same_v<device_of_t<M>, Cpu> || (detail::runs_on_device<Policies> && ...),
                   "patchwork::Tune: on Device = Cuda the policies are Frozen, FineTune, BiasOnly, NormPatch, "
-                  "Adapter<r>, ScaleShift and LoRA<r> (search and over-parameterisation run on the CPU)");
+                  "Adapter<r>, ScaleShift, LoRA<r> and Search<...> (over-parameterisation runs on the CPU)");
 
 public:
     using Base = M;

@@ -13,7 +13,9 @@
 //   names its LoRA targets      LoRA on them, base frozen     from the base, e.g. BertLayer: query, value)
 //
 // Each branch's backward takes G_k = g_k dL/dy and adds its part to dL/dh (the
-// shared base's output gradient) or to dL/dx directly.
+// shared base's output gradient) or to dL/dx directly. Every branch runs on
+// the base's device (Cpu or Cuda); on the device the LoRA branch is the fused
+// low-rank kernel of the LoRA policy (cuda::lora_forward / lora_backward).
 #include <cstddef>
 #include <string>
 #include <type_traits>
@@ -22,6 +24,7 @@
 #include "patchwork/core/module.hpp"
 #include "patchwork/layers/identity.hpp"
 #include "patchwork/layers/linear.hpp"
+#include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/policies/adapter.hpp"
 #include "patchwork/policies/frozen.hpp"
 #include "patchwork/policies/lora.hpp"
@@ -31,6 +34,17 @@
 namespace patchwork {
 
 namespace detail {
+
+/// acc += g (equal shapes), on either device.
+template <class T, class D>
+void add_to(Tensor<T, D>& acc, const Tensor<T, D>& g, const std::string& where) {
+    if constexpr (std::is_same_v<D, Cuda>) {
+        cuda::axpy(T(1), g, acc, where);
+    } else {
+        check_same_shape(g, acc.shape(), where, "gradient to accumulate");
+        acc.matrix() += g.matrix();
+    }
+}
 
 template <class P>
 inline constexpr bool is_lora_policy = false;
@@ -77,10 +91,11 @@ template <class Inner, class P>
 class FrozenBranch {
 public:
     using T = typename Inner::Scalar;
+    using D = device_of_t<Inner>;
     explicit FrozenBranch(const Inner&) {}
-    const Tensor<T>& forward(const Tensor<T>&, const Tensor<T>& h) { return h; }
+    const Tensor<T, D>& forward(const Tensor<T, D>&, const Tensor<T, D>& h) { return h; }
     /// dL/dh += g (into dh); nothing for x.
-    void backward(const Tensor<T>& g, Tensor<T>& dh, bool& dh_used, Tensor<T>&, bool&, bool need_dh) {
+    void backward(const Tensor<T, D>& g, Tensor<T, D>& dh, bool& dh_used, Tensor<T, D>&, bool&, bool need_dh) {
         if (need_dh) accumulate(dh, dh_used, g);
     }
     template <class F>
@@ -90,12 +105,12 @@ public:
     void release() {}
     static constexpr std::size_t added_parameters(const Inner&) { return 0; }
 
-    static void accumulate(Tensor<T>& acc, bool& used, const Tensor<T>& g) {
+    static void accumulate(Tensor<T, D>& acc, bool& used, const Tensor<T, D>& g) {
         if (!used) {
             acc = g;
             used = true;
         } else {
-            acc.matrix() += g.matrix();
+            add_to(acc, g, "search branch gradient");
         }
     }
 };
@@ -105,13 +120,14 @@ template <class Inner, class P>
 class HeadBranch {
 public:
     using T = typename Inner::Scalar;
-    using Head = typename P::template module<BasicIdentity<T>>;
+    using D = device_of_t<Inner>;
+    using Head = typename P::template module<BasicIdentity<T, D>>;
 
-    explicit HeadBranch(const Inner& base) : head_(BasicIdentity<T>(base.out_features())) {}
-    const Tensor<T>& forward(const Tensor<T>&, const Tensor<T>& h) { return head_.forward(h); }
-    void backward(const Tensor<T>& g, Tensor<T>& dh, bool& dh_used, Tensor<T>&, bool&, bool need_dh) {
+    explicit HeadBranch(const Inner& base) : head_(BasicIdentity<T, D>(base.out_features())) {}
+    const Tensor<T, D>& forward(const Tensor<T, D>&, const Tensor<T, D>& h) { return head_.forward(h); }
+    void backward(const Tensor<T, D>& g, Tensor<T, D>& dh, bool& dh_used, Tensor<T, D>&, bool&, bool need_dh) {
         head_.set_input_grad(need_dh);
-        const Tensor<T>& d = head_.backward(g);
+        const Tensor<T, D>& d = head_.backward(g);
         if (need_dh) FrozenBranch<Inner, P>::accumulate(dh, dh_used, d);
     }
     template <class F>
@@ -137,28 +153,45 @@ template <class Inner, class P>
 class LoraBranch {
 public:
     using T = typename Inner::Scalar;
+    using D = device_of_t<Inner>;
     explicit LoraBranch(const Inner& base)
         : a("a", Role::lora, Shape{P::rank, base.in_features()}), b("b", Role::lora, Shape{base.out_features(), P::rank}) {
         reset(base, default_rng());
     }
-    const Tensor<T>& forward(const Tensor<T>& x, const Tensor<T>& h) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x, const Tensor<T, D>& h) {
         // The same low-rank path as LoRAModule (policies/lora.hpp), over all rows.
         x_ = x;
-        u_.resize(x.shape().with_back(P::rank));
-        y_ = h;
-        lora_forward_rows(x.matrix(), a.value, b.value, scale_, u_.matrix(), y_.matrix());
+        if constexpr (std::is_same_v<D, Cuda>) {
+            cuda::lora_forward(x, h, a.value, b.value, double(scale_), y_, u_, path_);
+        } else {
+            u_.resize(x.shape().with_back(P::rank));
+            y_ = h;
+            lora_forward_rows(x.matrix(), a.value, b.value, scale_, u_.matrix(), y_.matrix());
+        }
         return y_;
     }
     // dB += s g^T u; dA += s (g B)^T x; dL/dh += g; dL/dx += s (g B) A.
-    void backward(const Tensor<T>& g, Tensor<T>& dh, bool& dh_used, Tensor<T>& dx, bool& dx_used, bool need_dx) {
-        const Tensor<T>& x = x_.get(g.shape().with_back(a.value.shape()[1]), "", "LoRA branch input");
-        gb_.resize(g.shape().with_back(P::rank));
-        lora_factor_grads_rows(g.matrix(), u_.matrix(), x.matrix(), a, b, scale_, gb_.matrix(), need_dx);
-        if (!need_dx) return;
-        FrozenBranch<Inner, P>::accumulate(dh, dh_used, g);
-        if (!dx_used) dx.resize(x.shape());
-        lora_input_grad_rows(gb_.matrix(), a.value, scale_, dx.matrix(), dx_used ? T(1) : T(0));
-        dx_used = true;
+    void backward(const Tensor<T, D>& g, Tensor<T, D>& dh, bool& dh_used, Tensor<T, D>& dx, bool& dx_used,
+                  bool need_dx) {
+        const Tensor<T, D>& x = x_.get(g.shape().with_back(a.value.shape()[1]), path_, "LoRA branch input");
+        if constexpr (std::is_same_v<D, Cuda>) {
+            // Straight into dx when it holds nothing yet, else into a buffer added to it.
+            Tensor<T, D>* out = need_dx ? (dx_used ? &gb_ : &dx) : nullptr;
+            cuda::lora_backward(x, g, empty_, a.value, b.value, double(scale_), u_, out,
+                                a.wants_grad() ? &a.grad : nullptr, b.wants_grad() ? &b.grad : nullptr, path_);
+            if (!need_dx) return;
+            FrozenBranch<Inner, P>::accumulate(dh, dh_used, g);
+            if (dx_used) add_to(dx, gb_, path_);
+            dx_used = true;
+        } else {
+            gb_.resize(g.shape().with_back(P::rank));
+            lora_factor_grads_rows(g.matrix(), u_.matrix(), x.matrix(), a, b, scale_, gb_.matrix(), need_dx);
+            if (!need_dx) return;
+            FrozenBranch<Inner, P>::accumulate(dh, dh_used, g);
+            if (!dx_used) dx.resize(x.shape());
+            lora_input_grad_rows(gb_.matrix(), a.value, scale_, dx.matrix(), dx_used ? T(1) : T(0));
+            dx_used = true;
+        }
     }
     template <class F>
     void visit(F&& f) {
@@ -167,11 +200,12 @@ public:
     }
     void set_path(const std::string& p, bool) {
         const std::string own = p.empty() ? "lora" : p + ".lora";
+        path_ = own;
         a.set_prefix(own);
         b.set_prefix(own);
     }
     void reset(const Inner& base, Rng& rng) {
-        init::kaiming_uniform(a.value, rng, base.in_features());
+        init::on_host(a.value, [&](Tensor<T>& v) { init::kaiming_uniform(v, rng, base.in_features()); });
         b.value.zero();
     }
     void release() {
@@ -181,12 +215,13 @@ public:
         }
     }
 
-    Parameter<T> a, b;
+    Parameter<T, D> a, b;
 
 private:
     T scale_ = T(double(P::alpha) / double(P::rank));
-    Saved<T> x_;
-    Tensor<T> u_, y_, gb_;
+    std::string path_ = "lora";
+    Saved<T, D> x_;
+    Tensor<T, D> u_, y_, gb_, empty_;
 };
 
 /// A selection candidate (FineTune, BiasOnly, NormPatch): its own copy of the
@@ -197,11 +232,12 @@ template <class Inner, class P>
 class CopyBranch {
 public:
     using T = typename Inner::Scalar;
+    using D = device_of_t<Inner>;
     explicit CopyBranch(const Inner& base) : copy_(base) {}
-    const Tensor<T>& forward(const Tensor<T>& x, const Tensor<T>&) { return copy_.forward(x); }
-    void backward(const Tensor<T>& g, Tensor<T>&, bool&, Tensor<T>& dx, bool& dx_used, bool need_dx) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x, const Tensor<T, D>&) { return copy_.forward(x); }
+    void backward(const Tensor<T, D>& g, Tensor<T, D>&, bool&, Tensor<T, D>& dx, bool& dx_used, bool need_dx) {
         copy_.set_input_grad(need_dx);
-        const Tensor<T>& d = copy_.backward(g);
+        const Tensor<T, D>& d = copy_.backward(g);
         if (need_dx) FrozenBranch<Inner, P>::accumulate(dx, dx_used, d);
     }
     template <class F>
@@ -218,7 +254,7 @@ public:
     /// Copies the base's values into the copy's pre-trained parameters (those no
     /// policy injected; both visit them in the same order).
     void sync(const Inner& base) {
-        std::vector<const Tensor<T>*> src;
+        std::vector<const Tensor<T, D>*> src;
         const_cast<Inner&>(base).visit([&](auto& p) { src.push_back(&p.value); });
         std::size_t i = 0;
         copy_.visit([&](auto& p) {

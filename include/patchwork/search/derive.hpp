@@ -231,10 +231,12 @@ template <class M>
 }
 
 /// Copies every parameter value of `from` into `to`, in visiting order, after
-/// checking that names and shapes agree (moving a derived model into its fixed type).
+/// checking that names and shapes agree (moving a derived model into its fixed
+/// type). The two may live on different devices (a search on the GPU, the
+/// fixed model on the CPU, or the other way round).
 template <class A, class B>
 void copy_parameters(A& from, B& to) {
-    std::vector<Parameter<typename A::Scalar>*> src;
+    std::vector<Parameter<typename A::Scalar, device_of_t<A>>*> src;
     from.visit([&](auto& p) { src.push_back(&p); });
     std::size_t i = 0;
     to.visit([&](auto& p) {
@@ -245,7 +247,8 @@ void copy_parameters(A& from, B& to) {
         if (s.name() != p.name() || !(s.value.shape() == p.value.shape()))
             throw ShapeError(detail::concat("copy_parameters: ", s.name(), " ", s.value.shape(), " does not match ",
                                             p.name(), " ", p.value.shape()));
-        p.value = s.value;
+        if constexpr (std::is_same_v<device_of_t<A>, device_of_t<B>>) p.value = s.value;
+        else copy(s.value, p.value);
     });
     if (i != src.size())
         throw ShapeError(detail::concat("copy_parameters: the source has ", src.size() - i,

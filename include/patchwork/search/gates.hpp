@@ -53,6 +53,14 @@ struct GateState {
 
     /// Draws noise (Gumbel mode) and computes p and g from alpha.
     void compute(const T* alpha, std::size_t k, const GateConfig& cfg, Rng& rng) {
+        draw_noise(k, cfg, rng);
+        compute_with_noise(alpha, k, cfg);
+    }
+
+    /// Draws the noise only (Gumbel mode; zeros otherwise) and sets inv_tau:
+    /// what a device module does on the host before its kernel computes p and g.
+    void draw_noise(std::size_t k, const GateConfig& cfg, Rng& rng) {
+        inv_tau = cfg.mode == GateMode::gumbel ? 1.0 / cfg.tau : 1.0;
         noise.assign(k, T(0));
         if (cfg.mode == GateMode::gumbel) {
             for (auto& g : noise) {
@@ -61,7 +69,6 @@ struct GateState {
                 g = T(-std::log(-std::log(u)));
             }
         }
-        compute_with_noise(alpha, k, cfg);
     }
 
     /// Computes p and g from alpha and the noise already held (used by gradient checks).

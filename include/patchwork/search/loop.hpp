@@ -140,7 +140,7 @@ SearchResult run(M& model, WeightOpt& weight_opt, Train& train, Val& val, StepFn
     if (val.batches() == 0)
         throw ConfigError("search::run: the held-out split has no batches (it is too small for one batch)");
     auto alphas = architecture_parameters(model);
-    BasicAdam<typename M::Scalar> alpha_adam(alphas, opt.alpha);
+    BasicAdam<typename M::Scalar, device_of_t<M>> alpha_adam(alphas, opt.alpha);
     // A weight optimiser that wraps others (dist::DataParallel: gradients averaged
     // across processes) wraps the alpha optimiser the same way.
     auto&& alpha_opt = detail_search::companion_optimizer(weight_opt, alpha_adam);

@@ -74,7 +74,7 @@ void seed(M& model, std::uint64_t s) {
 /// The trainable architecture weights (Role::architecture).
 template <class M>
 [[nodiscard]] auto architecture_parameters(M& model) {
-    std::vector<Parameter<typename M::Scalar>*> out;
+    std::vector<Parameter<typename M::Scalar, device_of_t<M>>*> out;
     model.visit([&](auto& p) {
         if (p.trainable() && p.role() == Role::architecture) out.push_back(&p);
     });
@@ -84,7 +84,7 @@ template <class M>
 /// Every other trainable parameter (the weights of the search's weight step).
 template <class M>
 [[nodiscard]] auto weight_parameters(M& model) {
-    std::vector<Parameter<typename M::Scalar>*> out;
+    std::vector<Parameter<typename M::Scalar, device_of_t<M>>*> out;
     model.visit([&](auto& p) {
         if (p.trainable() && p.role() != Role::architecture) out.push_back(&p);
     });

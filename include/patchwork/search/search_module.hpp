@@ -30,6 +30,17 @@
 //           + base^T(sum over shared branches of their dL/dh)  (one base backward)
 // A branch whose gate is exactly 0 (hard gates) contributes nothing and is skipped.
 //
+// On the GPU (an Inner with Device = Cuda) the same module runs on the device:
+// the gates and the mixing are one kernel (kernels/mix.cuh, through
+// cuda::search_mix_forward), the backward one more (dL/do_k for every branch
+// and the partial sums of <G, o_k>) and a one-block kernel for dL/dalpha.
+// alpha lives on the device; the Gumbel noise is drawn on the host (the same
+// generator as on the CPU, so a device search follows the CPU search step by
+// step) and uploaded with the forward. The host learns the gate values only
+// when asked (gate_state(), the penalty, hard gates in the backward: one small
+// copy that waits for the stream). Without hard gates no gate is known to be
+// zero, so the device backward runs every branch (a zero gate then adds zeros).
+//
 // derive(k) ends the search for this module: only candidate k is kept, the
 // other branches and alpha are freed, and the module then computes exactly
 // what Tune<Inner, Candidate_k> computes, with the same parameters under the
@@ -47,6 +58,7 @@
 #include <vector>
 
 #include "patchwork/core/module.hpp"
+#include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/ops/gemm.hpp"
 #include "patchwork/policies/frozen.hpp"
 #include "patchwork/policies/policy.hpp"
@@ -79,6 +91,7 @@ class SearchModule : public ModuleBase, public SearchModuleTag {
 public:
     using Scalar = typename Inner::Scalar;
     using T = Scalar;
+    using Device = device_of_t<Inner>;
     using Base = Inner;
     static constexpr std::size_t candidates = sizeof...(Cands);
     static constexpr const char* kind() { return Inner::kind(); }
@@ -112,8 +125,8 @@ public:
     [[nodiscard]] Inner& inner() noexcept { return base_; }
     [[nodiscard]] std::size_t out_features() const { return base_.out_features(); }
 
-    /// The architecture weights, [K], Role::architecture.
-    Parameter<T> alpha;
+    /// The architecture weights, [K], Role::architecture (on the module's device).
+    Parameter<T, Device> alpha;
 
     /// Candidate k's branch (Branch types live in patchwork::detail).
     template <std::size_t K>
@@ -129,14 +142,33 @@ public:
     [[nodiscard]] const search::GateConfig& gate_config() const noexcept { return gates_cfg_; }
     /// Seeds this module's Gumbel noise.
     void seed(std::uint64_t s) { rng_ = Rng(s); }
-    /// Gate values of the last forward (p soft, g used); empty before one.
-    [[nodiscard]] const search::GateState<T>& gate_state() const noexcept { return gates_; }
+    /// Gate values of the last forward (p soft, g used); empty before one. On
+    /// the device they are copied to the host here (once per forward).
+    [[nodiscard]] const search::GateState<T>& gate_state() const {
+        if constexpr (on_gpu) {
+            if (!gates_on_host_ && soft_d_.size() == candidates) {
+                const Tensor<T> soft = to_host(soft_d_), used = to_host(used_d_);
+                gates_.soft.assign(soft.begin(), soft.end());
+                gates_.used.assign(used.begin(), used.end());
+                gates_on_host_ = true;
+            }
+        }
+        return gates_;
+    }
     /// softmax(alpha): the search's current preference, independent of noise.
     [[nodiscard]] std::vector<double> probabilities() const {
+        Tensor<T> host;
+        const Tensor<T>* a = nullptr;
+        if constexpr (on_gpu) {
+            host = to_host(alpha.value);
+            a = &host;
+        } else {
+            a = &alpha.value;
+        }
         std::vector<double> p(candidates);
         double m = -1e300, s = 0;
-        for (std::size_t k = 0; k < candidates; ++k) m = std::max(m, double(alpha.value[k]));
-        for (std::size_t k = 0; k < candidates; ++k) s += (p[k] = std::exp(double(alpha.value[k]) - m));
+        for (std::size_t k = 0; k < candidates; ++k) m = std::max(m, double((*a)[k]));
+        for (std::size_t k = 0; k < candidates; ++k) s += (p[k] = std::exp(double((*a)[k]) - m));
         for (auto& v : p) v /= s;
         return p;
     }
@@ -147,9 +179,21 @@ public:
     /// forward) to alpha's gradient.
     void add_gate_grad(const std::vector<T>& dgate) {
         if (derived()) return;
-        if (gates_.soft.size() != candidates)
+        if ((on_gpu ? soft_d_.size() : gates_.soft.size()) != candidates)
             throw Error(detail::concat(detail::display_path(path_), ": gate gradient before any forward"));
-        if (alpha.wants_grad()) gates_.backward(dgate.data(), alpha.grad.data());
+        if (dgate.size() != candidates)
+            throw ShapeError(detail::concat(detail::display_path(path_), ": gate gradient of ", dgate.size(),
+                                            " values for ", candidates, " candidates"));
+        if (!alpha.wants_grad()) return;
+        if constexpr (on_gpu) {
+            Tensor<T> host(Shape{candidates});
+            std::copy(dgate.begin(), dgate.end(), host.begin());
+            dgate_d_.resize(host.shape());
+            copy(host, dgate_d_);
+            cuda::search_gate_backward(dgate_d_, soft_d_, 1.0 / gates_.inv_tau, noisy_, alpha.grad, path_);
+        } else {
+            gates_.backward(dgate.data(), alpha.grad.data());
+        }
     }
 
     // ---- parameter counts and names ----------------------------------------
@@ -223,36 +267,80 @@ public:
             branches_);
     }
 
-    const Tensor<T>& forward(const Tensor<T>& x) {
+    const Tensor<T, Device>& forward(const Tensor<T, Device>& x) {
         if (derived()) return forward_derived(x);
         last_x_shape_ = x.shape();
-        if (fixed_noise_) {
+        if constexpr (on_gpu) {
+            // The noise on the host (as on the CPU), p and g by the mixing kernel below.
+            if (fixed_noise_) {
+                gates_.noise = *fixed_noise_;
+                gates_.inv_tau = gates_cfg_.mode == search::GateMode::gumbel ? 1.0 / gates_cfg_.tau : 1.0;
+            } else {
+                gates_.draw_noise(candidates, gates_cfg_, rng_);
+            }
+            gates_on_host_ = false;
+        } else if (fixed_noise_) {
             gates_.noise = *fixed_noise_;
             gates_.compute_with_noise(alpha.value.data(), candidates, gates_cfg_);
         } else {
             gates_.compute(alpha.value.data(), candidates, gates_cfg_, rng_);
         }
-        const Tensor<T>* h = &x;
+        const Tensor<T, Device>* h = &x;
         if constexpr (shares_base) h = &base_.forward(x);
         std::size_t k = 0;
         std::apply([&](auto&... b) { ((outs_[k] = &b.forward(x, *h), ++k), ...); }, branches_);
-        y_.resize(outs_[0]->shape());
-        auto y = y_.matrix();
-        y.setZero();
-        for (std::size_t j = 0; j < candidates; ++j) {
-            check_same_shape(*outs_[j], y_.shape(), path_, "candidate output");
-            if (gates_.used[j] != T(0)) y += gates_.used[j] * outs_[j]->matrix();
+        if constexpr (on_gpu) {
+            // Noise enters the kernel whenever the CPU would add it: Gumbel mode or fixed noise.
+            noisy_ = gates_cfg_.mode == search::GateMode::gumbel || fixed_noise_.has_value();
+            if (noisy_) {
+                if (gates_.noise.size() != candidates)
+                    throw ShapeError(detail::concat(detail::display_path(path_), ": fixed noise of ",
+                                                    gates_.noise.size(), " values for ", candidates, " candidates"));
+                Tensor<T> host(Shape{candidates});
+                std::copy(gates_.noise.begin(), gates_.noise.end(), host.begin());
+                noise_d_.resize(host.shape());
+                copy(host, noise_d_);
+            }
+            cuda::search_mix_forward(alpha.value, noisy_ ? &noise_d_ : nullptr, 1.0 / gates_.inv_tau,
+                                     gates_cfg_.hard, outs_.data(), y_, soft_d_, used_d_, path_);
+            return y_;
+        } else {
+            y_.resize(outs_[0]->shape());
+            auto y = y_.matrix();
+            y.setZero();
+            for (std::size_t j = 0; j < candidates; ++j) {
+                check_same_shape(*outs_[j], y_.shape(), path_, "candidate output");
+                if (gates_.used[j] != T(0)) y += gates_.used[j] * outs_[j]->matrix();
+            }
+            return y_;
         }
-        return y_;
     }
 
-    const Tensor<T>& backward(const Tensor<T>& dy) {
+    const Tensor<T, Device>& backward(const Tensor<T, Device>& dy) {
         if (derived()) return backward_derived(dy);
         check_same_shape(dy, y_.shape(), path_, "search output gradient");
-        std::array<T, candidates> dgate{};
-        const auto g = dy.matrix();
-        for (std::size_t j = 0; j < candidates; ++j) dgate[j] = (g.array() * outs_[j]->matrix().array()).sum();
-        if (alpha.wants_grad()) gates_.backward(dgate.data(), alpha.grad.data());
+        // The gate of each branch, where the host knows it (always on the CPU; on
+        // the device with hard gates, read back here): a zero gate skips the branch.
+        std::array<bool, candidates> skip{};
+        if constexpr (on_gpu) {
+            if (gates_cfg_.hard) {
+                const auto& used = gate_state().used;
+                for (std::size_t j = 0; j < candidates; ++j) skip[j] = used[j] == T(0);
+            }
+            std::array<Tensor<T, Device>*, candidates> d{};
+            for (std::size_t j = 0; j < candidates; ++j) d[j] = skip[j] ? nullptr : &scaled_[j];
+            cuda::search_mix_backward(dy, outs_.data(), soft_d_, used_d_, noisy_ ? &noise_d_ : nullptr,
+                                      1.0 / gates_.inv_tau, d.data(), alpha.wants_grad() ? &alpha.grad : nullptr,
+                                      path_);
+        } else {
+            std::array<T, candidates> dgate{};
+            const auto g = dy.matrix();
+            for (std::size_t j = 0; j < candidates; ++j) {
+                dgate[j] = (g.array() * outs_[j]->matrix().array()).sum();
+                skip[j] = gates_.used[j] == T(0);
+            }
+            if (alpha.wants_grad()) gates_.backward(dgate.data(), alpha.grad.data());
+        }
 
         bool dh_used = false, dx_used = false;
         std::size_t k = 0;
@@ -260,11 +348,13 @@ public:
             [&](auto&... b) {
                 (
                     [&] {
-                        const T gk = gates_.used[k++];
-                        if (gk == T(0)) return;
-                        scaled_.resize(dy.shape());
-                        scaled_.matrix() = gk * g;
-                        b.backward(scaled_, dh_, dh_used, dx_, dx_used, input_grad_);
+                        const std::size_t j = k++;
+                        if (skip[j]) return;
+                        if constexpr (!on_gpu) {
+                            scaled_[0].resize(dy.shape());
+                            scaled_[0].matrix() = gates_.used[j] * dy.matrix();
+                        }
+                        b.backward(scaled_[on_gpu ? j : 0], dh_, dh_used, dx_, dx_used, input_grad_);
                     }(),
                     ...);
             },
@@ -273,8 +363,8 @@ public:
         if constexpr (shares_base) {
             if (dh_used) {
                 base_.set_input_grad(true);
-                const Tensor<T>& d = base_.backward(dh_);
-                if (dx_used) dx_.matrix() += d.matrix();
+                const Tensor<T, Device>& d = base_.backward(dh_);
+                if (dx_used) detail::add_to(dx_, d, path_);
                 else {
                     dx_ = d;
                     dx_used = true;
@@ -368,24 +458,24 @@ private:
             branches_);
     }
 
-    const Tensor<T>& forward_derived(const Tensor<T>& x) {
-        const Tensor<T>* out = nullptr;
+    const Tensor<T, Device>& forward_derived(const Tensor<T, Device>& x) {
+        const Tensor<T, Device>* out = nullptr;
         const bool shared = chosen_kind() != detail::BranchKind::copy;
-        const Tensor<T>& h = shared ? base_.forward(x) : x;
+        const Tensor<T, Device>& h = shared ? base_.forward(x) : x;
         with_chosen([&](auto& b) { out = &b.forward(x, h); });
         derived_out_ = out;
         return *out;
     }
 
-    const Tensor<T>& backward_derived(const Tensor<T>& dy) {
+    const Tensor<T, Device>& backward_derived(const Tensor<T, Device>& dy) {
         bool dh_used = false, dx_used = false;
         with_chosen([&](auto& b) { b.backward(dy, dh_, dh_used, dx_, dx_used, input_grad_); });
         if (!input_grad_) return empty_;
         if (chosen_kind() != detail::BranchKind::copy && dh_used) {
             base_.set_input_grad(true);
-            const Tensor<T>& d = base_.backward(dh_);
+            const Tensor<T, Device>& d = base_.backward(dh_);
             if (!dx_used) return d;
-            dx_.matrix() += d.matrix();
+            detail::add_to(dx_, d, path_);
         }
         return dx_;
     }
@@ -394,21 +484,30 @@ private:
 
     void reset_alpha(Rng& rng) {
         // DARTS: alpha = 1e-3 N(0, 1), so every candidate starts with (almost) equal weight.
-        init::normal(alpha.value, rng, 0.0, 1e-3);
+        init::on_host(alpha.value, [&](Tensor<T>& a) { init::normal(a, rng, 0.0, 1e-3); });
     }
+
+    static constexpr bool on_gpu = std::is_same_v<Device, Cuda>;
 
     std::size_t base_count_ = 0;
     Inner base_;
     std::tuple<typename detail::branch_for<Inner, Cands>::type...> branches_;
     search::GateConfig gates_cfg_;
-    search::GateState<T> gates_;
+    mutable search::GateState<T> gates_;  ///< on the device: the noise, and p and g once read back
     std::optional<std::vector<T>> fixed_noise_;
     Rng rng_{0x5ea4c4};
     std::optional<std::size_t> chosen_;
-    std::array<const Tensor<T>*, candidates> outs_{};
-    const Tensor<T>* derived_out_ = nullptr;
+    std::array<const Tensor<T, Device>*, candidates> outs_{};
+    const Tensor<T, Device>* derived_out_ = nullptr;
     Shape last_x_shape_;
-    Tensor<T> y_, scaled_, dh_, dx_, empty_;
+    Tensor<T, Device> y_, dh_, dx_, empty_;
+    /// dL/do_k = g_k dL/dy: one buffer reused branch after branch on the CPU, one
+    /// per candidate on the device (the mixing backward writes them all at once).
+    std::array<Tensor<T, Device>, on_gpu ? candidates : 1> scaled_;
+    // The device's gate state: noise uploaded per forward, p and g written by the kernel.
+    Tensor<T, Device> noise_d_, soft_d_, used_d_, dgate_d_;
+    bool noisy_ = false;
+    mutable bool gates_on_host_ = false;
 };
 
 /// Injection policy: search over the candidate policies for the module (see SearchModule).
@@ -416,6 +515,7 @@ template <class... Cands>
 struct Search {
     static constexpr PolicyKind policy_kind = PolicyKind::inject;
     static constexpr const char* name() { return "Search"; }
+    static constexpr bool on_device = true;  ///< also on Device = Cuda (the mixing kernels of kernels/mix.cuh)
     template <class Inner>
     using module = SearchModule<Inner, Cands...>;
 };

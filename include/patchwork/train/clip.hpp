@@ -15,32 +15,40 @@
 #include "patchwork/core/error.hpp"
 #include "patchwork/core/module.hpp"
 #include "patchwork/core/parameter.hpp"
+#include "patchwork/ops/cuda_ops.hpp"
 
 namespace patchwork {
 
-/// Global L2 norm of the trainable gradients among `params`.
-template <class T>
-[[nodiscard]] double grad_norm(const std::vector<Parameter<T>*>& params) {
+/// Global L2 norm of the trainable gradients among `params` (on the device:
+/// each gradient's squared norm by a reduction kernel, in a fixed order; the
+/// value comes back to the host, which waits for the stream).
+template <class T, class D>
+[[nodiscard]] double grad_norm(const std::vector<Parameter<T, D>*>& params) {
     double sq = 0;
     for (const auto* p : params) {
         if (p == nullptr || !p->trainable()) continue;
-        for (const T g : p->grad) sq += double(g) * double(g);
+        if constexpr (std::is_same_v<D, Cuda>) sq += cuda::squared_norm(p->grad, p->name());
+        else
+            for (const T g : p->grad) sq += double(g) * double(g);
     }
     return std::sqrt(sq);
 }
 
 /// Scale the trainable gradients so their global L2 norm is at most `max_norm`.
 /// Returns the norm before clipping. Throws ConfigError unless max_norm > 0.
-template <class T>
-double clip_grad_norm(const std::vector<Parameter<T>*>& params, double max_norm) {
+template <class T, class D>
+double clip_grad_norm(const std::vector<Parameter<T, D>*>& params, double max_norm) {
     if (!(std::isfinite(max_norm) && max_norm > 0))
         throw ConfigError(detail::concat("clip_grad_norm: max_norm must be positive and finite, got max_norm=",
                                          max_norm));
     const double norm = grad_norm(params);
     if (std::isfinite(norm) && norm > max_norm) {
         const T scale = T(max_norm / norm);
-        for (auto* p : params)
-            if (p != nullptr && p->trainable()) p->grad.vector() *= scale;
+        for (auto* p : params) {
+            if (p == nullptr || !p->trainable()) continue;
+            if constexpr (std::is_same_v<D, Cuda>) cuda::scale(p->grad, scale, p->name());
+            else p->grad.vector() *= scale;
+        }
     }
     return norm;
 }
