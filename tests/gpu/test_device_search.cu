@@ -68,7 +68,8 @@ TEST_CASE_TEMPLATE("Search on the device equals the CPU search: gates, outputs, 
                                   {{.mode = search::GateMode::softmax, .hard = true}, true}};
     const std::vector<std::array<std::size_t, 3>> sizes{{1, 3, 2}, {9, 17, 12}, {40, 33, 20}};
     for (const auto& mode : modes) {
-        for (auto [n, in, out] : sizes) {
+        for (const auto& size : sizes) {
+            const std::size_t n = size[0], in = size[1], out = size[2];  // not a structured binding: lambdas use n
             CAPTURE(n);
             CAPTURE(int(mode.gates.mode));
             CAPTURE(mode.gates.hard);
