@@ -451,6 +451,11 @@ TEST_CASE("conv2d: shape and configuration errors name the module and both shape
     CHECK_THROWS_AS(pw::Conv2d(3, 4, 0), pw::ConfigError);
 }
 
+// test_conv_native (tests/meson.build) compiles only the convolution tests
+// above, for the build machine's instruction set; the rest is the same code
+// on either.
+#ifndef PATCHWORK_TEST_CONV_KERNELS_ONLY
+
 // ---------------------------------------------------------------- BatchNorm2d
 
 TEST_CASE("batchnorm: training-mode forward and running statistics, by hand") {
@@ -703,3 +708,5 @@ TEST_CASE("a small Fashion-MNIST-shaped model: rows in, logits out, gradients ex
     CHECK(model.out_features() == 2);
     check_gradients(model, pw::Shape{3, 16});
 }
+
+#endif  // PATCHWORK_TEST_CONV_KERNELS_ONLY
