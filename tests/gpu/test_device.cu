@@ -1,11 +1,14 @@
 // The CUDA backend's device modules against the CPU backend: tensors and
 // copies, cuBLAS GEMMs, Linear, the activations, LayerNorm, softmax
-// cross-entropy, SGD / Adam / AdamW, and whole training steps of a Sequential
-// model. Shapes are random and mostly not multiples of any block size. Every
+// cross-entropy, SGD / Adam / AdamW, whole training steps of a Sequential
+// model, and fit / evaluate on a device model (clipping included). Shapes are random and mostly not multiples of any block size. Every
 // output buffer is poisoned (NaN) and recomputed, so an element a kernel fails
 // to write shows up. fp32 results must be within 1e-5 relative error (2-norm
 // over the tensor) of the CPU; double within 1e-12.
 #include "device_compare.hpp"
+
+#include "patchwork/train/batch.hpp"
+#include "patchwork/train/trainer.hpp"
 
 using namespace device_test;
 
@@ -208,4 +211,48 @@ TEST_CASE("training steps of a tuned Sequential model on the device follow the C
     cpu.visit([&](auto& p) { values.push_back(p.value); });
     std::size_t i = 0;
     dev.visit([&](auto& p) { check_close(values[i++], p.value, p.name().c_str()); });
+}
+
+TEST_CASE_TEMPLATE("fit and evaluate train and score a device model as they do the CPU model", T, float, double) {
+    using CpuModel = pw::Sequential<pw::Tune<pw::BasicLinear<T>, pw::LoRA<4, 8>>, pw::BasicTanh<T>, pw::BasicLinear<T>>;
+    using DevModel = pw::Sequential<pw::Tune<pw::BasicLinear<T, Cuda>, pw::LoRA<4, 8>>, pw::BasicTanh<T, Cuda>,
+                                    pw::BasicLinear<T, Cuda>>;
+    CpuModel cpu(pw::Tune<pw::BasicLinear<T>, pw::LoRA<4, 8>>(12, 16), pw::BasicTanh<T>{}, pw::BasicLinear<T>(16, 4));
+    DevModel dev(pw::Tune<pw::BasicLinear<T, Cuda>, pw::LoRA<4, 8>>(12, 16), pw::BasicTanh<T, Cuda>{},
+                 pw::BasicLinear<T, Cuda>(16, 4));
+    std::mt19937 rng(12);
+    cpu.visit([&](auto& p) { p.value = random_tensor<T>(p.value.shape(), rng, 0.4); });
+    copy_parameters(cpu, dev);
+    std::vector<pw::Batch<T>> batches;
+    for (int i = 0; i < 5; ++i) {
+        pw::Batch<T> b{random_tensor<T>(Shape{std::size_t(6 + i), 12}, rng), {}};
+        for (std::size_t r = 0; r < b.x.rows(); ++r) b.labels.push_back(int(rng() % 4));
+        batches.push_back(b);
+    }
+    pw::VectorSource<T> source(batches);
+    pw::BasicAdam<T> oc(pw::trainable_parameters(cpu), {.lr = 5e-2});
+    pw::BasicAdam<T, Cuda> od(pw::trainable_parameters(dev), {.lr = 5e-2});
+    const pw::TrainOptions options{.epochs = 3, .clip_norm = 0.3, .verbose = false};
+    const auto hc = pw::fit(cpu, oc, source, options);
+    const auto hd = pw::fit(dev, od, source, options);
+    const double tol = std::is_same_v<T, float> ? 1e-4 : 1e-10;
+    REQUIRE(hd.epochs.size() == 3);
+    CHECK(hd.steps == hc.steps);
+    for (std::size_t e = 0; e < 3; ++e) {
+        CHECK(std::abs(hd.epochs[e].loss - hc.epochs[e].loss) <= tol * hc.epochs[e].loss);
+        CHECK(hd.epochs[e].accuracy.value() == doctest::Approx(hc.epochs[e].accuracy.value()));
+        CHECK(std::abs(hd.epochs[e].max_grad_norm - hc.epochs[e].max_grad_norm) <= tol * hc.epochs[e].max_grad_norm);
+        CHECK(hc.epochs[e].max_grad_norm > 0.3);  // clipping did act
+    }
+    std::vector<Tensor<T>> values;
+    cpu.visit([&](auto& p) { values.push_back(p.value); });
+    std::size_t i = 0;
+    dev.visit([&](auto& p) {
+        INFO(p.name());
+        CHECK(rel_error(values[i++], pw::to_host(p.value)) < tol);
+    });
+    const auto ec = pw::evaluate(cpu, source), ed = pw::evaluate(dev, source);
+    CHECK(ed.samples == ec.samples);
+    CHECK(std::abs(ed.loss - ec.loss) <= tol * ec.loss);
+    CHECK(ed.accuracy == doctest::Approx(ec.accuracy));
 }

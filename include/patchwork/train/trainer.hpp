@@ -23,6 +23,13 @@
 // The loss function is any callable `Loss<T>(const Tensor<T>& y, const Batch<T>& b)`
 // or `Loss<T>(const Tensor<T>& y, std::span<const int> labels)`; the default
 // is softmax cross-entropy.
+//
+// A model on the GPU (Device = Cuda) trains with the same call: the batches
+// stay on the host (any BatchSource), each x is copied to the device before
+// its forward, the loss takes the device output (Loss<T, Cuda>: the default
+// cross-entropy runs its kernel with host labels), the optimiser and clipping
+// run on the device, and only the loss value (and, for the accuracy, the
+// logits) come back.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -54,24 +61,45 @@ namespace patchwork {
 
 /// The default loss: mean softmax cross-entropy against the batch labels.
 struct CrossEntropyLoss {
-    template <class T>
-    [[nodiscard]] Loss<T> operator()(const Tensor<T>& logits, const Batch<T>& batch) const {
+    template <class T, class D>
+    [[nodiscard]] Loss<T, D> operator()(const Tensor<T, D>& logits, const Batch<T>& batch) const {
         return cross_entropy(logits, std::span<const int>(batch.labels));
     }
 };
 
-/// A callable usable as fit's loss: takes the model output and the batch (or its labels).
-template <class F, class T>
-concept LossFunction = std::is_invocable_r_v<Loss<T>, F&, const Tensor<T>&, const Batch<T>&> ||
-                       std::is_invocable_r_v<Loss<T>, F&, const Tensor<T>&, std::span<const int>>;
+/// A callable usable as fit's loss: takes the model output (on the model's
+/// device D) and the batch (or its labels).
+template <class F, class T, class D = Cpu>
+concept LossFunction = std::is_invocable_r_v<Loss<T, D>, F&, const Tensor<T, D>&, const Batch<T>&> ||
+                       std::is_invocable_r_v<Loss<T, D>, F&, const Tensor<T, D>&, std::span<const int>>;
 
 namespace detail {
-template <class T, class F>
-Loss<T> call_loss(F& f, const Tensor<T>& y, const Batch<T>& b) {
-    if constexpr (std::is_invocable_r_v<Loss<T>, F&, const Tensor<T>&, const Batch<T>&>)
+template <class T, class D, class F>
+Loss<T, D> call_loss(F& f, const Tensor<T, D>& y, const Batch<T>& b) {
+    if constexpr (std::is_invocable_r_v<Loss<T, D>, F&, const Tensor<T, D>&, const Batch<T>&>)
         return std::invoke(f, y, b);
     else
         return std::invoke(f, y, std::span<const int>(b.labels));
+}
+
+/// The model input for batch x: x itself on the CPU; on the device, x copied
+/// into `staging` (kept between steps, so its allocation is reused).
+template <class T, class D>
+const Tensor<T, D>& on_device_of(const Tensor<T>& x, Tensor<T, D>& staging) {
+    if constexpr (std::is_same_v<D, Cpu>) {
+        return x;
+    } else {
+        staging.resize(x.shape());
+        copy(x, staging);
+        return staging;
+    }
+}
+
+/// count_correct of logits on either device (device logits are read back).
+template <class T, class D>
+std::size_t count_correct_any(const Tensor<T, D>& y, std::span<const int> labels) {
+    if constexpr (std::is_same_v<D, Cpu>) return count_correct(y, labels);
+    else return count_correct(to_host(y), labels);
 }
 
 /// Samples in a batch: one per label, else the leading dimension of x.
@@ -82,8 +110,8 @@ std::size_t batch_samples(const Batch<T>& b) {
 }
 
 /// Whether accuracy can be measured: one label per output row.
-template <class T>
-bool has_class_labels(const Tensor<T>& y, const Batch<T>& b) {
+template <class T, class D>
+bool has_class_labels(const Tensor<T, D>& y, const Batch<T>& b) {
     return !b.labels.empty() && y.rank() >= 1 && y.cols() >= 1 && y.rows() == b.labels.size();
 }
 }  // namespace detail
@@ -140,9 +168,10 @@ struct History {
 /// loss gradient does not match the model output, and Error when the loss stops
 /// being finite (naming the epoch and step).
 template <Module M, Optimizer O, BatchSource S, class F>
-    requires LossFunction<F, typename M::Scalar>
+    requires LossFunction<F, typename M::Scalar, device_of_t<M>>
 History fit(M& model, O& opt, S& source, F&& loss_fn, const TrainOptions& options = {}) {
     using T = typename M::Scalar;
+    using D = device_of_t<M>;
     static_assert(std::is_same_v<typename S::Scalar, T>,
                   "patchwork::fit: the batch source and the model must use the same scalar type");
     static_assert(std::is_same_v<typename O::Scalar, T>,
@@ -162,7 +191,8 @@ History fit(M& model, O& opt, S& source, F&& loss_fn, const TrainOptions& option
     if (options.verbose)
         progress.emplace(options.out ? *options.out : std::cout, options.interactive, options.log_every);
 
-    const std::vector<Parameter<T>*> params = trainable_parameters(model);
+    const std::vector<Parameter<T, D>*> params = trainable_parameters(model);
+    Tensor<T, D> staging;  // a device model's input batch
     // The first layer never needs dL/dx; the caller's setting comes back on every exit.
     const InputGradientOff<M> no_input_grad(model);
 
@@ -184,11 +214,11 @@ History fit(M& model, O& opt, S& source, F&& loss_fn, const TrainOptions& option
             auto&& batch = source.batch(i);
             const Batch<T>& b = batch;
             const StepResult r = train_step(
-                model, opt, [&]() -> const Tensor<T>& { return model.forward(b.x); },
-                [&](const Tensor<T>& y) {
-                    Loss<T> loss = detail::call_loss<T>(loss_fn, y, b);
+                model, opt, [&]() -> const Tensor<T, D>& { return model.forward(detail::on_device_of(b.x, staging)); },
+                [&](const Tensor<T, D>& y) {
+                    Loss<T, D> loss = detail::call_loss<T, D>(loss_fn, y, b);
                     if (std::isfinite(double(loss.value)) && detail::has_class_labels(y, b)) {
-                        correct += count_correct(y, std::span<const int>(b.labels));
+                        correct += detail::count_correct_any(y, std::span<const int>(b.labels));
                         labelled += b.labels.size();
                     }
                     return loss;
@@ -253,9 +283,11 @@ struct Evaluation {
 /// Forward passes only (no gradients, no parameter changes). Calls
 /// source.start_epoch(0) first. Throws ConfigError for an empty source.
 template <Module M, BatchSource S, class F>
-    requires LossFunction<F, typename M::Scalar>
+    requires LossFunction<F, typename M::Scalar, device_of_t<M>>
 [[nodiscard]] Evaluation evaluate(M& model, S& source, F&& loss_fn) {
     using T = typename M::Scalar;
+    using D = device_of_t<M>;
+    Tensor<T, D> staging;
     static_assert(std::is_same_v<typename S::Scalar, T>,
                   "patchwork::evaluate: the batch source and the model must use the same scalar type");
     source.start_epoch(0);
@@ -267,13 +299,13 @@ template <Module M, BatchSource S, class F>
     for (std::size_t i = 0; i < steps; ++i) {
         auto&& batch = source.batch(i);
         const Batch<T>& b = batch;
-        const Tensor<T>& y = model.forward(b.x);
-        const Loss<T> loss = detail::call_loss<T>(loss_fn, y, b);
+        const Tensor<T, D>& y = model.forward(detail::on_device_of(b.x, staging));
+        const Loss<T, D> loss = detail::call_loss<T, D>(loss_fn, y, b);
         const std::size_t n = detail::batch_samples(b);
         loss_sum += double(loss.value) * double(n);
         ev.samples += n;
         if (detail::has_class_labels(y, b)) {
-            correct += count_correct(y, std::span<const int>(b.labels));
+            correct += detail::count_correct_any(y, std::span<const int>(b.labels));
             labelled += b.labels.size();
         }
     }
