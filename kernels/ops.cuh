@@ -289,6 +289,26 @@ __global__ void scale_kernel(T a, T* __restrict__ x, std::size_t n) {
         x[i] *= a;
 }
 
+/// dst[i] = a src[i].
+template <class T>
+__global__ void scaled_copy_kernel(T a, const T* __restrict__ src, T* __restrict__ dst, std::size_t n) {
+    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+         i += std::size_t(gridDim.x) * blockDim.x)
+        dst[i] = a * src[i];
+}
+
+/// out[i] = slices[i] + slices[n + i] + ... (rank order).
+template <class T>
+__global__ void sum_slices_kernel(const T* __restrict__ slices, std::size_t ranks, std::size_t n,
+                                  T* __restrict__ out) {
+    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+         i += std::size_t(gridDim.x) * blockDim.x) {
+        T s = slices[i];
+        for (std::size_t r = 1; r < ranks; ++r) s += slices[r * n + i];
+        out[i] = s;
+    }
+}
+
 /// Blocks of the squared norm: a fixed count for a given n, so the sum order
 /// (and the result) does not depend on the device.
 constexpr unsigned squared_norm_blocks(std::size_t n) {
@@ -453,6 +473,34 @@ void scale(Tensor<T, Cuda>& x, T a, std::string_view where) {
     kernels::launch(kernels::detail::scale_kernel<T>, kernels::grid_1d(x.size(), 256), 256, 0, kernels::stream(), a,
                     x.data(), x.size());
     check_launch("scale_kernel", where);
+}
+
+template <class T>
+void scaled_copy(T a, const T* src, T* dst, std::size_t n, std::string_view where) {
+    if (n == 0) return;
+    kernels::launch(kernels::detail::scaled_copy_kernel<T>, kernels::grid_1d(n, 256), 256, 0, kernels::stream(), a,
+                    src, dst, n);
+    check_launch("scaled_copy_kernel", where);
+}
+
+template <class T>
+void sum_slices(const T* slices, std::size_t ranks, std::size_t n, T* out, std::string_view where) {
+    if (n == 0) return;
+    kernels::launch(kernels::detail::sum_slices_kernel<T>, kernels::grid_1d(n, 256), 256, 0, kernels::stream(),
+                    slices, ranks, n, out);
+    check_launch("sum_slices_kernel", where);
+}
+
+template <class T>
+void copy_elements(T* dst, const T* src, std::size_t n, CopyKind kind, std::string_view where) {
+    if (n == 0) return;
+    const cudaMemcpyKind k = kind == CopyKind::host_to_device   ? cudaMemcpyHostToDevice
+                             : kind == CopyKind::device_to_host ? cudaMemcpyDeviceToHost
+                                                                : cudaMemcpyDeviceToDevice;
+    check(cudaMemcpyAsync(dst, src, n * sizeof(T), k, context().stream()), "cudaMemcpyAsync", where);
+    // A host source must stay valid until the copy has read it, a host destination
+    // until it has been written: both wait here.
+    if (kind != CopyKind::device_to_device) context().synchronize(where);
 }
 
 template <class T>

@@ -15,6 +15,12 @@
 //                          error on every rank naming the parameter
 //   dist_check checkpoint  on_root writes on rank 0 only; its failure reaches all ranks
 //   dist_check throw|die|timeout   fault modes: the job must end, not hang
+//   dist_check nccl        a device model (the CPU execution of the CUDA code) trained
+//                          with DataParallel over the NCCL communicator (the stand-in
+//                          NCCL over MPI of tests/cpu_cuda) and over MPI (buckets staged
+//                          through host memory) equals one CPU process on the whole
+//                          batches (double: 1e-12); with exact_order both device runs are
+//                          bit-identical; synchronize_model, overlap, byte counts
 //
 // Each mode prints "dist_check <mode>: ok" on rank 0 and exits 0 when its checks
 // pass; a failed check prints what differs and exits 1 on every rank.
@@ -28,8 +34,10 @@
 #include <thread>
 #include <vector>
 
+#include "patchwork/cuda.cuh"  // the CPU execution of the CUDA code (tests/cpu_cuda on the include path)
 #include "patchwork/dist/data_parallel.hpp"
 #include "patchwork/dist/mpi.hpp"
+#include "patchwork/dist/nccl.hpp"
 #include "patchwork/patchwork.hpp"
 
 namespace pw = patchwork;
@@ -60,6 +68,11 @@ template <class T>
 using Net = pw::Sequential<pw::Tune<pw::BasicLinear<T>, pw::LoRA<2, 4>>, pw::BasicRelu<T>,
                            pw::Tune<pw::BasicLinear<T>, pw::Adapter<3>>, pw::BasicRelu<T>,
                            pw::Tune<pw::BasicLinear<T>, pw::FineTune>>;
+
+template <class T, class D>
+using DeviceNet = pw::Sequential<pw::Tune<pw::BasicLinear<T, D>, pw::LoRA<2, 4>>, pw::BasicRelu<T, D>,
+                                 pw::Tune<pw::BasicLinear<T, D>, pw::Adapter<3>>, pw::BasicRelu<T, D>,
+                                 pw::Tune<pw::BasicLinear<T, D>, pw::FineTune>>;
 
 template <class T>
 Net<T> make_net(std::size_t in, std::size_t hidden, std::uint64_t seed) {
@@ -95,7 +108,14 @@ pw::VectorSource<T> make_data(std::size_t batches, std::size_t rows, std::size_t
 template <class M>
 std::vector<std::vector<double>> values_of(M& model) {
     std::vector<std::vector<double>> out;
-    model.visit([&](auto& p) { out.emplace_back(p.value.begin(), p.value.end()); });
+    model.visit([&](auto& p) {
+        if constexpr (std::is_same_v<pw::device_of_t<M>, pw::Cuda>) {
+            const auto host = pw::to_host(p.value);
+            out.emplace_back(host.begin(), host.end());
+        } else {
+            out.emplace_back(p.value.begin(), p.value.end());
+        }
+    });
     return out;
 }
 
@@ -306,6 +326,110 @@ int mode_parity(dist::Communicator& comm) {
     return 0;
 }
 
+// -- nccl ----------------------------------------------------------------------------
+
+/// The CPU Net's values in the same-structured device net.
+template <class T>
+DeviceNet<T, pw::Cuda> to_device_net(Net<T>& cpu) {
+    pw::manual_seed(1);
+    DeviceNet<T, pw::Cuda> dev{pw::Tune<pw::BasicLinear<T, pw::Cuda>, pw::LoRA<2, 4>>(6, 8), pw::BasicRelu<T, pw::Cuda>{},
+                               pw::Tune<pw::BasicLinear<T, pw::Cuda>, pw::Adapter<3>>(8, 8), pw::BasicRelu<T, pw::Cuda>{},
+                               pw::Tune<pw::BasicLinear<T, pw::Cuda>, pw::FineTune>(8, 3)};
+    search::copy_parameters(cpu, dev);
+    return dev;
+}
+
+/// A device model trained with DataParallel over `comm` on shards; its values after 3 epochs.
+template <class T>
+std::vector<std::vector<double>> device_run(dist::Communicator& comm, Net<T>& start, pw::VectorSource<T>& data,
+                                            dist::DataParallelOptions options, const std::string& label) {
+    auto dev = to_device_net(start);
+    pw::BasicAdamW<T, pw::Cuda> inner{pw::trainable_parameters(dev), {.lr = 1e-2}};
+    dist::DataParallel opt(comm, inner, options);
+    dist::ShardedSource shard(comm, data);
+    pw::fit(dev, opt, shard, quiet);
+    expect(opt.last_reduction().steps == 3 * data.batches(), label + ": one reduction per step expected");
+    expect(opt.bytes_per_step() == pw::trainable_count(dev) * sizeof(T), label + ": bytes per step != trainable bytes");
+    if (options.overlap && options.bucket_bytes < 256)
+        expect(opt.last_reduction().early > 0, label + ": no bucket started during backward");
+    dist::check_in_sync(comm, dev);
+    return values_of(dev);
+}
+
+int mode_nccl(dist::MpiCommunicator& mpi) {
+    using T = double;
+    dist::NcclCommunicator nccl(mpi);
+    expect(nccl.device_collectives() && !mpi.device_collectives(), "device_collectives(): nccl yes, mpi no");
+    expect(nccl.rank() == mpi.rank() && nccl.size() == mpi.size(), "nccl: the same ranks as MPI");
+    // A host-memory communicator refuses device collectives with a clear error.
+    const std::string refused = error_of([&] {
+        double x = 0;
+        mpi.start_device_allreduce_sum(&x, 1, dist::DataType::f64);
+    });
+    expect(refused.find("the mpi communicator has no all-reduce on device memory") != std::string::npos,
+           "mpi: device all-reduce refused with a clear message, got: " + refused);
+
+    // synchronize_model of a device model over NCCL: rank 0's values everywhere.
+    auto differing = make_net<T>(6, 8, 500 + std::uint64_t(mpi.rank()));
+    auto dev = to_device_net(differing);
+    dist::synchronize_model(nccl, dev);
+    auto expected = make_net<T>(6, 8, 500);
+    expect(max_relative(values_of(expected), values_of(dev)) == 0, "nccl: synchronize_model gives rank 0's values");
+
+    // Training: one CPU process on whole batches against device models on shards.
+    auto start = make_net<T>(6, 8, 600);
+    auto data = make_data<T>(4, 11, 6, 13);  // 11 rows: uneven shards
+    auto reference = start;
+    pw::BasicAdamW<T> ref_opt{pw::trainable_parameters(reference), {.lr = 1e-2}};
+    pw::fit(reference, ref_opt, data, quiet);
+    const auto ref = values_of(reference);
+    struct Run {
+        const char* label;
+        dist::Communicator* comm;
+        dist::DataParallelOptions options;
+    };
+    const std::vector<Run> runs{{"nccl", &nccl, {}},
+                                {"nccl, small buckets, overlap", &nccl, {.bucket_bytes = 128, .overlap = true}},
+                                {"mpi (staged)", &mpi, {.bucket_bytes = 128}},
+                                {"nccl, exact order", &nccl, {.bucket_bytes = 200, .exact_order = true}},
+                                {"mpi (staged), exact order", &mpi, {.bucket_bytes = 200, .exact_order = true}}};
+    std::vector<std::vector<std::vector<double>>> results;
+    for (const auto& r : runs) {
+        results.push_back(device_run(*r.comm, start, data, r.options, r.label));
+        const double rel = max_relative(ref, results.back());
+        if (mpi.rank() == 0)
+            std::cout << "device model, " << r.label << ": max relative difference to one CPU process " << rel << '\n';
+        expect(rel <= 1e-12, std::string(r.label) + ": relative difference " + std::to_string(rel) + " > 1e-12");
+    }
+    expect(results[3] == results[4], "exact order: the NCCL and the staged MPI runs are not bit-identical");
+    expect(nccl.stats().device_collectives > 0 && mpi.stats().device_collectives == 0,
+           "the device runs over nccl used device collectives, those over mpi none");
+
+    // The device collectives themselves: sum, gather and broadcast of device buffers; a host pointer is refused.
+    pw::Tensor<T> mine(pw::Shape{3});
+    for (std::size_t i = 0; i < 3; ++i) mine[i] = T(mpi.rank() + 1) * T(i + 1);
+    pw::Tensor<T, pw::Cuda> buf(mine);
+    nccl.wait(nccl.start_device_allreduce_sum(buf.data(), 3, dist::DataType::f64), "test all-reduce");
+    const pw::Tensor<T> sum = pw::to_host(buf);
+    const double ranks = mpi.size(), tri = ranks * (ranks + 1) / 2;
+    expect(sum[0] == tri && sum[2] == 3 * tri, "nccl: device all-reduce sums over the ranks");
+    pw::Tensor<T, pw::Cuda> all(pw::Shape{3 * std::size_t(mpi.size())}, T(0));
+    nccl.wait(nccl.start_device_allgather(pw::Tensor<T, pw::Cuda>(mine).data(), all.data(), 3 * sizeof(T)),
+              "test all-gather");
+    const pw::Tensor<T> gathered = pw::to_host(all);
+    expect(gathered[3 * std::size_t(mpi.size() - 1)] == T(mpi.size()), "nccl: device all-gather in rank order");
+    pw::Tensor<T, pw::Cuda> root_value(pw::Shape{1}, T(mpi.rank() == 1 ? 42 : 0));
+    nccl.wait(nccl.start_device_broadcast(root_value.data(), sizeof(T), 1), "test broadcast");
+    expect(pw::to_host(root_value)[0] == T(42), "nccl: device broadcast from rank 1");
+    const std::string host_pointer = error_of([&] {
+        double x = 0;
+        nccl.start_device_allreduce_sum(&x, 1, dist::DataType::f64);
+    });
+    expect(host_pointer.find("ncclAllReduce failed") != std::string::npos,
+           "nccl: a host pointer is an error naming the call, got: " + host_pointer);
+    return 0;
+}
+
 // -- search --------------------------------------------------------------------------
 
 using Linear64 = pw::BasicLinear<double>;
@@ -484,7 +608,9 @@ int main(int argc, char** argv) {
             return mode_checkpoint(comm, argv[2]);
         }
         if (mode == "throw" || mode == "die" || mode == "timeout") return mode_fault(comm, mode);
-        throw pw::ConfigError("usage: dist_check parity|search|multitask|mismatch|checkpoint DIR|throw|die|timeout");
+        if (mode == "nccl") return mode_nccl(comm);
+        throw pw::ConfigError(
+            "usage: dist_check parity|search|multitask|mismatch|checkpoint DIR|throw|die|timeout|nccl");
     });
     // Every rank reports; the job fails if any check failed anywhere.
     double bad = failures;

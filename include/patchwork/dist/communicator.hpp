@@ -62,6 +62,7 @@ struct TrafficStats {
     std::size_t bytes_gathered = 0;    ///< bytes this rank contributed to all-gathers
     std::size_t broadcasts = 0;
     std::size_t bytes_broadcast = 0;
+    std::size_t device_collectives = 0;  ///< of those, collectives on device memory (NCCL)
     double wait_seconds = 0;           ///< time spent in wait()
 };
 
@@ -90,6 +91,22 @@ public:
     virtual bool test(Request r) = 0;
     /// End every rank of the job now (after a failure on this rank), with exit code `code`.
     [[noreturn]] virtual void abort(int code, std::string_view why) noexcept = 0;
+
+    // -- collectives on device memory (GPU buffers) -------------------------------
+    // A communicator over a GPU transport (NCCL: dist/nccl.hpp) reduces device
+    // buffers directly, ordered on the current CUDA stream after the work that
+    // wrote them; test() completes when the stream has passed the collective.
+    // The others have none: DataParallel then stages a device model's
+    // gradients through host memory.
+
+    /// Whether the start_device_* collectives below are available.
+    [[nodiscard]] virtual bool device_collectives() const noexcept { return false; }
+    /// In place on device memory: data <- sum over ranks.
+    virtual Request start_device_allreduce_sum(void*, std::size_t, DataType) { no_device("all-reduce"); }
+    /// recv[r * bytes .. (r + 1) * bytes) <- rank r's send, device memory.
+    virtual Request start_device_allgather(const void*, void*, std::size_t) { no_device("all-gather"); }
+    /// data <- root's data, device memory.
+    virtual Request start_device_broadcast(void*, std::size_t, int) { no_device("broadcast"); }
 
     /// Seconds a wait() may take before it throws TimeoutError (default 300).
     void set_timeout(double seconds) {
@@ -198,6 +215,10 @@ protected:
             throw ConfigError(detail::concat("dist: ", what, ": root rank ", root, " is not in [0, ", size(), ")"));
     }
     static std::size_t element_size(DataType t) noexcept { return t == DataType::f32 ? 4 : 8; }
+    [[noreturn]] void no_device(std::string_view op) const {
+        throw DistError(detail::concat("dist: the ", backend(), " communicator has no ", op,
+                                       " on device memory (device_collectives() is false)"));
+    }
 
     TrafficStats stats_{};
 

@@ -46,6 +46,14 @@
 // in the same order (the test suite checks this in double). It moves P times
 // the bytes; use it to debug or to reproduce.
 //
+// Device models. An optimiser over device parameters (BasicAdamW<float,
+// Cuda>, ...) keeps its buckets in device memory: packing (w * g) and, with
+// exact_order, the rank-order sum are kernels. With a communicator that has
+// device collectives (NCCL, dist/nccl.hpp) the buckets are reduced where they
+// are; with any other (MPI) each bucket is staged through host memory (one
+// copy down before and one up after its collective). The checks, checksums and
+// broadcasts of synchronize_model read device values through host copies.
+//
 // Clipping and the step. optimizer_step (train/step.hpp) calls
 // reduce_gradients() after backward and before clipping, so the global norm
 // is the norm of the averaged gradient on every rank; step() reduces first if
@@ -68,6 +76,7 @@
 #include "patchwork/core/parameter.hpp"
 #include "patchwork/core/tensor.hpp"
 #include "patchwork/dist/communicator.hpp"
+#include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/layers/embedding.hpp"
 #include "patchwork/train/batch.hpp"
 #include "patchwork/train/optimizer.hpp"
@@ -111,10 +120,16 @@ std::vector<std::string> describe_state(M& model) {
     return lines;
 }
 
-/// Calls f(data, bytes, label) for every parameter value and buffer, in a fixed order.
+/// Calls f(data, bytes, label, on_device) for every parameter value and buffer, in a fixed
+/// order; on_device is std::true_type for device memory, std::false_type for host memory.
 template <class M, class F>
 void for_each_state_tensor(M& model, F&& f) {
-    model.visit([&](auto& p) { f(static_cast<void*>(p.value.data()), p.value.size() * sizeof(*p.value.data()), p.name()); });
+    model.visit([&](auto& p) {
+        using V = std::remove_cvref_t<decltype(p.value)>;
+        using E = std::remove_cvref_t<decltype(*p.value.data())>;
+        f(static_cast<void*>(p.value.data()), p.value.size() * sizeof(E), p.name(),
+          std::bool_constant<!std::is_same_v<V, Tensor<E>>>{});
+    });
     for_each_module(model, [&](auto& m) {
         if constexpr (requires {
                           m.running_mean.data();
@@ -122,9 +137,9 @@ void for_each_state_tensor(M& model, F&& f) {
                       }) {
             const std::string at = patchwork::detail::display_path(m.path());
             f(static_cast<void*>(m.running_mean.data()), m.running_mean.size() * sizeof(*m.running_mean.data()),
-              at + ".running_mean");
+              at + ".running_mean", std::false_type{});
             f(static_cast<void*>(m.running_var.data()), m.running_var.size() * sizeof(*m.running_var.data()),
-              at + ".running_var");
+              at + ".running_var", std::false_type{});
         }
     });
 }
@@ -157,6 +172,30 @@ inline void check_same_lines(Communicator& comm, const std::vector<std::string>&
                                " is ", mine, " on rank 0 but ", theirs, " on rank ", r));
     }
 }
+
+/// The bytes of a state tensor on the host (device memory read back).
+template <class OnDevice>
+std::vector<unsigned char> host_bytes(const void* data, std::size_t bytes, OnDevice) {
+    std::vector<unsigned char> out(bytes);
+    if (bytes == 0) return out;
+    if constexpr (OnDevice::value)
+        cuda::copy_elements(out.data(), static_cast<const unsigned char*>(data), bytes, cuda::CopyKind::device_to_host,
+                            "dist: reading a device tensor");
+    else
+        std::memcpy(out.data(), data, bytes);
+    return out;
+}
+
+/// The device of an optimiser's parameters (its Device member; Cpu without one).
+template <class O>
+struct optimizer_device {
+    using type = Cpu;
+};
+template <class O>
+    requires requires { typename O::Device; }
+struct optimizer_device<O> {
+    using type = typename O::Device;
+};
 }  // namespace detail
 
 /// The model's parameters (names, shapes, roles, trainable flags, tasks) and
@@ -171,8 +210,13 @@ void check_same_model(Communicator& comm, M& model) {
 template <class M>
 [[nodiscard]] std::uint64_t state_checksum(M& model) {
     std::uint64_t h = 1469598103934665603ull;
-    detail::for_each_state_tensor(model, [&](void* data, std::size_t bytes, const std::string&) {
-        h = detail::fnv1a(data, bytes, h);
+    detail::for_each_state_tensor(model, [&](void* data, std::size_t bytes, const std::string&, auto dev) {
+        if constexpr (decltype(dev)::value) {
+            const auto host = detail::host_bytes(data, bytes, dev);
+            h = detail::fnv1a(host.data(), bytes, h);
+        } else {
+            h = detail::fnv1a(data, bytes, h);
+        }
     });
     return h;
 }
@@ -180,8 +224,19 @@ template <class M>
 /// Rank `root`'s parameter values and buffers copied to every rank.
 template <class M>
 void broadcast_state(Communicator& comm, M& model, int root = 0) {
-    detail::for_each_state_tensor(model, [&](void* data, std::size_t bytes, const std::string& name) {
-        if (bytes) comm.broadcast(data, bytes, root, "the broadcast of '" + name + "'");
+    detail::for_each_state_tensor(model, [&](void* data, std::size_t bytes, const std::string& name, auto dev) {
+        if (!bytes) return;
+        const std::string what = "the broadcast of '" + name + "'";
+        if constexpr (!decltype(dev)::value) {
+            comm.broadcast(data, bytes, root, what);
+        } else if (comm.device_collectives()) {
+            comm.wait(comm.start_device_broadcast(data, bytes, root), what);
+        } else {  // staged through host memory
+            auto host = detail::host_bytes(data, bytes, dev);
+            comm.broadcast(host.data(), bytes, root, what);
+            cuda::copy_elements(static_cast<unsigned char*>(data), host.data(), bytes, cuda::CopyKind::host_to_device,
+                                what);
+        }
     });
 }
 
@@ -192,8 +247,9 @@ void check_in_sync(Communicator& comm, M& model) {
     const auto sums = comm.allgather_u64(state_checksum(model), "the state checksum's all-gather");
     if (std::all_of(sums.begin(), sums.end(), [&](auto s) { return s == sums[0]; })) return;
     std::vector<std::string> lines;
-    detail::for_each_state_tensor(model, [&](void* data, std::size_t bytes, const std::string& name) {
-        lines.push_back(detail::concat("'", name, "' with checksum ", detail::fnv1a(data, bytes)));
+    detail::for_each_state_tensor(model, [&](void* data, std::size_t bytes, const std::string& name, auto dev) {
+        const auto host = detail::host_bytes(data, bytes, dev);
+        lines.push_back(detail::concat("'", name, "' with checksum ", detail::fnv1a(host.data(), bytes)));
     });
     detail::check_same_lines(comm, lines, "parameter values");
     throw DistError("dist: the state checksums differ across ranks, but no tensor does (a rank changed during the check)");
@@ -256,7 +312,8 @@ template <Optimizer O>
 class DataParallel final : private patchwork::detail::GradientReadyObserver {
 public:
     using Scalar = typename O::Scalar;
-    using Param = Parameter<Scalar>;
+    using Device = typename detail::optimizer_device<O>::type;
+    using Param = Parameter<Scalar, Device>;
 
     DataParallel(Communicator& comm, O& inner, DataParallelOptions options = {})
         : DataParallel(comm, inner, options, parameters_of(inner)) {}
@@ -360,6 +417,8 @@ public:
     /// are broadcast first. Collective.
     template <class M>
     void sync_buffers(M& model) {
+        static_assert(!on_gpu, "dist::DataParallel::sync_buffers: running statistics are CPU buffers (BatchNorm and "
+                               "multi-task models run on the CPU)");
         buffers_.clear();
         for_each_module(model, [&](auto& m) {
             if constexpr (requires {
@@ -409,6 +468,7 @@ private:
         std::vector<Scalar> flat;        ///< this rank's weighted gradients; the sum after an all-reduce
         std::vector<Scalar> snapshot;    ///< what an early all-reduce sent (flat is overwritten in place)
         std::vector<Scalar> gathered;    ///< exact_order: every rank's flat, rank after rank
+        Tensor<Scalar, Device> dflat, dsnapshot, dgathered;  ///< the same in device memory (device models)
         Communicator::Request request = 0;
         std::size_t pending = 0;         ///< parameters not yet reported ready this step
         bool launched = false;
@@ -456,6 +516,7 @@ private:
         if (!current.slots.empty()) buckets_.push_back(std::move(current));
         for (auto& b : buckets_) {
             b.flat.resize(b.count);
+            if constexpr (on_gpu) b.dflat.resize(Shape{b.count});
             b.pending = b.slots.size();
             last_.bytes += b.count * sizeof(Scalar);
         }
@@ -480,7 +541,11 @@ private:
                               " bytes, first '", params_[buckets_[b].slots.front()]->name(), "')");
     }
 
-    /// flat <- w * gradients of bucket b.
+    static constexpr bool on_gpu = std::is_same_v<Device, Cuda>;
+    /// Device buckets reduced in device memory (else staged through flat on the host).
+    [[nodiscard]] bool in_device_memory() const noexcept { return on_gpu && comm_.device_collectives(); }
+
+    /// flat <- w * gradients of bucket b (device models: dflat, and flat too when staged).
     void pack(std::size_t b) {
         Bucket& bucket = buckets_[b];
         const auto w = Scalar(comm_.local_weight());
@@ -491,20 +556,37 @@ private:
                 throw DistError(detail::concat("dist::DataParallel: rank ", comm_.rank(), ": parameter '", p.name(),
                                                "' has no gradient (", p.grad.shape(), " for a value of ",
                                                p.value.shape(), ")"));
-            const Scalar* g = p.grad.data();
-            for (std::size_t k = 0; k < p.grad.size(); ++k) bucket.flat[at + k] = w * g[k];
+            if constexpr (on_gpu) {
+                cuda::scaled_copy(w, p.grad.data(), bucket.dflat.data() + at, p.grad.size(), p.name());
+            } else {
+                const Scalar* g = p.grad.data();
+                for (std::size_t k = 0; k < p.grad.size(); ++k) bucket.flat[at + k] = w * g[k];
+            }
             at += p.grad.size();
         }
+        if constexpr (on_gpu)
+            if (!in_device_memory())
+                cuda::copy_elements(bucket.flat.data(), bucket.dflat.data(), bucket.count, cuda::CopyKind::device_to_host,
+                                    "dist::DataParallel: staging a gradient bucket");
     }
 
     void launch(std::size_t b, bool early) {
         Bucket& bucket = buckets_[b];
         pack(b);
         bucket.early = early;
-        if (options_.exact_order) {
+        const std::size_t bytes = bucket.count * sizeof(Scalar);
+        if (in_device_memory()) {
+            if (options_.exact_order) {
+                bucket.dgathered.resize(Shape{bucket.count * std::size_t(comm_.size())});
+                bucket.request = comm_.start_device_allgather(bucket.dflat.data(), bucket.dgathered.data(), bytes);
+            } else {
+                if (early) bucket.dsnapshot = bucket.dflat;
+                bucket.request = comm_.start_device_allreduce_sum(bucket.dflat.data(), bucket.count,
+                                                                  data_type_of<Scalar>());
+            }
+        } else if (options_.exact_order) {
             bucket.gathered.resize(bucket.count * std::size_t(comm_.size()));
-            bucket.request = comm_.start_allgather(bucket.flat.data(), bucket.gathered.data(),
-                                                   bucket.count * sizeof(Scalar));
+            bucket.request = comm_.start_allgather(bucket.flat.data(), bucket.gathered.data(), bytes);
         } else {
             if (early) bucket.snapshot = bucket.flat;
             bucket.request = comm_.start_allreduce_sum(bucket.flat.data(), bucket.count, data_type_of<Scalar>());
@@ -517,12 +599,29 @@ private:
     /// Whether w * gradients differ from what bucket b sent.
     [[nodiscard]] bool gradients_changed(std::size_t b) const {
         const Bucket& bucket = buckets_[b];
-        const std::vector<Scalar>& sent = options_.exact_order ? bucket.flat : bucket.snapshot;
+        std::vector<Scalar> sent_copy;
+        if constexpr (on_gpu) {
+            if (in_device_memory()) {  // what was sent, read back
+                const auto& d = options_.exact_order ? bucket.dflat : bucket.dsnapshot;
+                sent_copy.resize(bucket.count);
+                cuda::copy_elements(sent_copy.data(), d.data(), bucket.count, cuda::CopyKind::device_to_host,
+                                    "dist::DataParallel: the resend check");
+            }
+        }
+        const std::vector<Scalar>& sent =
+            !sent_copy.empty() ? sent_copy : (options_.exact_order ? bucket.flat : bucket.snapshot);
         const auto w = Scalar(comm_.local_weight());
         std::size_t at = 0;
         for (auto slot : bucket.slots) {
             const Param& p = *params_[slot];
+            std::vector<Scalar> host;
             const Scalar* g = p.grad.data();
+            if constexpr (on_gpu) {
+                host.resize(p.grad.size());
+                cuda::copy_elements(host.data(), p.grad.data(), p.grad.size(), cuda::CopyKind::device_to_host,
+                                    "dist::DataParallel: the resend check");
+                g = host.data();
+            }
             for (std::size_t k = 0; k < p.grad.size(); ++k) {
                 const Scalar now = w * g[k];
                 if (std::memcmp(&sent[at + k], &now, sizeof(Scalar)) != 0) return true;
@@ -535,6 +634,37 @@ private:
     /// gradients <- the sum over ranks (in rank order with exact_order).
     void unpack(std::size_t b) {
         Bucket& bucket = buckets_[b];
+        if constexpr (on_gpu) {
+            if (in_device_memory()) {
+                if (options_.exact_order)
+                    cuda::sum_slices(bucket.dgathered.data(), std::size_t(comm_.size()), bucket.count,
+                                     bucket.dflat.data(), "dist::DataParallel: the rank-order sum");
+            } else {
+                host_rank_sum(bucket);
+                cuda::copy_elements(bucket.dflat.data(), bucket.flat.data(), bucket.count, cuda::CopyKind::host_to_device,
+                                    "dist::DataParallel: a reduced gradient bucket");
+            }
+            std::size_t at = 0;
+            for (auto slot : bucket.slots) {
+                Param& p = *params_[slot];
+                cuda::copy_elements(p.grad.data(), bucket.dflat.data() + at, p.grad.size(),
+                                    cuda::CopyKind::device_to_device, p.name());
+                at += p.grad.size();
+            }
+            return;
+        }
+        host_rank_sum(bucket);
+        std::size_t at = 0;
+        for (auto slot : bucket.slots) {
+            Param& p = *params_[slot];
+            std::copy(bucket.flat.begin() + std::ptrdiff_t(at), bucket.flat.begin() + std::ptrdiff_t(at + p.grad.size()),
+                      p.grad.data());
+            at += p.grad.size();
+        }
+    }
+
+    /// exact_order on the host: flat <- the gathered buckets summed in rank order.
+    void host_rank_sum(Bucket& bucket) {
         if (options_.exact_order) {
             const std::size_t n = bucket.count, ranks = std::size_t(comm_.size());
             for (std::size_t k = 0; k < n; ++k) {
@@ -542,13 +672,6 @@ private:
                 for (std::size_t r = 1; r < ranks; ++r) s += bucket.gathered[r * n + k];
                 bucket.flat[k] = s;
             }
-        }
-        std::size_t at = 0;
-        for (auto slot : bucket.slots) {
-            Param& p = *params_[slot];
-            std::copy(bucket.flat.begin() + std::ptrdiff_t(at), bucket.flat.begin() + std::ptrdiff_t(at + p.grad.size()),
-                      p.grad.data());
-            at += p.grad.size();
         }
     }
 

@@ -79,6 +79,21 @@ void scale(Tensor<T, Cuda>& x, T a, std::string_view where);
 template <class T>
 [[nodiscard]] double squared_norm(const Tensor<T, Cuda>& x, std::string_view where);
 
+/// dst[i] = a src[i] for i < n (device pointers; data-parallel gradient buckets).
+template <class T>
+void scaled_copy(T a, const T* src, T* dst, std::size_t n, std::string_view where);
+
+/// out[i] = sum over r = 0, 1, ..., ranks - 1 (in that order) of slices[r n + i] (device pointers).
+template <class T>
+void sum_slices(const T* slices, std::size_t ranks, std::size_t n, T* out, std::string_view where);
+
+/// Where a copy of raw elements goes (copy_elements).
+enum class CopyKind { host_to_device, device_to_host, device_to_device };
+
+/// n elements from src to dst on the current stream; a copy to the host waits for it.
+template <class T>
+void copy_elements(T* dst, const T* src, std::size_t n, CopyKind kind, std::string_view where);
+
 // ---- patches (the fused kernels of kernels/adapter.cuh, scale_shift.cuh, multitask.cuh;
 //      definitions in kernels/module_ops.cuh) ----
 

@@ -109,6 +109,7 @@ enum cudaError_t {
     cudaErrorNoDevice = 100,
     cudaErrorInvalidDevice = 101,
     cudaErrorInvalidResourceHandle = 400,
+    cudaErrorNotReady = 600,
     cudaErrorLaunchFailure = 719,
 };
 using cudaError = cudaError_t;
@@ -646,6 +647,7 @@ inline const char* cudaGetErrorName(cudaError_t e) {
         case cudaErrorNoDevice: return "cudaErrorNoDevice";
         case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
         case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+        case cudaErrorNotReady: return "cudaErrorNotReady";
         case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
     }
     return "cudaErrorUnknown";
@@ -779,6 +781,12 @@ inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
     if (e == nullptr) return cpu_cuda::record(cudaErrorInvalidValue);
     *e = new CUevent_st{};
     return cudaSuccess;
+}
+inline constexpr unsigned cudaEventDefault = 0, cudaEventDisableTiming = 2;
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
+/// Work is done when it is queued here: a recorded event is always complete.
+inline cudaError_t cudaEventQuery(cudaEvent_t e) {
+    return e == nullptr ? cpu_cuda::record(cudaErrorInvalidResourceHandle) : cudaSuccess;
 }
 inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
     delete e;
