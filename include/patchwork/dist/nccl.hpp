@@ -6,7 +6,8 @@
 //
 //     dist::MpiEnvironment env(argc, argv);
 //     dist::MpiCommunicator mpi;                          // bootstrap and host-side collectives
-//     cuda::set_device(mpi.rank() % cuda::device_count()); // one GPU per rank (before any device work)
+//     cuda::Context gpu(mpi.rank() % cuda::device_count()); // one GPU per rank
+//     cuda::ContextScope on_gpu(gpu);                     // its device and stream current from here on
 //     dist::NcclCommunicator comm(mpi);                   // an NCCL communicator over the same ranks
 //     auto model = ...;                                   // a device model (Device = Cuda)
 //     dist::synchronize_model(comm, model);
