@@ -186,16 +186,6 @@ std::vector<unsigned char> host_bytes(const void* data, std::size_t bytes, OnDev
     return out;
 }
 
-/// The device of an optimiser's parameters (its Device member; Cpu without one).
-template <class O>
-struct optimizer_device {
-    using type = Cpu;
-};
-template <class O>
-    requires requires { typename O::Device; }
-struct optimizer_device<O> {
-    using type = typename O::Device;
-};
 }  // namespace detail
 
 /// The model's parameters (names, shapes, roles, trainable flags, tasks) and
@@ -312,7 +302,7 @@ template <Optimizer O>
 class DataParallel final : private patchwork::detail::GradientReadyObserver {
 public:
     using Scalar = typename O::Scalar;
-    using Device = typename detail::optimizer_device<O>::type;
+    using Device = device_of_t<O>;  ///< of its parameters: the optimiser's Device member (Cpu without one)
     using Param = Parameter<Scalar, Device>;
 
     DataParallel(Communicator& comm, O& inner, DataParallelOptions options = {})
