@@ -504,20 +504,31 @@ void copy_elements(T* dst, const T* src, std::size_t n, CopyKind kind, std::stri
 }
 
 template <class T>
-double squared_norm(const Tensor<T, Cuda>& x, std::string_view where) {
-    if (x.size() == 0) return 0.0;
+void squared_norm_to(const Tensor<T, Cuda>& x, double* out, std::string_view where) {
+    if (x.size() == 0) {
+        check(cudaMemsetAsync(out, 0, sizeof(double), context().stream()), "cudaMemsetAsync", where);
+        return;
+    }
     const unsigned blocks = kernels::detail::squared_norm_blocks(x.size());
-    kernels::detail::Scratch scratch({}, kernels::ws_bytes(blocks, sizeof(double)) + kernels::ws_bytes(1, sizeof(double)),
-                                     where);
+    // The partial sums live in the context's workspace until the finish kernel,
+    // queued right behind on the same stream, has read them.
+    kernels::detail::Scratch scratch({}, kernels::ws_bytes(blocks, sizeof(double)), where);
     double* partial = scratch.take<double>(blocks);
-    double* total = scratch.take<double>(1);
     kernels::launch(kernels::detail::squared_sum_kernel<T>, blocks, 256, 0, kernels::stream(), x.data(), x.size(),
                     partial);
     check_launch("squared_sum_kernel", where);
-    kernels::launch(kernels::detail::squared_sum_finish_kernel, 1, 32, 0, kernels::stream(), partial, blocks, total);
+    kernels::launch(kernels::detail::squared_sum_finish_kernel, 1, 32, 0, kernels::stream(), partial, blocks, out);
     check_launch("squared_sum_finish_kernel", where);
-    double out = 0;
-    check(cudaMemcpyAsync(&out, total, sizeof(double), cudaMemcpyDeviceToHost, context().stream()),
+}
+
+template <class T>
+std::vector<double> squared_norms(std::span<const Tensor<T, Cuda>* const> xs, std::string_view where) {
+    std::vector<double> out(xs.size(), 0.0);
+    if (xs.empty()) return out;
+    Tensor<double, Cuda> slots(Shape{xs.size()});
+    for (std::size_t i = 0; i < xs.size(); ++i) squared_norm_to(*xs[i], slots.data() + i, where);
+    check(cudaMemcpyAsync(out.data(), slots.data(), xs.size() * sizeof(double), cudaMemcpyDeviceToHost,
+                          context().stream()),
           "cudaMemcpyAsync(device to host)", where);
     context().synchronize(where);
     return out;

@@ -12,7 +12,9 @@
 // names `where` (the module path) in the CudaError it throws on failure.
 // Matrices are the tensors' row-major matrix views: rows = product of the
 // leading dimensions, cols = the last dimension.
+#include <span>
 #include <string_view>
+#include <vector>
 
 #include "patchwork/core/tensor.hpp"
 
@@ -74,10 +76,11 @@ void axpy(T a, const Tensor<T, Cuda>& x, Tensor<T, Cuda>& y, std::string_view wh
 template <class T>
 void scale(Tensor<T, Cuda>& x, T a, std::string_view where);
 
-/// sum_i x_i^2, accumulated in double in a fixed order (bitwise reproducible);
-/// waits for the stream (the value comes back to the host).
+/// sum_i x_i^2 of each tensor, accumulated in double in a fixed order (bitwise
+/// reproducible): each is reduced on the stream into a device slot, and the
+/// slots come back to the host in one copy (the only wait).
 template <class T>
-[[nodiscard]] double squared_norm(const Tensor<T, Cuda>& x, std::string_view where);
+[[nodiscard]] std::vector<double> squared_norms(std::span<const Tensor<T, Cuda>* const> xs, std::string_view where);
 
 /// dst[i] = a src[i] for i < n (device pointers; data-parallel gradient buckets).
 template <class T>

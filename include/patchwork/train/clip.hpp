@@ -21,15 +21,20 @@ namespace patchwork {
 
 /// Global L2 norm of the trainable gradients among `params` (on the device:
 /// each gradient's squared norm by a reduction kernel, in a fixed order; the
-/// value comes back to the host, which waits for the stream).
+/// values come back to the host in one copy, the only wait).
 template <class T, class D>
 [[nodiscard]] double grad_norm(const std::vector<Parameter<T, D>*>& params) {
     double sq = 0;
-    for (const auto* p : params) {
-        if (p == nullptr || !p->trainable()) continue;
-        if constexpr (std::is_same_v<D, Cuda>) sq += cuda::squared_norm(p->grad, p->name());
-        else
+    if constexpr (std::is_same_v<D, Cuda>) {
+        std::vector<const Tensor<T, Cuda>*> grads;  // reduced on the device, one wait for all
+        for (const auto* p : params)
+            if (p != nullptr && p->trainable()) grads.push_back(&p->grad);
+        for (const double s : cuda::squared_norms<T>(grads, "grad_norm")) sq += s;
+    } else {
+        for (const auto* p : params) {
+            if (p == nullptr || !p->trainable()) continue;
             for (const T g : p->grad) sq += double(g) * double(g);
+        }
     }
     return std::sqrt(sq);
 }
