@@ -28,83 +28,115 @@ template <class T>
 T* data_or_null(Tensor<T, Cuda>* t) {
     return t == nullptr ? nullptr : t->data();
 }
+/// The shape a parameter of shape `one` has for `rows`: `one` itself, or stacked [tasks, one...] for mixed rows.
+inline Shape stacked_shape(const Shape& one, TaskRows rows) { return rows.mixed() ? one.prepended(rows.tasks) : one; }
 }  // namespace detail
 
 template <class T>
 void adapter_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& down_w, const Tensor<T, Cuda>& down_b,
                      const Tensor<T, Cuda>& up_w, const Tensor<T, Cuda>& up_b, bool gelu, Tensor<T, Cuda>& y,
-                     Tensor<T, Cuda>& z, std::string_view where) {
-    const std::size_t n = h.rows(), d = h.cols(), r = down_w.rows();
-    detail::expect_shape(down_w, Shape{r, d}, where, "adapter down-projection");
-    detail::expect_shape(up_w, Shape{d, r}, where, "adapter up-projection");
+                     Tensor<T, Cuda>& z, std::string_view where, TaskRows rows) {
+    const std::size_t n = h.rows(), d = h.cols(), r = down_w.rows() / rows.tasks;
+    detail::expect_shape(down_w, detail::stacked_shape(Shape{r, d}, rows), where, "adapter down-projection");
+    detail::expect_shape(down_b, detail::stacked_shape(Shape{r}, rows), where, "adapter down-projection bias");
+    detail::expect_shape(up_w, detail::stacked_shape(Shape{d, r}, rows), where, "adapter up-projection");
+    detail::expect_shape(up_b, detail::stacked_shape(Shape{d}, rows), where, "adapter up-projection bias");
     y.resize(h.shape());
     z.resize(Shape{n, r});
-    kernels::adapter_forward<T>(h.data(), n, d, r, down_w.data(), down_b.data(), up_w.data(), up_b.data(),
-                                kernels::adapter_act(gelu), y.data(), z.data(), where);
+    if (!rows.mixed()) {
+        kernels::adapter_forward<T>(h.data(), n, d, r, down_w.data(), down_b.data(), up_w.data(), up_b.data(),
+                                    kernels::adapter_act(gelu), y.data(), z.data(), where);
+        return;
+    }
+    kernels::detail::lowrank_forward<T>(kernels::adapter_act(gelu), h.data(), h.data(), rows.task,
+                                        {n, d, d, r, rows.tasks}, down_w.data(), down_b.data(), up_w.data(),
+                                        up_b.data(), T(1), y.data(), z.data(), where);
 }
 
 template <class T>
 void adapter_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& down_w,
                       const Tensor<T, Cuda>& up_w, bool gelu, const Tensor<T, Cuda>& z, Tensor<T, Cuda>* dh,
                       Tensor<T, Cuda>* d_down_w, Tensor<T, Cuda>* d_down_b, Tensor<T, Cuda>* d_up_w,
-                      Tensor<T, Cuda>* d_up_b, std::string_view where) {
-    const std::size_t n = h.rows(), d = h.cols(), r = down_w.rows();
+                      Tensor<T, Cuda>* d_up_b, std::string_view where, TaskRows rows) {
+    const std::size_t n = h.rows(), d = h.cols(), r = down_w.rows() / rows.tasks;
     detail::expect_shape(g, h.shape(), where, "adapter output gradient");
     detail::expect_shape(z, Shape{n, r}, where, "adapter saved bottleneck");
+    detail::expect_shape(up_w, detail::stacked_shape(Shape{d, r}, rows), where, "adapter up-projection");
+    if (d_down_w != nullptr) detail::expect_shape(*d_down_w, down_w.shape(), where, "adapter down-projection gradient");
+    if (d_down_b != nullptr)
+        detail::expect_shape(*d_down_b, detail::stacked_shape(Shape{r}, rows), where, "adapter down-projection bias gradient");
+    if (d_up_w != nullptr) detail::expect_shape(*d_up_w, up_w.shape(), where, "adapter up-projection gradient");
+    if (d_up_b != nullptr)
+        detail::expect_shape(*d_up_b, detail::stacked_shape(Shape{d}, rows), where, "adapter up-projection bias gradient");
     if (dh != nullptr) dh->resize(h.shape());
-    kernels::adapter_backward<T>(h.data(), g.data(), n, d, r, down_w.data(), up_w.data(), kernels::adapter_act(gelu),
-                                 z.data(), detail::data_or_null(dh),
-                                 {detail::data_or_null(d_down_w), detail::data_or_null(d_down_b),
-                                  detail::data_or_null(d_up_w), detail::data_or_null(d_up_b)},
-                                 where);
+    kernels::detail::lowrank_backward<T>(kernels::adapter_act(gelu), h.data(), g.data(), g.data(), rows.task,
+                                         {n, d, d, r, rows.tasks}, down_w.data(), up_w.data(), T(1), z.data(),
+                                         detail::data_or_null(dh),
+                                         {detail::data_or_null(d_down_w), detail::data_or_null(d_down_b),
+                                          detail::data_or_null(d_up_w), detail::data_or_null(d_up_b)},
+                                         {}, where);
 }
 
 template <class T>
 void scale_shift_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& scale, const Tensor<T, Cuda>& shift,
-                         Tensor<T, Cuda>& y, std::string_view where) {
-    detail::expect_shape(scale, Shape{h.cols()}, where, "scale");
-    detail::expect_shape(shift, Shape{h.cols()}, where, "shift");
+                         Tensor<T, Cuda>& y, std::string_view where, TaskRows rows) {
+    detail::expect_shape(scale, detail::stacked_shape(Shape{h.cols()}, rows), where, "scale");
+    detail::expect_shape(shift, detail::stacked_shape(Shape{h.cols()}, rows), where, "shift");
     y.resize(h.shape());
-    kernels::scale_shift_forward<T>(h.data(), h.rows(), h.cols(), scale.data(), shift.data(), y.data(), where);
+    kernels::detail::scale_shift_forward<T>(h.data(), rows.task, h.rows(), h.cols(), rows.tasks, scale.data(),
+                                            shift.data(), y.data(), where);
 }
 
 template <class T>
 void scale_shift_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& scale,
                           Tensor<T, Cuda>* dh, Tensor<T, Cuda>* dscale, Tensor<T, Cuda>* dshift,
-                          std::string_view where) {
+                          std::string_view where, TaskRows rows) {
     detail::expect_shape(g, h.shape(), where, "scale_shift output gradient");
+    detail::expect_shape(scale, detail::stacked_shape(Shape{h.cols()}, rows), where, "scale");
+    if (dscale != nullptr) detail::expect_shape(*dscale, scale.shape(), where, "scale gradient");
+    if (dshift != nullptr) detail::expect_shape(*dshift, scale.shape(), where, "shift gradient");
     if (dh != nullptr) dh->resize(h.shape());
-    kernels::scale_shift_backward<T>(
-        h.data(), g.data(), h.rows(), h.cols(), scale.data(), detail::data_or_null(dh), detail::data_or_null(dscale),
-        detail::data_or_null(dshift), where);
+    kernels::detail::scale_shift_backward<T>(h.data(), g.data(), rows.task, h.rows(), h.cols(), rows.tasks,
+                                             scale.data(), detail::data_or_null(dh), detail::data_or_null(dscale),
+                                             detail::data_or_null(dshift), {}, where);
 }
 
 template <class T>
 void lora_forward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& base, const Tensor<T, Cuda>& a,
-                  const Tensor<T, Cuda>& b, double s, Tensor<T, Cuda>& y, Tensor<T, Cuda>& u, std::string_view where) {
-    const std::size_t n = x.rows(), in = x.cols(), out = base.cols(), r = a.rows();
-    detail::expect_shape(a, Shape{r, in}, where, "LoRA factor A");
-    detail::expect_shape(b, Shape{out, r}, where, "LoRA factor B");
+                  const Tensor<T, Cuda>& b, double s, Tensor<T, Cuda>& y, Tensor<T, Cuda>& u, std::string_view where,
+                  TaskRows rows) {
+    const std::size_t n = x.rows(), in = x.cols(), out = base.cols(), r = a.rows() / rows.tasks;
+    detail::expect_shape(a, detail::stacked_shape(Shape{r, in}, rows), where, "LoRA factor A");
+    detail::expect_shape(b, detail::stacked_shape(Shape{out, r}, rows), where, "LoRA factor B");
     if (base.rows() != n)
         throw ShapeError(patchwork::detail::concat(where, ": LoRA base output ", base.shape(), " for input ",
                                                    x.shape()));
     y.resize(base.shape());
     u.resize(Shape{n, r});
-    kernels::multitask_lora_forward<T>(x.data(), base.data(), nullptr, n, in, out, r, 1, a.data(), b.data(), T(s),
-                                       y.data(), u.data(), where);
+    // The task ids are trusted (see cuda_ops.hpp): the detail launcher, without multitask.cuh's check.
+    kernels::detail::lowrank_forward<T>(kernels::Act::none, x.data(), base.data(), rows.task,
+                                        {n, in, out, r, rows.tasks}, a.data(), nullptr, b.data(), nullptr, T(s),
+                                        y.data(), u.data(), where);
 }
 
 template <class T>
 void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& base_dx,
                    const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, double s, const Tensor<T, Cuda>& u,
-                   Tensor<T, Cuda>* dx, Tensor<T, Cuda>* da, Tensor<T, Cuda>* db, std::string_view where) {
-    const std::size_t n = x.rows(), in = x.cols(), out = g.cols(), r = a.rows();
+                   Tensor<T, Cuda>* dx, Tensor<T, Cuda>* da, Tensor<T, Cuda>* db, std::string_view where,
+                   TaskRows rows) {
+    const std::size_t n = x.rows(), in = x.cols(), out = g.cols(), r = a.rows() / rows.tasks;
     detail::expect_shape(u, Shape{n, r}, where, "LoRA saved projection");
+    detail::expect_shape(b, detail::stacked_shape(Shape{out, r}, rows), where, "LoRA factor B");
+    if (da != nullptr) detail::expect_shape(*da, a.shape(), where, "LoRA factor A gradient");
+    if (db != nullptr) detail::expect_shape(*db, b.shape(), where, "LoRA factor B gradient");
     if (!base_dx.empty()) detail::expect_shape(base_dx, x.shape(), where, "LoRA base input gradient");
     if (dx != nullptr) dx->resize(x.shape());
-    kernels::multitask_lora_backward<T>(x.data(), g.data(), base_dx.empty() ? nullptr : base_dx.data(), nullptr, n,
-                                        in, out, r, 1, a.data(), b.data(), T(s), u.data(), detail::data_or_null(dx),
-                                        {detail::data_or_null(da), detail::data_or_null(db)}, where);
+    kernels::detail::lowrank_backward<T>(kernels::Act::none, x.data(), g.data(),
+                                         base_dx.empty() ? nullptr : base_dx.data(), rows.task,
+                                         {n, in, out, r, rows.tasks}, a.data(), b.data(), T(s), u.data(),
+                                         detail::data_or_null(dx),
+                                         {detail::data_or_null(da), nullptr, detail::data_or_null(db), nullptr}, {},
+                                         where);
 }
 
 template <class T>

@@ -19,6 +19,7 @@
 #include "patchwork/cuda/device_tensor.hpp"
 #include "patchwork/kernels/common.cuh"
 #include "patchwork/kernels/plan.hpp"
+#include "patchwork/kernels/scale_shift.cuh"
 #include "patchwork/layers/activation.hpp"
 #include "patchwork/ops/cuda_ops.hpp"
 #include "patchwork/train/loss.hpp"
@@ -37,11 +38,16 @@ inline int checked_int(std::size_t n, std::string_view what, std::string_view wh
 
 // ---- element-wise --------------------------------------------------------
 
-/// y[i] += b[i % cols]; I is 32-bit unsigned whenever the sizes fit (see scale_shift.cuh).
+/// y[i] += b[i % cols], or b[task[row] cols + i % cols] with per-row tasks (task
+/// not null, b stacked [K, cols]); I is 32-bit unsigned whenever the sizes fit
+/// (see scale_shift.cuh).
 template <class T, class I>
-__global__ void add_row_vector_kernel(T* __restrict__ y, const T* __restrict__ b, I n, I cols) {
-    for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < n; i += I(gridDim.x) * I(blockDim.x))
-        y[i] += b[i % cols];
+__global__ void add_row_vector_kernel(T* __restrict__ y, const T* __restrict__ b, const int* __restrict__ task, I n,
+                                      I cols) {
+    for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < n; i += I(gridDim.x) * I(blockDim.x)) {
+        const I row = i / cols, c = i - row * cols;
+        y[i] += b[task == nullptr ? std::size_t(c) : std::size_t(task[row]) * cols + c];
+    }
 }
 
 /// Device value/derivative of each activation functor (same formulas as layers/activation.hpp).
@@ -161,13 +167,20 @@ struct load_product {
 
 // ---- LayerNorm -----------------------------------------------------------
 
-/// One block per row: mean, variance (two passes over the row), then xhat and y.
+/// One block per row: mean, variance (two passes over the row), then xhat and
+/// y; with per-row tasks (task not null) gamma and beta are [K, d] and the row
+/// uses its task's.
 template <class T>
 __global__ void layer_norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ gamma,
-                                          const T* __restrict__ beta, T eps, std::size_t d, T* __restrict__ xhat,
-                                          T* __restrict__ inv_std, T* __restrict__ y) {
+                                          const T* __restrict__ beta, const int* __restrict__ task, T eps,
+                                          std::size_t d, T* __restrict__ xhat, T* __restrict__ inv_std,
+                                          T* __restrict__ y) {
     __shared__ T red[32];
     const std::size_t row = blockIdx.x;
+    if (task != nullptr) {
+        gamma += std::size_t(task[row]) * d;
+        beta += std::size_t(task[row]) * d;
+    }
     const T* xr = x + row * d;
     T s = T(0);
     for (std::size_t i = threadIdx.x; i < d; i += blockDim.x) s += xr[i];
@@ -191,9 +204,10 @@ __global__ void layer_norm_forward_kernel(const T* __restrict__ x, const T* __re
 template <class T>
 __global__ void layer_norm_backward_kernel(const T* __restrict__ g, const T* __restrict__ xhat,
                                            const T* __restrict__ inv_std, const T* __restrict__ gamma,
-                                           std::size_t d, T* __restrict__ dx) {
+                                           const int* __restrict__ task, std::size_t d, T* __restrict__ dx) {
     __shared__ T red[32];
     const std::size_t row = blockIdx.x;
+    if (task != nullptr) gamma += std::size_t(task[row]) * d;
     const T* gr = g + row * d;
     const T* hr = xhat + row * d;
     T a = T(0), b = T(0);
@@ -338,6 +352,38 @@ __global__ void squared_sum_finish_kernel(const double* __restrict__ partial, un
     if (threadIdx.x == 0) out[0] = s;
 }
 
+// ---- multi-task batches ----------------------------------------------------
+
+/// dst row i = src row idx[i] (gather) or dst row idx[i] = src row i (scatter), rows of `row` elements.
+template <class T, bool Gather>
+__global__ void move_rows_kernel(const T* __restrict__ src, const int* __restrict__ idx, std::size_t rows,
+                                 std::size_t row, T* __restrict__ dst) {
+    const std::size_t total = rows * row;
+    for (std::size_t e = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; e < total;
+         e += std::size_t(gridDim.x) * blockDim.x) {
+        const std::size_t i = e / row, c = e - i * row, j = std::size_t(idx[i]);
+        if constexpr (Gather)
+            dst[e] = src[j * row + c];
+        else
+            dst[j * row + c] = src[e];
+    }
+}
+
+/// Move m = blockIdx.y (grid-stride over moves and over elements): dst[i] =
+/// (add ? dst[i] : 0) + src[i] + src[stride + i] + ... (count terms, in order).
+template <class T>
+__global__ void slice_moves_kernel(const cuda::SliceMove<T>* __restrict__ moves, std::size_t count) {
+    for (std::size_t m = blockIdx.y; m < count; m += gridDim.y) {
+        const cuda::SliceMove<T> mv = moves[m];
+        for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < mv.n;
+             i += std::size_t(gridDim.x) * blockDim.x) {
+            T s = mv.add ? mv.dst[i] : T(0);
+            for (std::size_t c = 0; c < mv.count; ++c) s += mv.src[c * mv.stride + i];
+            mv.dst[i] = s;
+        }
+    }
+}
+
 }  // namespace detail
 }  // namespace patchwork::kernels
 
@@ -367,27 +413,37 @@ void gemm(bool ta, bool tb, T alpha, const Tensor<T, Cuda>& a, const Tensor<T, C
 }
 
 template <class T>
-void add_row_vector(Tensor<T, Cuda>& y, const Tensor<T, Cuda>& b, std::string_view where) {
-    if (b.size() != y.cols())
-        throw ShapeError(patchwork::detail::concat(where, ": bias ", b.shape(), " does not fit rows of ", y.shape()));
+void add_row_vector(Tensor<T, Cuda>& y, const Tensor<T, Cuda>& b, std::string_view where, TaskRows rows) {
+    if (b.size() != y.cols() * rows.tasks)
+        throw ShapeError(patchwork::detail::concat(where, ": bias ", b.shape(), " does not fit rows of ", y.shape(),
+                                                   rows.mixed() ? patchwork::detail::concat(" for ", rows.tasks,
+                                                                                            " tasks")
+                                                                : std::string()));
     if (y.empty()) return;
     const unsigned blocks = kernels::grid_1d(y.size(), 256);
     if (y.size() + std::size_t(blocks) * 256 <= 0xffffffffu)
         kernels::launch(kernels::detail::add_row_vector_kernel<T, unsigned>, blocks, 256, 0, kernels::stream(),
-                        y.data(), b.data(), unsigned(y.size()), unsigned(y.cols()));
+                        y.data(), b.data(), rows.task, unsigned(y.size()), unsigned(y.cols()));
     else
         kernels::launch(kernels::detail::add_row_vector_kernel<T, unsigned long long>, blocks, 256, 0,
-                        kernels::stream(), y.data(), b.data(), (unsigned long long)y.size(),
+                        kernels::stream(), y.data(), b.data(), rows.task, (unsigned long long)y.size(),
                         (unsigned long long)y.cols());
     check_launch("add_row_vector_kernel", where);
 }
 
 template <class T>
-void add_column_sums(const Tensor<T, Cuda>& g, Tensor<T, Cuda>& out, std::string_view where) {
-    if (out.size() != g.cols())
-        throw ShapeError(patchwork::detail::concat(where, ": column sums of ", g.shape(), " into ", out.shape()));
-    kernels::detail::add_column_sums(kernels::detail::load_element<T>{g.data(), g.cols()}, g.rows(), g.cols(),
-                                     out.data(), where);
+void add_column_sums(const Tensor<T, Cuda>& g, Tensor<T, Cuda>& out, std::string_view where, TaskRows rows) {
+    if (out.size() != g.cols() * rows.tasks)
+        throw ShapeError(patchwork::detail::concat(where, ": column sums of ", g.shape(), " into ", out.shape(),
+                                                   rows.mixed() ? patchwork::detail::concat(" for ", rows.tasks,
+                                                                                            " tasks")
+                                                                : std::string()));
+    if (rows.mixed())  // per-task column sums: the ordered reduction of scale_shift.cuh (dbeta only)
+        kernels::detail::scale_shift_backward<T>(nullptr, g.data(), rows.task, g.rows(), g.cols(), rows.tasks,
+                                                 nullptr, nullptr, nullptr, out.data(), {}, where);
+    else
+        kernels::detail::add_column_sums(kernels::detail::load_element<T>{g.data(), g.cols()}, g.rows(), g.cols(),
+                                         out.data(), where);
 }
 
 template <class Fn, class T>
@@ -407,31 +463,45 @@ void activation_backward(const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& x, con
 template <class T>
 void layer_norm_forward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& gamma, const Tensor<T, Cuda>& beta,
                         double eps, Tensor<T, Cuda>& xhat, Tensor<T, Cuda>& inv_std, Tensor<T, Cuda>& y,
-                        std::string_view where) {
+                        std::string_view where, TaskRows rows) {
     const std::size_t n = x.rows(), d = x.cols();
+    if (gamma.size() != d * rows.tasks || beta.size() != d * rows.tasks)
+        throw ShapeError(patchwork::detail::concat(where, ": layernorm scale ", gamma.shape(), " and shift ",
+                                                   beta.shape(), " for rows of ", d, " values and ", rows.tasks,
+                                                   " task(s)"));
     if (n == 0) return;
     if (n > 0x7fffffffu) kernels::detail::checked_int(n, "layernorm rows", where);
-    kernels::launch(kernels::detail::layer_norm_forward_kernel<T>, unsigned(n), kernels::detail::row_block_threads(d), 0,
-                                                 kernels::stream(), x.data(), gamma.data(), beta.data(), T(eps),
-                                                                      d, xhat.data(), inv_std.data(), y.data());
+    kernels::launch(kernels::detail::layer_norm_forward_kernel<T>, unsigned(n), kernels::detail::row_block_threads(d),
+                    0, kernels::stream(), x.data(), gamma.data(), beta.data(), rows.task, T(eps), d, xhat.data(),
+                    inv_std.data(), y.data());
     check_launch("layer_norm_forward_kernel", where);
 }
 
 template <class T>
 void layer_norm_backward(const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& xhat, const Tensor<T, Cuda>& inv_std,
                          const Tensor<T, Cuda>& gamma, Tensor<T, Cuda>* dgamma, Tensor<T, Cuda>* dbeta,
-                         Tensor<T, Cuda>* dx, std::string_view where) {
+                         Tensor<T, Cuda>* dx, std::string_view where, TaskRows rows) {
     const std::size_t n = g.rows(), d = g.cols();
-    if (dgamma != nullptr)
-        kernels::detail::add_column_sums(kernels::detail::load_product<T>{g.data(), xhat.data(), d}, n, d,
-                                         dgamma->data(), where);
-    if (dbeta != nullptr)
-        kernels::detail::add_column_sums(kernels::detail::load_element<T>{g.data(), d}, n, d, dbeta->data(), where);
+    if (rows.mixed()) {
+        // Per task: dgamma_t += sum over its rows of g xhat, dbeta_t += sum of g, the
+        // ordered per-task column reduction of scale_shift.cuh (h = xhat).
+        if (dgamma != nullptr || dbeta != nullptr)
+            kernels::detail::scale_shift_backward<T>(xhat.data(), g.data(), rows.task, n, d, rows.tasks, nullptr,
+                                                     nullptr, dgamma != nullptr ? dgamma->data() : nullptr,
+                                                     dbeta != nullptr ? dbeta->data() : nullptr, {}, where);
+    } else {
+        if (dgamma != nullptr)
+            kernels::detail::add_column_sums(kernels::detail::load_product<T>{g.data(), xhat.data(), d}, n, d,
+                                             dgamma->data(), where);
+        if (dbeta != nullptr)
+            kernels::detail::add_column_sums(kernels::detail::load_element<T>{g.data(), d}, n, d, dbeta->data(),
+                                             where);
+    }
     if (dx == nullptr || n == 0) return;
     if (n > 0x7fffffffu) kernels::detail::checked_int(n, "layernorm rows", where);
-    kernels::launch(kernels::detail::layer_norm_backward_kernel<T>, unsigned(n), kernels::detail::row_block_threads(d), 0,
-                                                  kernels::stream(), g.data(), xhat.data(), inv_std.data(),
-                                                                       gamma.data(), d, dx->data());
+    kernels::launch(kernels::detail::layer_norm_backward_kernel<T>, unsigned(n), kernels::detail::row_block_threads(d),
+                    0, kernels::stream(), g.data(), xhat.data(), inv_std.data(), gamma.data(), rows.task, d,
+                    dx->data());
     check_launch("layer_norm_backward_kernel", where);
 }
 
@@ -489,6 +559,46 @@ void sum_slices(const T* slices, std::size_t ranks, std::size_t n, T* out, std::
     kernels::launch(kernels::detail::sum_slices_kernel<T>, kernels::grid_1d(n, 256), 256, 0, kernels::stream(),
                     slices, ranks, n, out);
     check_launch("sum_slices_kernel", where);
+}
+
+template <class T>
+void upload_elements(T* dst, const T* src, std::size_t n, std::string_view where) {
+    if (n == 0) return;
+    check(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, context().stream()), "cudaMemcpyAsync",
+          where);
+}
+
+template <class T>
+void gather_rows(const T* src, const int* idx, std::size_t rows, std::size_t row, T* dst, std::string_view where) {
+    if (rows == 0 || row == 0) return;
+    kernels::launch(kernels::detail::move_rows_kernel<T, true>, kernels::grid_1d(rows * row, 256), 256, 0,
+                    kernels::stream(), src, idx, rows, row, dst);
+    check_launch("move_rows_kernel (gather)", where);
+}
+
+template <class T>
+void scatter_rows(const T* src, const int* idx, std::size_t rows, std::size_t row, T* dst, std::string_view where) {
+    if (rows == 0 || row == 0) return;
+    kernels::launch(kernels::detail::move_rows_kernel<T, false>, kernels::grid_1d(rows * row, 256), 256, 0,
+                    kernels::stream(), src, idx, rows, row, dst);
+    check_launch("move_rows_kernel (scatter)", where);
+}
+
+template <class T>
+void slice_moves(std::span<const SliceMove<T>> moves, std::string_view where) {
+    std::size_t longest = 0;
+    for (const auto& m : moves) longest = m.n > longest ? m.n : longest;
+    if (longest == 0) return;
+    // The move list lives in the context's workspace until the kernel, queued
+    // right behind the upload on the same stream, has read it.
+    kernels::detail::Scratch scratch({}, kernels::ws_bytes(moves.size(), sizeof(SliceMove<T>)), where);
+    auto* table = scratch.take<SliceMove<T>>(moves.size());
+    upload_elements(table, moves.data(), moves.size(), where);
+    const unsigned bx = kernels::grid_1d(longest, 256) < 64 ? kernels::grid_1d(longest, 256) : 64;
+    const unsigned by = moves.size() < 65535 ? unsigned(moves.size()) : 65535u;
+    kernels::launch(kernels::detail::slice_moves_kernel<T>, dim3(bx, by), 256, 0, kernels::stream(), table,
+                    moves.size());
+    check_launch("slice_moves_kernel", where);
 }
 
 template <class T>

@@ -75,7 +75,7 @@ constexpr double tolerance() {
 
 template <class T>
 void check_close(const Tensor<T>& cpu, const Tensor<T, Cuda>& dev, const char* what) {
-    INFO(what);
+    INFO(std::string(what));
     CHECK(rel_error(cpu, pw::to_host(dev)) < tolerance<T>());
 }
 

@@ -4,3 +4,4 @@
 #include "test_device.cu"
 #include "test_device_policies.cu"
 #include "test_device_search.cu"
+#include "test_device_multitask.cu"

@@ -116,6 +116,14 @@ public:
             grad.release();
         }
     }
+    /// Trainable, or frozen, without a gradient buffer of its own: for a
+    /// multi-task slot while a one-pass mixed batch runs (the modules route
+    /// every gradient of it to the task banks, and those that skip a backward
+    /// when nothing below them trains still see it as trainable).
+    void set_routed_trainable(bool on) noexcept {
+        trainable_ = on;
+        grad.release();
+    }
     void zero_grad() {
         if (trainable_) grad.zero();
     }

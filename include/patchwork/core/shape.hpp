@@ -42,6 +42,18 @@ public:
         return s;
     }
 
+    /// This shape with `first` put in front ([K] + [r, d] = [K, r, d]); a ShapeError past max_rank.
+    [[nodiscard]] Shape prepended(std::size_t first) const {
+        if (rank_ == max_rank)
+            throw ShapeError(detail::concat("Shape: cannot put a dimension in front of ", str(), " (rank ", max_rank,
+                                            " is the maximum)"));
+        Shape s;
+        s.rank_ = rank_ + 1;
+        s.dims_[0] = first;
+        for (std::size_t i = 0; i < rank_; ++i) s.dims_[i + 1] = dims_[i];
+        return s;
+    }
+
     [[nodiscard]] const std::size_t* begin() const noexcept { return dims_.data(); }
     [[nodiscard]] const std::size_t* end() const noexcept { return dims_.data() + rank_; }
 

@@ -7,12 +7,14 @@
 // selected parameter's presence, shape and dtype, and (strict by default)
 // that the file holds nothing else. docs/safetensors.md describes the rules.
 #include <cstddef>
+#include <deque>
 #include <filesystem>
 #include <map>
 #include <set>
 #include <string>
 #include <vector>
 
+#include "patchwork/core/module.hpp"
 #include "patchwork/core/parameter.hpp"
 #include "patchwork/io/safetensors.hpp"
 
@@ -27,16 +29,16 @@ struct LoadOptions {
 
 /// Every parameter.
 struct AllParameters {
-    template <class T>
-    bool operator()(const Parameter<T>&) const noexcept {
+    template <class T, class D>
+    bool operator()(const Parameter<T, D>&) const noexcept {
         return true;
     }
 };
 
 /// The shared pre-trained parameters: pre-trained roles owned by no task.
 struct BaseParameters {
-    template <class T>
-    bool operator()(const Parameter<T>& p) const noexcept {
+    template <class T, class D>
+    bool operator()(const Parameter<T, D>& p) const noexcept {
         return !is_injected(p.role()) && p.task() == shared_task;
     }
 };
@@ -45,21 +47,27 @@ struct BaseParameters {
 /// parameters owned by no task (the patch of a single-task model).
 struct PatchParameters {
     int task = shared_task;
-    template <class T>
-    bool operator()(const Parameter<T>& p) const noexcept {
+    template <class T, class D>
+    bool operator()(const Parameter<T, D>& p) const noexcept {
         return (task != shared_task && p.task() == task) || (is_injected(p.role()) && p.task() == shared_task);
     }
 };
 
 /// Write the parameters of `model` that `keep` selects, under their dotted
 /// names, plus `metadata` and the format tag. Throws IoError naming the path
-/// (two selected parameters with one name included).
+/// (two selected parameters with one name included). A device model's values
+/// are copied to the host first.
 template <class M, class Filter = AllParameters>
 void save_parameters(M& model, const std::filesystem::path& path, Filter keep = {},
                      SafetensorsMetadata metadata = {}) {
     SafetensorsWriter w;
+    std::deque<Tensor<typename M::Scalar>> host;  // device values' host copies, alive until the file is written
     model.visit([&](auto& p) {
-        if (keep(std::as_const(p))) w.add(p.name(), p.value);
+        if (!keep(std::as_const(p))) return;
+        if constexpr (std::is_same_v<typename std::remove_cvref_t<decltype(p)>::Device, Cpu>)
+            w.add(p.name(), p.value);
+        else
+            w.add(p.name(), host.emplace_back(to_host(p.value)));
     });
     for (auto& [k, v] : metadata) w.add_metadata(k, v);
     w.add_metadata(safetensors_format_key, safetensors_format_version);
@@ -76,10 +84,11 @@ template <class M, class Filter = AllParameters>
 SafetensorsMetadata load_parameters(M& model, const SafetensorsFile& file, Filter keep = {},
                                     LoadOptions options = {}) {
     using T = typename M::Scalar;
+    using D = device_of_t<M>;
     const std::string& src = file.source();
-    std::vector<std::pair<Parameter<T>*, const SafetensorsEntry*>> plan;
+    std::vector<std::pair<Parameter<T, D>*, const SafetensorsEntry*>> plan;
     std::set<std::string_view> wanted;
-    model.visit([&](Parameter<T>& p) {
+    model.visit([&](Parameter<T, D>& p) {
         if (!keep(std::as_const(p))) return;
         if (!wanted.insert(p.name()).second)
             detail::safetensors_fail(src, detail::concat("the model has two parameters named '", p.name(), "'"));
@@ -109,7 +118,15 @@ SafetensorsMetadata load_parameters(M& model, const SafetensorsFile& file, Filte
                                                          " (pass strict = false to ignore them)"));
         }
     }
-    for (auto& [p, e] : plan) file.read_into(*e, p->value.data());
+    for (auto& [p, e] : plan) {
+        if constexpr (std::is_same_v<D, Cpu>) {
+            file.read_into(*e, p->value.data());
+        } else {  // read on the host, then one copy to the device
+            Tensor<T> host(p->value.shape());
+            file.read_into(*e, host.data());
+            copy(host, p->value);
+        }
+    }
     return file.metadata();
 }
 

@@ -67,7 +67,13 @@ public:
         y_.resize(x.shape());
         inv_std_.resize(Shape{x.rows()});
         if constexpr (std::is_same_v<D, Cuda>) {
-            cuda::layer_norm_forward(x, scale.value, shift.value, eps_, xhat_, inv_std_, y_, path_);
+            // In a mixed-task batch (per-task scale and shift): one launch, each row with its task's.
+            const MixedBatch<T, D>* mb = mixed_ = mixed_batch_for<T, D>(scale, shift);
+            if (mb == nullptr)
+                cuda::layer_norm_forward(x, scale.value, shift.value, eps_, xhat_, inv_std_, y_, path_);
+            else
+                cuda::layer_norm_forward(x, mb->stacked(scale), mb->stacked(shift), eps_, xhat_, inv_std_, y_, path_,
+                                         mb->task_rows(x, path_, "layernorm input"));
             return y_;
         } else {
             return cpu_forward(x);
@@ -79,9 +85,16 @@ public:
         if constexpr (std::is_same_v<D, Cuda>) {
             if (input_grad_) dx_.resize(dy.shape());
             else dx_.clear();
-            cuda::layer_norm_backward(dy, xhat_, inv_std_, scale.value, scale.wants_grad() ? &scale.grad : nullptr,
-                                      shift.wants_grad() ? &shift.grad : nullptr, input_grad_ ? &dx_ : nullptr,
-                                      path_);
+            const MixedBatch<T, D>* mb = mixed_batch_for_backward(mixed_, path_);
+            if (mb == nullptr)
+                cuda::layer_norm_backward(dy, xhat_, inv_std_, scale.value,
+                                          scale.wants_grad() ? &scale.grad : nullptr,
+                                          shift.wants_grad() ? &shift.grad : nullptr, input_grad_ ? &dx_ : nullptr,
+                                          path_);
+            else  // per-row tasks: the gradients go to the stacked per-task gradients (the model adds them up)
+                cuda::layer_norm_backward(dy, xhat_, inv_std_, mb->stacked(scale), mb->stacked_grad(scale),
+                                          mb->stacked_grad(shift), input_grad_ ? &dx_ : nullptr, path_,
+                                          mb->task_rows(dy, path_, "layernorm output gradient"));
             return dx_;
         } else {
             return cpu_backward(dy);
@@ -96,10 +109,8 @@ public:
     /// f(p) for each parameter this layer can take per row in a mixed-task batch.
     template <class F>
     void visit_mixed(F&& f) {
-        if constexpr (std::is_same_v<D, Cpu>) {
-            f(scale);
-            f(shift);
-        }
+        f(scale);
+        f(shift);
     }
 
     void set_path(const std::string& p) {
@@ -162,7 +173,7 @@ private:
     using RowMap = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
     using OutMap = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
     Tensor<T, D> xhat_, y_, dx_, inv_std_;
-    const MixedBatch<T>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
+    const MixedBatch<T, D>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
 };
 
 using LayerNorm = BasicLayerNorm<float>;

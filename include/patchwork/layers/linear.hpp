@@ -75,7 +75,12 @@ public:
         y_.resize(x.shape().with_back(out_));
         if constexpr (std::is_same_v<D, Cuda>) {
             cuda::gemm(false, true, T(1), x, weight.value, T(0), y_, path_);
-            if (has_bias_) cuda::add_row_vector(y_, bias.value, path_);
+            // A per-task bias in a mixed-task batch: one launch, each row adding its task's.
+            const MixedBatch<T, D>* mb = mixed_ = has_bias_ ? mixed_batch_for<T, D>(bias) : nullptr;
+            if (mb != nullptr)
+                cuda::add_row_vector(y_, mb->stacked(bias), path_, mb->task_rows(y_, path_, "linear output"));
+            else if (has_bias_)
+                cuda::add_row_vector(y_, bias.value, path_);
         } else {
             auto y = y_.matrix();
             ops::gemm_nt(x.matrix(), weight.value.matrix(), y, T(1), T(0));
@@ -94,7 +99,13 @@ public:
         const Tensor<T, D>& x = last_input();
         if constexpr (std::is_same_v<D, Cuda>) {
             if (weight.wants_grad()) cuda::gemm(true, false, T(1), dy, x, T(1), weight.grad, path_);
-            if (has_bias_ && bias.wants_grad()) cuda::add_column_sums(dy, bias.grad, path_);
+            const MixedBatch<T, D>* mb = mixed_batch_for_backward(mixed_, path_);
+            if (mb != nullptr) {
+                if (Tensor<T, D>* db = mb->stacked_grad(bias))
+                    cuda::add_column_sums(dy, *db, path_, mb->task_rows(dy, path_, "linear output gradient"));
+            } else if (has_bias_ && bias.wants_grad()) {
+                cuda::add_column_sums(dy, bias.grad, path_);
+            }
         } else {
             const auto g = dy.matrix();
             if (weight.wants_grad()) ops::gemm_tn(g, x.matrix(), weight.grad.matrix(), T(1), T(1));
@@ -133,8 +144,7 @@ public:
     /// f(p) for each parameter this layer can take per row in a mixed-task batch: the bias.
     template <class F>
     void visit_mixed(F&& f) {
-        if constexpr (std::is_same_v<D, Cpu>)
-            if (has_bias_) f(bias);
+        if (has_bias_) f(bias);
     }
 
     void set_path(const std::string& p) {
@@ -146,7 +156,7 @@ public:
 private:
     Saved<T, D> x_;  ///< the last forward's input (not owned)
     Tensor<T, D> y_, dx_;
-    const MixedBatch<T>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
+    const MixedBatch<T, D>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
 };
 
 using Linear = BasicLinear<float>;

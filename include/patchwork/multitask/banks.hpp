@@ -34,14 +34,14 @@
 namespace patchwork {
 
 /// Selects the backbone parameters that are per task.
-template <class T>
-using TaskSelector = std::function<bool(const Parameter<T>&)>;
+template <class T, class D = Cpu>
+using TaskSelector = std::function<bool(const Parameter<T, D>&)>;
 
 /// Per task: every parameter that is trainable when the model is built (what
 /// the backbone's policies train).
 struct PerTaskTrainable {
-    template <class T>
-    bool operator()(const Parameter<T>& p) const noexcept {
+    template <class T, class D>
+    bool operator()(const Parameter<T, D>& p) const noexcept {
         return p.trainable();
     }
 };
@@ -49,13 +49,13 @@ struct PerTaskTrainable {
 /// Per task: every parameter whose role is in `roles` (bit r for Role r, see role_bit).
 struct PerTaskRoles {
     unsigned roles = 0;
-    template <class T>
-    bool operator()(const Parameter<T>& p) const noexcept {
+    template <class T, class D>
+    bool operator()(const Parameter<T, D>& p) const noexcept {
         return (roles & role_bit(p.role())) != 0;
     }
 };
 
-template <class T>
+template <class T, class D = Cpu>
 class TaskBanks {
 public:
     /// Collects the slots of `backbone` (parameters `per_task` selects) and,
@@ -63,7 +63,7 @@ public:
     /// layers. The slots are frozen: only the banks train.
     template <class Backbone, class Selector>
     TaskBanks(Backbone& backbone, Selector& per_task, bool per_task_statistics) {
-        backbone.visit([&](Parameter<T>& p) {
+        backbone.visit([&](Parameter<T, D>& p) {
             if (!per_task(std::as_const(p))) return;
             slots_.push_back(&p);
             slot_trainable_.push_back(p.trainable());
@@ -77,7 +77,7 @@ public:
                                   m.running_var;
                                   m.fold();
                               }) {
-                    if constexpr (std::is_same_v<std::remove_cvref_t<decltype(m.running_mean)>, Tensor<T>>) {
+                    if constexpr (std::is_same_v<std::remove_cvref_t<decltype(m.running_mean)>, Tensor<T, D>>) {
                         stats_.push_back(&m.running_mean);
                         stats_.push_back(&m.running_var);
                         stat_rel_.push_back(m.path().empty() ? std::string("running_mean")
@@ -104,14 +104,14 @@ public:
         for (const auto& v : pretrained_) n += v.size();
         return n;
     }
-    [[nodiscard]] const std::vector<Parameter<T>*>& slots() const noexcept { return slots_; }
-    [[nodiscard]] bool is_slot(const Parameter<T>* p) const {
+    [[nodiscard]] const std::vector<Parameter<T, D>*>& slots() const noexcept { return slots_; }
+    [[nodiscard]] bool is_slot(const Parameter<T, D>* p) const {
         return std::find(slots_.begin(), slots_.end(), p) != slots_.end();
     }
     /// The running-statistics tensors of the backbone (running_mean, running_var per BatchNorm2d).
-    [[nodiscard]] const std::vector<Tensor<T>*>& statistics_slots() const noexcept { return stats_; }
-    [[nodiscard]] std::deque<Parameter<T>>& bank(std::size_t k) noexcept { return banks_[k]; }
-    [[nodiscard]] std::deque<Parameter<T>>& statistics(std::size_t k) noexcept { return bank_stats_[k]; }
+    [[nodiscard]] const std::vector<Tensor<T, D>*>& statistics_slots() const noexcept { return stats_; }
+    [[nodiscard]] std::deque<Parameter<T, D>>& bank(std::size_t k) noexcept { return banks_[k]; }
+    [[nodiscard]] std::deque<Parameter<T, D>>& statistics(std::size_t k) noexcept { return bank_stats_[k]; }
 
     /// Adds task k = tasks(): its bank and statistics start from the
     /// pre-trained values, or from task `init_from`'s (init_from >= 0).
@@ -120,7 +120,7 @@ public:
         const int k = int(tasks());
         auto& bank = banks_.emplace_back();
         for (std::size_t i = 0; i < slots_.size(); ++i) {
-            Parameter<T>& p = bank.emplace_back(slots_[i]->leaf(), slots_[i]->role(), slots_[i]->value.shape(),
+            Parameter<T, D>& p = bank.emplace_back(slots_[i]->leaf(), slots_[i]->role(), slots_[i]->value.shape(),
                                                 slot_trainable_[i], k);
             p.value = init_from < 0 ? pretrained_[i] : banks_[std::size_t(init_from)][i].value;
         }
@@ -128,7 +128,7 @@ public:
         for (std::size_t i = 0; i < stats_.size(); ++i) {
             const std::string& rel = stat_rel_[i];
             const auto dot = rel.rfind('.');
-            Parameter<T>& p = st.emplace_back(dot == std::string::npos ? rel : rel.substr(dot + 1), Role::norm_shift,
+            Parameter<T, D>& p = st.emplace_back(dot == std::string::npos ? rel : rel.substr(dot + 1), Role::norm_shift,
                                               stats_[i]->shape(), false, k);
             p.value = init_from < 0 ? pretrained_stats_[i] : bank_stats_[std::size_t(init_from)][i].value;
         }
@@ -136,11 +136,18 @@ public:
     }
 
     /// Names task k's bank parameters: `module_of(rel)` gives the module path
-    /// for a slot or statistic name relative to the backbone.
+    /// for the path `rel` of the module holding a slot or statistic, relative
+    /// to the backbone ("" for the backbone itself).
     template <class ModuleOf>
     void name(std::size_t k, ModuleOf&& module_of) {
-        for (std::size_t i = 0; i < slots_.size(); ++i) banks_[k][i].set_prefix(module_of(slot_rel_[i]));
-        for (std::size_t i = 0; i < stats_.size(); ++i) bank_stats_[k][i].set_prefix(module_of(stat_rel_[i]));
+        // A leaf may hold dots itself ("down.bias" of an adapter): strip the leaf, not the last component.
+        const auto module_rel = [](const std::string& rel, const std::string& leaf) {
+            return rel.size() > leaf.size() ? rel.substr(0, rel.size() - leaf.size() - 1) : std::string();
+        };
+        for (std::size_t i = 0; i < slots_.size(); ++i)
+            banks_[k][i].set_prefix(module_of(module_rel(slot_rel_[i], banks_[k][i].leaf())));
+        for (std::size_t i = 0; i < stats_.size(); ++i)
+            bank_stats_[k][i].set_prefix(module_of(module_rel(stat_rel_[i], bank_stats_[k][i].leaf())));
     }
 
     /// f(p, is_statistic) for every bank parameter of task k.
@@ -165,8 +172,8 @@ public:
     void swap(std::size_t k, bool bind) noexcept {
         auto& bank = banks_[k];
         for (std::size_t i = 0; i < slots_.size(); ++i) {
-            Parameter<T>& s = *slots_[i];
-            Parameter<T>& b = bank[i];
+            Parameter<T, D>& s = *slots_[i];
+            Parameter<T, D>& b = bank[i];
             std::swap(s.value, b.value);
             std::swap(s.grad, b.grad);
             // While bound the slot trains exactly when the bank does; the
@@ -192,14 +199,14 @@ public:
     };
 
     /// Lists every slot's and statistic's per-task banks in `ctx` (after its reset).
-    void describe(MixedBatch<T>& ctx) {
+    void describe(MixedBatch<T, D>& ctx) {
         const std::size_t K = tasks();
-        std::vector<Parameter<T>*> bank_of(K);
+        std::vector<Parameter<T, D>*> bank_of(K);
         for (std::size_t i = 0; i < slots_.size(); ++i) {
             for (std::size_t k = 0; k < K; ++k) bank_of[k] = &banks_[k][i];
             ctx.add_slot(slots_[i], bank_of);
         }
-        std::vector<Tensor<T>*> stat_of(K);
+        std::vector<Tensor<T, D>*> stat_of(K);
         for (std::size_t i = 0; i < stats_.size(); ++i) {
             for (std::size_t k = 0; k < K; ++k) stat_of[k] = &bank_stats_[k][i].value;
             ctx.add_statistic(stats_[i], stat_of);
@@ -209,18 +216,19 @@ public:
     /// While alive, each slot reads as trainable when any task's bank of it is
     /// (so that modules which skip a backward when nothing below them trains
     /// still run it); the slots keep their pre-trained values and receive no
-    /// gradient (the modules route per-row work to the banks).
+    /// gradient, so they get no gradient buffer (the modules route per-row
+    /// work to the banks).
     class OnePassTrainable {
     public:
         explicit OnePassTrainable(TaskBanks& b) : b_(b) {
             for (std::size_t i = 0; i < b_.slots_.size(); ++i) {
                 bool any = false;
                 for (auto& bank : b_.banks_) any = any || bank[i].trainable();
-                if (any) b_.slots_[i]->set_trainable(true);
+                if (any) b_.slots_[i]->set_routed_trainable(true);
             }
         }
         ~OnePassTrainable() {
-            for (auto* s : b_.slots_) s->set_trainable(false);
+            for (auto* s : b_.slots_) s->set_routed_trainable(false);
         }
         OnePassTrainable(const OnePassTrainable&) = delete;
         OnePassTrainable& operator=(const OnePassTrainable&) = delete;
@@ -230,15 +238,15 @@ public:
     };
 
 private:
-    std::vector<Parameter<T>*> slots_;
+    std::vector<Parameter<T, D>*> slots_;
     std::vector<bool> slot_trainable_;
-    std::vector<std::string> slot_rel_;  ///< slot names relative to the backbone
-    std::vector<Tensor<T>> pretrained_;  ///< slot values at construction
-    std::vector<Tensor<T>*> stats_;      ///< running_mean, running_var of each BatchNorm2d
+    std::vector<std::string> slot_rel_;     ///< slot names relative to the backbone
+    std::vector<Tensor<T, D>> pretrained_;  ///< slot values at construction
+    std::vector<Tensor<T, D>*> stats_;      ///< running_mean, running_var of each BatchNorm2d
     std::vector<std::string> stat_rel_;
-    std::vector<Tensor<T>> pretrained_stats_;
-    std::deque<std::deque<Parameter<T>>> banks_;
-    std::deque<std::deque<Parameter<T>>> bank_stats_;
+    std::vector<Tensor<T, D>> pretrained_stats_;
+    std::deque<std::deque<Parameter<T, D>>> banks_;
+    std::deque<std::deque<Parameter<T, D>>> bank_stats_;
 };
 
 }  // namespace patchwork

@@ -103,9 +103,13 @@ template <Module Backbone, Module Head>
 class MultiTask : public ModuleBase {
 public:
     using Scalar = typename Backbone::Scalar;
+    using Device = device_of_t<Backbone>;
     using T = Scalar;
+    using D = Device;
     static_assert(std::is_same_v<typename Head::Scalar, Scalar>,
                   "patchwork::MultiTask: the backbone and the heads must use the same scalar type");
+    static_assert(std::is_same_v<device_of_t<Head>, Device>,
+                  "patchwork::MultiTask: the backbone and the heads must live on the same device (Cpu or Cuda)");
     static constexpr const char* kind() { return "multitask"; }
     static constexpr unsigned roles = Backbone::roles | Head::roles;
     static constexpr bool fixed_width = Head::fixed_width;
@@ -150,7 +154,7 @@ public:
     /// the new task, and the other tasks stay bit-for-bit as they are.
     void train_only(int task) {
         check_task(task);
-        visit_all([&](Parameter<T>& p, bool statistic) { p.set_trainable(!statistic && p.task() == task); });
+        visit_all([&](Parameter<T, D>& p, bool statistic) { p.set_trainable(!statistic && p.task() == task); });
     }
 
     [[nodiscard]] Backbone& backbone() noexcept { return backbone_; }
@@ -159,12 +163,12 @@ public:
         return heads_[std::size_t(task)];
     }
     /// Bank parameters of `task` (per-task backbone parameters, in slot order).
-    [[nodiscard]] std::deque<Parameter<T>>& bank(int task) {
+    [[nodiscard]] std::deque<Parameter<T, D>>& bank(int task) {
         check_task(task);
         return banks_.bank(std::size_t(task));
     }
     /// The per-task BatchNorm statistics of `task` (running_mean, running_var per BatchNorm2d).
-    [[nodiscard]] std::deque<Parameter<T>>& statistics(int task) {
+    [[nodiscard]] std::deque<Parameter<T, D>>& statistics(int task) {
         check_task(task);
         return banks_.statistics(std::size_t(task));
     }
@@ -181,11 +185,11 @@ public:
     /// depthwise convolutions, convolution biases), and every module with
     /// running statistics splits its batch statistics by task (BatchNorm2d).
     [[nodiscard]] bool one_pass_supported() {
-        std::vector<const Parameter<T>*> per_row;
+        std::vector<const Parameter<T, D>*> per_row;
         bool statistics_ok = true;
         for_each_module(backbone_, [&](auto& m) {
-            if constexpr (requires { m.visit_mixed([](Parameter<T>&) {}); }) {
-                m.visit_mixed([&](Parameter<T>& p) { per_row.push_back(&p); });
+            if constexpr (requires { m.visit_mixed([](Parameter<T, D>&) {}); }) {
+                m.visit_mixed([&](Parameter<T, D>& p) { per_row.push_back(&p); });
             } else if constexpr (requires {
                                      m.running_mean;
                                      m.running_var;
@@ -206,21 +210,21 @@ public:
     [[nodiscard]] std::size_t out_features() const { return heads_[std::size_t(active_)].out_features(); }
 
     /// Forward of the active task.
-    const Tensor<T>& forward(const Tensor<T>& x) { return forward(x, active_); }
+    const Tensor<T, D>& forward(const Tensor<T, D>& x) { return forward(x, active_); }
 
     /// Forward of a batch whose rows all belong to `task`.
-    const Tensor<T>& forward(const Tensor<T>& x, int task) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x, int task) {
         check_task(task);
         state_ = State::none;
         last_pass_ = MixedPass::none;
-        const Tensor<T>* feat = nullptr;
+        const Tensor<T, D>* feat = nullptr;
         {
             Binding bind(banks_, task);
             feat = &backbone_.forward(x);
         }
         Head& h = heads_[std::size_t(task)];
         h.set_input_grad(true);
-        const Tensor<T>& y = h.forward(*feat);
+        const Tensor<T, D>& y = h.forward(*feat);
         state_ = State::single;
         last_task_ = task;
         return y;
@@ -230,7 +234,7 @@ public:
     /// Equal row for row to the per-task passes; computed in one backbone pass
     /// when one_pass() and one_pass_supported(), else one pass per task present
     /// (last_mixed_pass() says which).
-    const Tensor<T>& forward(const Tensor<T>& x, std::span<const int> task_ids) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x, std::span<const int> task_ids) {
         state_ = State::none;
         last_pass_ = MixedPass::none;
         if (x.rank() < 1 || x.empty())
@@ -252,16 +256,16 @@ public:
     }
 
     /// Backward of the last forward (single-task or mixed).
-    const Tensor<T>& backward(const Tensor<T>& dy) {
+    const Tensor<T, D>& backward(const Tensor<T, D>& dy) {
         if (state_ == State::none)
             throw Error(detail::concat(detail::display_path(path_),
                                        ": backward needs a forward first (no forward since the model was built, or "
                                        "the last one failed)"));
         if (state_ == State::single) {
             Binding bind(banks_, last_task_);
-            const Tensor<T>& dfeat = heads_[std::size_t(last_task_)].backward(dy);
+            const Tensor<T, D>& dfeat = heads_[std::size_t(last_task_)].backward(dy);
             backbone_.set_input_grad(input_grad_);
-            const Tensor<T>& dx = backbone_.backward(dfeat);
+            const Tensor<T, D>& dx = backbone_.backward(dfeat);
             return dx;
         }
         check_same_shape(dy, y_.shape(), path_, "multitask output gradient");
@@ -273,13 +277,13 @@ public:
             dx_.zero();
         }
         backbone_.set_input_grad(input_grad_);
-        for (std::size_t gi = groups_.size(); gi-- > 0;) {
+        for (std::size_t gi = groups_used_; gi-- > 0;) {
             const Group& g = groups_[gi];
-            gather(dy, g.rows, out_row, group_dy_);
+            gather(dy, g.rows, 0, g.rows.size(), out_row, group_dy_);
             Binding bind(banks_, g.task);
             // The layers hold the state of the last group's forward only; redo
             // this group's forward (its running statistics restored after).
-            if (gi + 1 != groups_.size()) {
+            if (gi + 1 != groups_used_) {
                 const auto& stats = banks_.statistics_slots();
                 snapshot_.resize(stats.size());
                 for (std::size_t i = 0; i < stats.size(); ++i) snapshot_[i] = *stats[i];
@@ -288,9 +292,9 @@ public:
                 backbone_.forward(group_x_[gi]);
                 for (std::size_t i = 0; i < stats.size(); ++i) *stats[i] = snapshot_[i];
             }
-            const Tensor<T>& dfeat = heads_[std::size_t(g.task)].backward(group_dy_);
-            const Tensor<T>& dxg = backbone_.backward(dfeat);
-            if (input_grad_) scatter(dxg, g.rows, in_row, dx_);
+            const Tensor<T, D>& dfeat = heads_[std::size_t(g.task)].backward(group_dy_);
+            const Tensor<T, D>& dxg = backbone_.backward(dfeat);
+            if (input_grad_) scatter(dxg, g.rows, 0, g.rows.size(), in_row, dx_);
         }
         if (!input_grad_) {
             dx_.clear();
@@ -301,7 +305,7 @@ public:
     /// Shared backbone parameters, then per task its bank, statistics and head.
     template <class F>
     void visit(F&& f) {
-        visit_all([&](Parameter<T>& p, bool) { f(p); });
+        visit_all([&](Parameter<T, D>& p, bool) { f(p); });
     }
 
     /// The backbone and the heads (for_each_module, set_training).
@@ -334,12 +338,29 @@ public:
 
 private:
     enum class State { none, single, mixed, one_pass };
+    static constexpr bool on_device = std::is_same_v<D, Cuda>;
+
+    /// Batch row indices; on the device also an int32 copy in device memory
+    /// (uploaded by sync(), queued without waiting) for the row kernels.
+    struct RowList {
+        std::vector<std::size_t> rows;
+        std::vector<int> rows32;
+        index_storage_t<D> device;
+        [[nodiscard]] std::size_t size() const noexcept { return rows.size(); }
+        [[nodiscard]] std::size_t operator[](std::size_t i) const noexcept { return rows[i]; }
+        void sync() {
+            if constexpr (on_device) {
+                rows32.assign(rows.begin(), rows.end());
+                device.upload(std::span<const int>(rows32), "multitask: row indices");
+            }
+        }
+    };
     struct Group {
         int task = 0;
-        std::vector<std::size_t> rows;
+        RowList rows;
     };
 
-    using Binding = typename TaskBanks<T>::Binding;
+    using Binding = typename TaskBanks<T, D>::Binding;
 
     /// While alive: `ctx_` is this thread's active mixed batch, and the slots
     /// read as trainable where a bank trains (TaskBanks::OnePassTrainable).
@@ -348,24 +369,28 @@ private:
         explicit OnePass(MultiTask& m) : scope_(&m.ctx_), trainable_(m.banks_) {}
 
     private:
-        MixedBatchScope<T> scope_;
-        typename TaskBanks<T>::OnePassTrainable trainable_;
+        MixedBatchScope<T, D> scope_;
+        typename TaskBanks<T, D>::OnePassTrainable trainable_;
     };
 
     /// One backbone pass: rows sorted by task (a stable counting sort, so each
     /// task's rows keep their order and form one segment, tasks ascending),
     /// the backbone run once under the mixed batch, then each present task's
     /// head on its segment of the features, scattered back into row order.
-    const Tensor<T>& forward_one_pass(const Tensor<T>& x, std::span<const int> task_ids) {
+    /// On the device the slots' banks are first stacked per task (one launch;
+    /// see core/mixed_batch.hpp) and each patch runs its fused kernel once
+    /// over all rows.
+    const Tensor<T, D>& forward_one_pass(const Tensor<T, D>& x, std::span<const int> task_ids) {
         const std::size_t n = x.dim(0), K = tasks(), row = x.size() / n;
         std::vector<std::size_t> start(K + 1, 0);
         for (std::size_t i = 0; i < n; ++i) ++start[std::size_t(task_ids[i]) + 1];
         for (std::size_t k = 0; k < K; ++k) start[k + 1] += start[k];
-        order_.resize(n);
+        order_.rows.resize(n);
         {
             std::vector<std::size_t> next(start.begin(), start.end() - 1);
-            for (std::size_t i = 0; i < n; ++i) order_[next[std::size_t(task_ids[i])]++] = i;
+            for (std::size_t i = 0; i < n; ++i) order_.rows[next[std::size_t(task_ids[i])]++] = i;
         }
+        order_.sync();
         bool sorted = true;
         for (std::size_t i = 0; i < n && sorted; ++i) sorted = order_[i] == i;
 
@@ -373,13 +398,15 @@ private:
         for (std::size_t k = 0; k < K; ++k)
             if (start[k + 1] > start[k]) ctx_.add_segment(int(k), start[k], start[k + 1]);
         banks_.describe(ctx_);
+        if constexpr (on_device) ctx_.stack_slots();
 
-        if (!sorted) gather(x, order_, row, xp_);
-        const Tensor<T>* feat = nullptr;
+        if (!sorted) gather(x, order_, 0, n, row, xp_);
+        const Tensor<T, D>* feat = nullptr;
         {
             // Sorted rows keep their attention-mask rows (when a mask is active).
             std::optional<AttentionMask> sorted_mask;
-            if (!sorted && mask_.data != nullptr) sorted_mask.emplace(mask_rows(order_, mask_p_), n, mask_.tokens);
+            if (!sorted && mask_.data != nullptr)
+                sorted_mask.emplace(mask_rows(order_.rows, mask_p_), n, mask_.tokens);
             OnePass pass(*this);
             feat = &backbone_.forward(sorted ? x : xp_);
         }
@@ -392,10 +419,10 @@ private:
             Shape fs = feat_shape_;
             fs[0] = seg.size();
             group_feat_[si].resize(fs);
-            std::copy_n(feat->data() + seg.begin * feat_row, seg.size() * feat_row, group_feat_[si].data());
+            copy_rows(*feat, seg.begin, group_feat_[si], 0, seg.size(), feat_row);
             Head& h = heads_[std::size_t(seg.task)];
             h.set_input_grad(true);
-            const Tensor<T>& yg = h.forward(group_feat_[si]);
+            const Tensor<T, D>& yg = h.forward(group_feat_[si]);
             if (si == 0) {
                 Shape ys = yg.shape();
                 ys[0] = n;
@@ -403,9 +430,7 @@ private:
             } else if (yg.size() / seg.size() != y_.size() / n) {
                 throw_head_width(seg.task, yg.shape(), seg.size(), segments[0].task);
             }
-            const std::size_t out_row = y_.size() / n;
-            for (std::size_t r = 0; r < seg.size(); ++r)
-                std::copy_n(yg.data() + r * out_row, out_row, y_.data() + order_[seg.begin + r] * out_row);
+            scatter(yg, order_, seg.begin, seg.size(), y_.size() / n, y_);
         }
         state_ = State::one_pass;
         last_pass_ = MixedPass::one_pass;
@@ -415,62 +440,65 @@ private:
     /// Backward of a one-pass forward: each head's backward on its segment's
     /// rows of dy gives its segment of dL/dfeatures; one backbone backward
     /// under the same mixed batch then accumulates every row's contribution
-    /// into its task's banks and the shared gradients; dx is scattered back
-    /// into row order. (Derivation: the one-pass forward computes, row for
-    /// row, what the per-task passes compute, so L = sum_k L_k(rows of task k)
-    /// and each module's per-segment backward is the per-task backward of that
-    /// segment; see the comment at the top of this file.)
-    const Tensor<T>& backward_one_pass(const Tensor<T>& dy) {
+    /// into its task's banks and the shared gradients (on the device: into
+    /// the stacked gradients, then each task's slice into its bank in one
+    /// launch); dx is scattered back into row order. (Derivation: the
+    /// one-pass forward computes, row for row, what the per-task passes
+    /// compute, so L = sum_k L_k(rows of task k) and each module's per-segment
+    /// backward is the per-task backward of that segment; see the comment at
+    /// the top of this file.)
+    const Tensor<T, D>& backward_one_pass(const Tensor<T, D>& dy) {
         const std::size_t n = x_shape_[0], out_row = y_.size() / n, feat_row = feat_shape_.numel() / n;
         dfeat_.resize(feat_shape_);
         for (const MixedSegment& seg : ctx_.segments()) {
-            Shape gs = y_.shape();
-            gs[0] = seg.size();
-            group_dy_.resize(gs);
-            for (std::size_t r = 0; r < seg.size(); ++r)
-                std::copy_n(dy.data() + order_[seg.begin + r] * out_row, out_row, group_dy_.data() + r * out_row);
-            const Tensor<T>& dfg = heads_[std::size_t(seg.task)].backward(group_dy_);
-            std::copy_n(dfg.data(), seg.size() * feat_row, dfeat_.data() + seg.begin * feat_row);
+            gather(dy, order_, seg.begin, seg.size(), out_row, group_dy_);
+            const Tensor<T, D>& dfg = heads_[std::size_t(seg.task)].backward(group_dy_);
+            copy_rows(dfg, 0, dfeat_, seg.begin, seg.size(), feat_row);
         }
         backbone_.set_input_grad(input_grad_);
-        const Tensor<T>* dxp = nullptr;
+        const Tensor<T, D>* dxp = nullptr;
         {
             OnePass pass(*this);
             dxp = &backbone_.backward(dfeat_);
+            if constexpr (on_device) ctx_.finish_backward();
         }
         if (!input_grad_) {
             dx_.clear();
             return dx_;
         }
         dx_.resize(x_shape_);
-        const std::size_t in_row = x_shape_.numel() / n;
-        for (std::size_t i = 0; i < n; ++i)
-            std::copy_n(dxp->data() + i * in_row, in_row, dx_.data() + order_[i] * in_row);
+        scatter(*dxp, order_, 0, n, x_shape_.numel() / n, dx_);
         return dx_;
     }
 
     /// Rows grouped by task: one backbone pass per task present.
-    const Tensor<T>& forward_grouped(const Tensor<T>& x, std::span<const int> task_ids) {
+    const Tensor<T, D>& forward_grouped(const Tensor<T, D>& x, std::span<const int> task_ids) {
         const std::size_t n = x.dim(0);
-        groups_.clear();
+        std::size_t used = 0;
         for (std::size_t k = 0; k < tasks(); ++k) {
-            Group g;
+            std::size_t count = 0;
+            for (std::size_t i = 0; i < n; ++i) count += task_ids[i] == int(k);
+            if (count == 0) continue;
+            if (used == groups_.size()) groups_.emplace_back();
+            Group& g = groups_[used++];
             g.task = int(k);
+            g.rows.rows.clear();
             for (std::size_t i = 0; i < n; ++i)
-                if (task_ids[i] == int(k)) g.rows.push_back(i);
-            if (!g.rows.empty()) groups_.push_back(std::move(g));
+                if (task_ids[i] == int(k)) g.rows.rows.push_back(i);
+            g.rows.sync();
         }
-        if (group_x_.size() < groups_.size()) {
-            group_x_.resize(groups_.size());
-            group_feat_.resize(groups_.size());
+        groups_used_ = used;
+        if (group_x_.size() < used) {
+            group_x_.resize(used);
+            group_feat_.resize(used);
         }
         const std::size_t row = x.size() / n;
-        for (std::size_t gi = 0; gi < groups_.size(); ++gi) {
+        for (std::size_t gi = 0; gi < used; ++gi) {
             const Group& g = groups_[gi];
-            gather(x, g.rows, row, group_x_[gi]);
+            gather(x, g.rows, 0, g.rows.size(), row, group_x_[gi]);
             if (mask_.data != nullptr) {
                 if (group_mask_.size() <= gi) group_mask_.resize(gi + 1);
-                mask_rows(g.rows, group_mask_[gi]);
+                mask_rows(g.rows.rows, group_mask_[gi]);
             }
             {
                 std::optional<AttentionMask> group_mask;
@@ -480,7 +508,7 @@ private:
             }
             Head& h = heads_[std::size_t(g.task)];
             h.set_input_grad(true);
-            const Tensor<T>& yg = h.forward(group_feat_[gi]);
+            const Tensor<T, D>& yg = h.forward(group_feat_[gi]);
             if (gi == 0) {
                 Shape s = yg.shape();
                 s[0] = n;
@@ -488,7 +516,7 @@ private:
             } else if (yg.size() / g.rows.size() != y_.size() / n) {
                 throw_head_width(g.task, yg.shape(), g.rows.size(), groups_[0].task);
             }
-            scatter(yg, g.rows, y_.size() / n, y_);
+            scatter(yg, g.rows, 0, g.rows.size(), y_.size() / n, y_);
         }
         state_ = State::mixed;
         last_pass_ = MixedPass::grouped;
@@ -517,19 +545,19 @@ private:
 
     template <class F>
     void visit_all(F&& f) {
-        backbone_.visit([&](Parameter<T>& p) {
+        backbone_.visit([&](Parameter<T, D>& p) {
             if (!banks_.is_slot(&p)) f(p, false);
         });
         for (std::size_t k = 0; k < tasks(); ++k) {
             banks_.visit(k, f);
-            heads_[k].visit([&](Parameter<T>& p) { f(p, false); });
+            heads_[k].visit([&](Parameter<T, D>& p) { f(p, false); });
         }
     }
 
     int add_bank_and_head(Head head, int init_from) {
         const int k = banks_.add(init_from);
         Head& h = heads_.emplace_back(std::move(head));
-        h.visit([&](Parameter<T>& p) { p.set_task(k); });
+        h.visit([&](Parameter<T, D>& p) { p.set_task(k); });
         name_task(std::size_t(k));
         return k;
     }
@@ -538,12 +566,11 @@ private:
     void name_task(std::size_t k) {
         const std::string prefix = "task" + std::to_string(k);
         const auto module_of = [&](const std::string& rel) {
-            const auto dot = rel.rfind('.');
-            return child_path(dot == std::string::npos ? prefix : prefix + "." + rel.substr(0, dot));
+            return child_path(rel.empty() ? prefix : prefix + "." + rel);
         };
         banks_.name(k, module_of);
         heads_[k].set_path(child_path(prefix + ".head"));
-        heads_[k].visit([&](Parameter<T>& p) { p.set_task(int(k)); });
+        heads_[k].visit([&](Parameter<T, D>& p) { p.set_task(int(k)); });
     }
 
     void check_task(int task, std::size_t row = std::size_t(-1)) const {
@@ -554,18 +581,37 @@ private:
                                              int(tasks()) - 1, ")"));
     }
 
-    static void gather(const Tensor<T>& src, const std::vector<std::size_t>& rows, std::size_t row,
-                       Tensor<T>& dst) {
+    /// dst = rows idx[first], ..., idx[first + count - 1] of src (rows of `row` elements).
+    static void gather(const Tensor<T, D>& src, const RowList& idx, std::size_t first, std::size_t count,
+                       std::size_t row, Tensor<T, D>& dst) {
         Shape s = src.shape();
-        s[0] = rows.size();
+        s[0] = count;
         dst.resize(s);
-        for (std::size_t r = 0; r < rows.size(); ++r)
-            std::copy_n(src.data() + rows[r] * row, row, dst.data() + r * row);
+        if constexpr (on_device) {
+            cuda::gather_rows(src.data(), idx.device.data() + first, count, row, dst.data(), "multitask: gather");
+        } else {
+            for (std::size_t r = 0; r < count; ++r)
+                std::copy_n(src.data() + idx[first + r] * row, row, dst.data() + r * row);
+        }
     }
-    static void scatter(const Tensor<T>& src, const std::vector<std::size_t>& rows, std::size_t row,
-                        Tensor<T>& dst) {
-        for (std::size_t r = 0; r < rows.size(); ++r)
-            std::copy_n(src.data() + r * row, row, dst.data() + rows[r] * row);
+    /// Row idx[first + r] of dst = row r of src, for r < count.
+    static void scatter(const Tensor<T, D>& src, const RowList& idx, std::size_t first, std::size_t count,
+                        std::size_t row, Tensor<T, D>& dst) {
+        if constexpr (on_device) {
+            cuda::scatter_rows(src.data(), idx.device.data() + first, count, row, dst.data(), "multitask: scatter");
+        } else {
+            for (std::size_t r = 0; r < count; ++r)
+                std::copy_n(src.data() + r * row, row, dst.data() + idx[first + r] * row);
+        }
+    }
+    /// Rows [dst_first, dst_first + count) of dst = rows [src_first, ...) of src.
+    static void copy_rows(const Tensor<T, D>& src, std::size_t src_first, Tensor<T, D>& dst, std::size_t dst_first,
+                          std::size_t count, std::size_t row) {
+        if constexpr (on_device)
+            cuda::copy_elements(dst.data() + dst_first * row, src.data() + src_first * row, count * row,
+                                cuda::CopyKind::device_to_device, "multitask: rows");
+        else
+            std::copy_n(src.data() + src_first * row, count * row, dst.data() + dst_first * row);
     }
 
     /// The backbone with its path cleared, so slot names are relative to it.
@@ -575,7 +621,7 @@ private:
     }
 
     Backbone backbone_;
-    TaskBanks<T> banks_;
+    TaskBanks<T, D> banks_;
     // a deque: adding a task never moves existing heads (optimisers hold pointers).
     std::deque<Head> heads_;
     int active_ = 0;
@@ -584,20 +630,21 @@ private:
     State state_ = State::none;
     MixedPass last_pass_ = MixedPass::none;
     int last_task_ = 0;
-    std::vector<Group> groups_;
-    std::vector<Tensor<T>> group_x_, group_feat_, snapshot_;
-    Tensor<T> group_dy_, y_, dx_;
+    std::vector<Group> groups_;  ///< the first groups_used_ are the last grouped forward's (storage reused)
+    std::size_t groups_used_ = 0;
+    std::vector<Tensor<T, D>> group_x_, group_feat_, snapshot_;
+    Tensor<T, D> group_dy_, y_, dx_;
     Shape x_shape_;
     // One-pass state: the mixed batch (segments, slot and statistic banks),
     // the row order (sorted row i is input row order_[i]) and buffers.
-    MixedBatch<T> ctx_;
-    std::vector<std::size_t> order_;
+    MixedBatch<T, D> ctx_;
+    RowList order_;
     // The attention mask (layers/attention.hpp) active at the last mixed
     // forward, and its rows in the order the backbone saw them.
     detail::MaskView mask_;
     std::vector<std::int32_t> mask_p_;
     std::vector<std::vector<std::int32_t>> group_mask_;
-    Tensor<T> xp_, dfeat_;
+    Tensor<T, D> xp_, dfeat_;
     Shape feat_shape_;
 };
 

@@ -20,18 +20,29 @@
 
 namespace patchwork::cuda {
 
+/// The rows of a mixed-task batch, for a patch applied per row: matrix row r
+/// of the module's tensors belongs to task task[r] (device int32, values in
+/// [0, tasks)), and each per-task parameter is stacked along a leading axis
+/// [tasks, ...]. The default (task == nullptr) is one task, unstacked.
+struct TaskRows {
+    const int* task = nullptr;
+    std::size_t tasks = 1;
+    [[nodiscard]] bool mixed() const noexcept { return task != nullptr; }
+};
+
 /// C = alpha op(A) op(B) + beta C with op(X) = X or X^T (cuBLAS).
 template <class T>
 void gemm(bool transpose_a, bool transpose_b, T alpha, const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, T beta,
           Tensor<T, Cuda>& c, std::string_view where);
 
-/// y[r, :] += b for every row r.
+/// y[r, :] += b for every row r (with mixed rows: b [K, cols], row r adds b[task[r]]).
 template <class T>
-void add_row_vector(Tensor<T, Cuda>& y, const Tensor<T, Cuda>& b, std::string_view where);
+void add_row_vector(Tensor<T, Cuda>& y, const Tensor<T, Cuda>& b, std::string_view where, TaskRows rows = {});
 
-/// out[c] += sum_r g[r, c] (column sums of the matrix view).
+/// out[c] += sum_r g[r, c] (column sums of the matrix view; with mixed rows:
+/// out [K, cols], out[t, c] += sum over the rows r of task t).
 template <class T>
-void add_column_sums(const Tensor<T, Cuda>& g, Tensor<T, Cuda>& out, std::string_view where);
+void add_column_sums(const Tensor<T, Cuda>& g, Tensor<T, Cuda>& out, std::string_view where, TaskRows rows = {});
 
 /// y = Fn::value(x) element-wise (Fn: activation::Relu, Gelu or Tanh).
 template <class Fn, class T>
@@ -47,14 +58,15 @@ void activation_backward(const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& x, con
 template <class T>
 void layer_norm_forward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& gamma, const Tensor<T, Cuda>& beta,
                         double eps, Tensor<T, Cuda>& xhat, Tensor<T, Cuda>& inv_std, Tensor<T, Cuda>& y,
-                        std::string_view where);
+                        std::string_view where, TaskRows rows = {});
 
 /// LayerNorm backward: dgamma += colsum(g * xhat), dbeta += colsum(g) (each when
 /// not null), dx = s (gh - mean(gh) - xhat mean(gh xhat)) with gh = g gamma (when not null).
+/// With mixed rows gamma, beta and their gradients are [K, d], row r uses task[r]'s.
 template <class T>
 void layer_norm_backward(const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& xhat, const Tensor<T, Cuda>& inv_std,
                          const Tensor<T, Cuda>& gamma, Tensor<T, Cuda>* dgamma, Tensor<T, Cuda>* dbeta,
-                         Tensor<T, Cuda>* dx, std::string_view where);
+                         Tensor<T, Cuda>* dx, std::string_view where, TaskRows rows = {});
 
 /// One SGD update of w from g (see train/optimizer.hpp); `momentum` is the
 /// buffer (empty when mu = 0), `first` says it has never been written.
@@ -97,14 +109,51 @@ enum class CopyKind { host_to_device, device_to_host, device_to_device };
 template <class T>
 void copy_elements(T* dst, const T* src, std::size_t n, CopyKind kind, std::string_view where);
 
+// ---- multi-task batches (definitions in kernels/ops.cuh) ----
+
+/// n elements from host memory to the device, queued on the current stream
+/// without waiting: the source is pageable host memory, which the driver
+/// stages when the call is made, so it may be reused as soon as this returns.
+template <class T>
+void upload_elements(T* dst, const T* src, std::size_t n, std::string_view where);
+
+/// dst row i = src row idx[i] for i < rows (rows of `row` elements; idx: device int32 [rows]).
+template <class T>
+void gather_rows(const T* src, const int* idx, std::size_t rows, std::size_t row, T* dst, std::string_view where);
+
+/// dst row idx[i] = src row i for i < rows (idx: device int32 [rows], no index twice).
+template <class T>
+void scatter_rows(const T* src, const int* idx, std::size_t rows, std::size_t row, T* dst, std::string_view where);
+
+/// One move of slice_moves: dst[i] = (add ? dst[i] : 0) + sum over c = 0, 1, ...,
+/// count - 1 (in that order) of src[c stride + i], for i < n (device pointers).
+template <class T>
+struct SliceMove {
+    const T* src = nullptr;
+    T* dst = nullptr;
+    std::size_t n = 0, count = 1, stride = 0;
+    int add = 0;
+};
+
+/// Every move of `moves` in one launch (the moves are copied to the device
+/// first). Moves must not write one destination twice; the sums run in a
+/// fixed order, so results are reproducible.
+template <class T>
+void slice_moves(std::span<const SliceMove<T>> moves, std::string_view where);
+
 // ---- patches (the fused kernels of kernels/adapter.cuh, scale_shift.cuh, multitask.cuh;
 //      definitions in kernels/module_ops.cuh) ----
+// Each takes the rows of a mixed-task batch as its last argument: with
+// rows.mixed(), row r uses task rows.task[r]'s parameters, stacked [tasks, ...]
+// (scale [K, d], adapter down [K, r, d], LoRA A [K, r, in], ...), and the
+// parameter gradients are stacked likewise. The task ids are trusted (the
+// multi-task model checks them on the host): no launch here waits for the stream.
 
 /// Bottleneck adapter forward over rows h [N, d]: y = h + act(h D^T + b_d) U^T + b_u; z [N, r] keeps h D^T + b_d.
 template <class T>
 void adapter_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& down_w, const Tensor<T, Cuda>& down_b,
                      const Tensor<T, Cuda>& up_w, const Tensor<T, Cuda>& up_b, bool gelu, Tensor<T, Cuda>& y,
-                     Tensor<T, Cuda>& z, std::string_view where);
+                     Tensor<T, Cuda>& z, std::string_view where, TaskRows rows = {});
 
 /// Adapter backward: dh = g + ((g U) * act'(z)) D (when dh is not null) and the
 /// parameter gradients (each accumulated when not null).
@@ -112,30 +161,32 @@ template <class T>
 void adapter_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& down_w,
                       const Tensor<T, Cuda>& up_w, bool gelu, const Tensor<T, Cuda>& z, Tensor<T, Cuda>* dh,
                       Tensor<T, Cuda>* d_down_w, Tensor<T, Cuda>* d_down_b, Tensor<T, Cuda>* d_up_w,
-                      Tensor<T, Cuda>* d_up_b, std::string_view where);
+                      Tensor<T, Cuda>* d_up_b, std::string_view where, TaskRows rows = {});
 
 /// Per-channel y = scale * h + shift over rows h [N, d].
 template <class T>
 void scale_shift_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& scale, const Tensor<T, Cuda>& shift,
-                         Tensor<T, Cuda>& y, std::string_view where);
+                         Tensor<T, Cuda>& y, std::string_view where, TaskRows rows = {});
 
 /// dh = g * scale (when not null); dscale += colsum(g * h), dshift += colsum(g) (when not null).
 template <class T>
 void scale_shift_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& scale,
                           Tensor<T, Cuda>* dh, Tensor<T, Cuda>* dscale, Tensor<T, Cuda>* dshift,
-                          std::string_view where);
+                          std::string_view where, TaskRows rows = {});
 
 /// LoRA: y = base + s (x A^T) B^T over rows x [N, in]; u [N, r] keeps x A^T.
 template <class T>
 void lora_forward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& base, const Tensor<T, Cuda>& a,
-                  const Tensor<T, Cuda>& b, double s, Tensor<T, Cuda>& y, Tensor<T, Cuda>& u, std::string_view where);
+                  const Tensor<T, Cuda>& b, double s, Tensor<T, Cuda>& y, Tensor<T, Cuda>& u, std::string_view where,
+                  TaskRows rows = {});
 
 /// LoRA backward: dx = base_dx + s (g B) A (when dx is not null; base_dx may be
 /// empty for 0); dB += s g^T u and dA += s (g B)^T x (when not null).
 template <class T>
 void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& base_dx,
                    const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, double s, const Tensor<T, Cuda>& u,
-                   Tensor<T, Cuda>* dx, Tensor<T, Cuda>* da, Tensor<T, Cuda>* db, std::string_view where);
+                   Tensor<T, Cuda>* dx, Tensor<T, Cuda>* da, Tensor<T, Cuda>* db, std::string_view where,
+                   TaskRows rows = {});
 
 // ---- architecture search (the gate and mixing kernels of kernels/mix.cuh;
 //      definitions in kernels/module_ops.cuh) ----

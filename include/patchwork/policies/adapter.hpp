@@ -112,8 +112,16 @@ public:
         h_ = h;  // the wrapped module's output buffer: valid until its next forward
         if constexpr (std::is_same_v<Device, Cuda>) {
             // The fused kernel (kernels/adapter.cuh): the same math, one launch, z kept for backward.
-            cuda::adapter_forward(h, down_weight.value, down_bias.value, up_weight.value, up_bias.value,
-                                  Act == AdapterActivation::gelu, y_, z_, path_);
+            // In a mixed-task batch: one launch over all rows, each with its task's D, b_d, U, b_u.
+            const MixedBatch<Scalar, Device>* mb = mixed_ =
+                mixed_batch_for<Scalar, Device>(down_weight, down_bias, up_weight, up_bias);
+            if (mb == nullptr)
+                cuda::adapter_forward(h, down_weight.value, down_bias.value, up_weight.value, up_bias.value,
+                                      Act == AdapterActivation::gelu, y_, z_, path_);
+            else
+                cuda::adapter_forward(h, mb->stacked(down_weight), mb->stacked(down_bias), mb->stacked(up_weight),
+                                      mb->stacked(up_bias), Act == AdapterActivation::gelu, y_, z_, path_,
+                                      mb->task_rows(h, path_, "adapter input"));
             return y_;
         } else {
             return cpu_forward(h);
@@ -124,11 +132,20 @@ public:
         check_same_shape(dy, y_.shape(), path_, "adapter output gradient");
         if constexpr (std::is_same_v<Device, Cuda>) {
             const bool through_inner = this->through_inner();
-            auto grad_of = [](auto& p) { return p.wants_grad() ? &p.grad : nullptr; };
-            cuda::adapter_backward(h_.get(y_.shape(), path_, "wrapped module's output"), dy, down_weight.value,
-                                   up_weight.value, Act == AdapterActivation::gelu, z_,
-                                   through_inner ? &dh_ : nullptr, grad_of(down_weight), grad_of(down_bias),
-                                   grad_of(up_weight), grad_of(up_bias), path_);
+            const auto& h = h_.get(y_.shape(), path_, "wrapped module's output");
+            const MixedBatch<Scalar, Device>* mb = mixed_batch_for_backward(mixed_, path_);
+            if (mb == nullptr) {
+                auto grad_of = [](auto& p) { return p.wants_grad() ? &p.grad : nullptr; };
+                cuda::adapter_backward(h, dy, down_weight.value, up_weight.value, Act == AdapterActivation::gelu, z_,
+                                       through_inner ? &dh_ : nullptr, grad_of(down_weight), grad_of(down_bias),
+                                       grad_of(up_weight), grad_of(up_bias), path_);
+            } else {  // per-row tasks: the gradients go to the stacked per-task gradients (the model adds them up)
+                cuda::adapter_backward(h, dy, mb->stacked(down_weight), mb->stacked(up_weight),
+                                       Act == AdapterActivation::gelu, z_, through_inner ? &dh_ : nullptr,
+                                       mb->stacked_grad(down_weight), mb->stacked_grad(down_bias),
+                                       mb->stacked_grad(up_weight), mb->stacked_grad(up_bias), path_,
+                                       mb->task_rows(dy, path_, "adapter output gradient"));
+            }
             if (!through_inner) return empty_;
             return wrapped_backward(inner_, dh_, input_grad_, empty_);
         } else {
@@ -214,7 +231,7 @@ private:
     }
 
     Saved<Scalar, Device> h_;  ///< the wrapped module's last output (owned by it)
-    const MixedBatch<Scalar>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
+    const MixedBatch<Scalar, Device>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
     Tensor<Scalar, Device> z_, a_, y_, dz_, dh_, empty_;
 };
 

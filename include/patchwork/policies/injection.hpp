@@ -54,13 +54,13 @@ public:
     }
 
     /// f(p) for each parameter the wrapper can take per row in a mixed-task
-    /// batch (see MixedBatch): its own parameters, on the CPU, for wrappers
-    /// that declare `static constexpr bool mixed_rows = true` (and apply
-    /// them segment by segment).
+    /// batch (see MixedBatch): its own parameters, for wrappers that declare
+    /// `static constexpr bool mixed_rows = true` (and apply them segment by
+    /// segment on the CPU, per row in one fused launch on the device).
     template <class F, class D = Derived>  // D: clang 14 looks up Derived's members too early otherwise
         requires requires { D::mixed_rows; }
     void visit_mixed(F&& f) {
-        if constexpr (std::is_same_v<Device, Cpu>) derived().visit_own(f);
+        derived().visit_own(f);
     }
 
     /// The wrapped module keeps the path; the wrapper's parameters read "<path>.<own_name>.<name>".

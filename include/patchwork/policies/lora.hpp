@@ -181,9 +181,15 @@ public:
     const Tensor<Scalar, Device>& forward(const Tensor<Scalar, Device>& x) {
         if constexpr (std::is_same_v<Device, Cuda>) {
             // The fused low-rank kernel (kernels/multitask.cuh, one task): y = base + s (x A^T) B^T.
+            const MixedBatch<Scalar, Device>* mb = mixed_ = mixed_batch_for<Scalar, Device>(a, b);
+            if (merged_ && mb != nullptr) throw_merged_mixed();
             const Tensor<Scalar, Device>& base = inner_.forward(x);
             if (merged_) return base;
-            cuda::lora_forward(inner_.last_input(), base, a.value, b.value, double(scale_), y_, u_, path_);
+            if (mb == nullptr)
+                cuda::lora_forward(inner_.last_input(), base, a.value, b.value, double(scale_), y_, u_, path_);
+            else  // one launch over all rows of a mixed-task batch, each with its task's A, B
+                cuda::lora_forward(inner_.last_input(), base, mb->stacked(a), mb->stacked(b), double(scale_), y_, u_,
+                                   path_, mb->task_rows(inner_.last_input(), path_, "lora input"));
             return y_;
         } else {
             return cpu_forward(x);
@@ -197,11 +203,18 @@ public:
                                        "before training"));
         check_same_shape(dy, y_.shape(), path_, "lora output gradient");
         if constexpr (std::is_same_v<Device, Cuda>) {
+            const MixedBatch<Scalar, Device>* mb = mixed_batch_for_backward(mixed_, path_);
             inner_.set_input_grad(input_grad_);
             const Tensor<Scalar, Device>& base_dx = inner_.backward(dy);
-            cuda::lora_backward(inner_.last_input(), dy, input_grad_ ? base_dx : empty_, a.value, b.value,
-                                double(scale_), u_, input_grad_ ? &dx_ : nullptr, a.wants_grad() ? &a.grad : nullptr,
-                                b.wants_grad() ? &b.grad : nullptr, path_);
+            if (mb == nullptr)
+                cuda::lora_backward(inner_.last_input(), dy, input_grad_ ? base_dx : empty_, a.value, b.value,
+                                    double(scale_), u_, input_grad_ ? &dx_ : nullptr,
+                                    a.wants_grad() ? &a.grad : nullptr, b.wants_grad() ? &b.grad : nullptr, path_);
+            else  // per-row tasks: the gradients go to the stacked per-task gradients (the model adds them up)
+                cuda::lora_backward(inner_.last_input(), dy, input_grad_ ? base_dx : empty_, mb->stacked(a),
+                                    mb->stacked(b), double(scale_), u_, input_grad_ ? &dx_ : nullptr,
+                                    mb->stacked_grad(a), mb->stacked_grad(b), path_,
+                                    mb->task_rows(dy, path_, "lora output gradient"));
             return input_grad_ ? dx_ : empty_;
         } else {
             return cpu_backward(dy);
@@ -212,14 +225,18 @@ public:
     /// none while merged.
     template <class F>
     void visit_mixed(F&& f) {
-        if constexpr (std::is_same_v<Device, Cpu>) {
-            if (merged_) return;
-            f(a);
-            f(b);
-        }
+        if (merged_) return;
+        f(a);
+        f(b);
     }
 
 private:
+    [[noreturn]] void throw_merged_mixed() const {
+        throw Error(detail::concat(detail::display_path(path_),
+                                   ": a mixed-task batch needs the per-task LoRA factors unmerged; call unmerge() "
+                                   "first"));
+    }
+
     /// W += c B A.
     void add_update(Scalar c) {
         if constexpr (std::is_same_v<Device, Cuda>)
@@ -231,10 +248,7 @@ private:
     const Tensor<Scalar>& cpu_forward(const Tensor<Scalar>& x) {
         using T = Scalar;
         const MixedBatch<T>* mb = mixed_ = mixed_batch_for<T>(a, b);
-        if (merged_ && mb != nullptr)
-            throw Error(detail::concat(detail::display_path(path_),
-                                       ": a mixed-task batch needs the per-task LoRA factors unmerged; call "
-                                       "unmerge() first"));
+        if (merged_ && mb != nullptr) throw_merged_mixed();
         const Tensor<T>& base = inner_.forward(x);
         if (merged_) return base;
         const Tensor<T>& in = inner_.last_input();
@@ -290,7 +304,7 @@ private:
         b.value.zero();
     }
 
-    const MixedBatch<Scalar>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
+    const MixedBatch<Scalar, Device>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
     Tensor<Scalar, Device> u_, y_, gb_, dx_, empty_;
 };
 

@@ -85,7 +85,13 @@ public:
         check_cols(h, width_, path_, "scale_shift input (the wrapped module's output)");
         h_ = h;  // the wrapped module's output buffer: valid until its next forward
         if constexpr (std::is_same_v<Device, Cuda>) {
-            cuda::scale_shift_forward(h, scale.value, shift.value, y_, path_);  // kernels/scale_shift.cuh
+            // kernels/scale_shift.cuh; in a mixed-task batch one launch over all rows, each with its task's s, t.
+            const MixedBatch<Scalar, Device>* mb = mixed_ = mixed_batch_for<Scalar, Device>(scale, shift);
+            if (mb == nullptr)
+                cuda::scale_shift_forward(h, scale.value, shift.value, y_, path_);
+            else
+                cuda::scale_shift_forward(h, mb->stacked(scale), mb->stacked(shift), y_, path_,
+                                          mb->task_rows(h, path_, "scale_shift input"));
             return y_;
         } else {
             return cpu_forward(h);
@@ -96,9 +102,16 @@ public:
         check_same_shape(dy, y_.shape(), path_, "scale_shift output gradient");
         if constexpr (std::is_same_v<Device, Cuda>) {
             const bool through_inner = this->through_inner();
-            cuda::scale_shift_backward(h_.get(y_.shape(), path_, "wrapped module's output"), dy, scale.value,
-                                       through_inner ? &dh_ : nullptr, scale.wants_grad() ? &scale.grad : nullptr,
-                                       shift.wants_grad() ? &shift.grad : nullptr, path_);
+            const auto& h = h_.get(y_.shape(), path_, "wrapped module's output");
+            const MixedBatch<Scalar, Device>* mb = mixed_batch_for_backward(mixed_, path_);
+            if (mb == nullptr)
+                cuda::scale_shift_backward(h, dy, scale.value, through_inner ? &dh_ : nullptr,
+                                           scale.wants_grad() ? &scale.grad : nullptr,
+                                           shift.wants_grad() ? &shift.grad : nullptr, path_);
+            else  // per-row tasks: the gradients go to the stacked per-task gradients (the model adds them up)
+                cuda::scale_shift_backward(h, dy, mb->stacked(scale), through_inner ? &dh_ : nullptr,
+                                           mb->stacked_grad(scale), mb->stacked_grad(shift), path_,
+                                           mb->task_rows(dy, path_, "scale_shift output gradient"));
             if (!through_inner) return empty_;
             return wrapped_backward(inner_, dh_, input_grad_, empty_);
         } else {
@@ -174,7 +187,7 @@ private:
     }
 
     Saved<Scalar, Device> h_;  ///< the wrapped module's last output (owned by it)
-    const MixedBatch<Scalar>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
+    const MixedBatch<Scalar, Device>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
     Tensor<Scalar, Device> y_, dh_, empty_;
 };
 
