@@ -6,6 +6,9 @@
 //   head = Linear(256, 5)
 //   finetune   Tune<Body, FineTune> + head: everything trains
 //   head       Tune<Body, Frozen> + head: only the head trains (no backward through the body)
+//   multitask  MultiTask over 32 tasks (per-task LoRA, adapter and LayerNorm patches, a head per task):
+//              a single-task batch, a mixed batch in one backbone pass, and the mixed batch grouped by
+//              task (policy=multitask32-single / -mixed / -grouped; the issue's target: mixed <= 1.15x single)
 //
 // One step = zero_grad, forward, softmax cross-entropy (its value comes back to
 // the host: one synchronisation, as loss.item() would), backward, AdamW
@@ -23,12 +26,15 @@
 #include <string>
 #include <vector>
 
+#include "patchwork/kernels/module_ops.cuh"
 #include "patchwork/kernels/ops.cuh"
 #include "patchwork/compose/sequential.hpp"
 #include "patchwork/layers/activation.hpp"
 #include "patchwork/layers/layer_norm.hpp"
 #include "patchwork/layers/linear.hpp"
+#include "patchwork/multitask/multitask.hpp"
 #include "patchwork/policies/adapter.hpp"
+#include "patchwork/policies/norm_patch.hpp"
 #include "patchwork/policies/bias_only.hpp"
 #include "patchwork/policies/fine_tune.hpp"
 #include "patchwork/policies/frozen.hpp"
@@ -61,36 +67,14 @@ double quantile(std::vector<double> v, double q) {
 
 struct Options {
     std::vector<std::size_t> batches{64, 1024};
-    std::vector<std::string> policies{"finetune", "head"};
+    std::vector<std::string> policies{"finetune", "head", "multitask"};
     int warmup = 20;
     int steps = 200;
 };
 
-template <class Model>
-void measure(Model& model, const std::string& policy, std::size_t batch, const Options& o) {
-    model.set_input_grad(false);
-    pw::BasicAdamW<float, Cuda> opt(pw::trainable_parameters(model), {.lr = 1e-3, .weight_decay = 0.01});
-    const std::size_t nb = std::max<std::size_t>(1, kPool / batch);
-    std::mt19937 rng(1);
-    std::normal_distribution<float> nd;
-    std::vector<pw::Tensor<float, Cuda>> xs;
-    std::vector<std::vector<int>> ys(nb, std::vector<int>(batch));
-    for (std::size_t b = 0; b < nb; ++b) {
-        pw::Tensor<float> x(pw::Shape{batch, kIn});
-        for (auto& v : x) v = nd(rng);
-        xs.emplace_back(x);
-        for (auto& y : ys[b]) y = int(rng() % kClasses);
-    }
-    std::size_t it = 0;
-    float loss = 0;
-    auto step = [&] {
-        const std::size_t i = it++ % nb;
-        opt.zero_grad();
-        const auto l = pw::cross_entropy(model.forward(xs[i]), std::span<const int>(ys[i]));
-        model.backward(l.grad);
-        opt.step();
-        loss = l.value;
-    };
+/// Per-step times (ms, CUDA events around each step) after o.warmup untimed steps.
+template <class Step>
+std::vector<double> time_steps(Step&& step, std::size_t batch, const Options& o) {
     for (int i = 0; i < o.warmup; ++i) step();
     pw::cuda::synchronize();
     cudaEvent_t a, b;
@@ -110,11 +94,99 @@ void measure(Model& model, const std::string& policy, std::size_t batch, const O
     }
     cudaEventDestroy(a);
     cudaEventDestroy(b);
+    return ms;
+}
+
+/// The input pool: batches of random samples (on the device) with random labels.
+struct Pool {
+    std::vector<pw::Tensor<float, Cuda>> xs;
+    std::vector<std::vector<int>> ys;
+    explicit Pool(std::size_t batch) {
+        const std::size_t nb = std::max<std::size_t>(1, kPool / batch);
+        std::mt19937 rng(1);
+        std::normal_distribution<float> nd;
+        ys.assign(nb, std::vector<int>(batch));
+        for (std::size_t b = 0; b < nb; ++b) {
+            pw::Tensor<float> x(pw::Shape{batch, kIn});
+            for (auto& v : x) v = nd(rng);
+            xs.emplace_back(x);
+            for (auto& y : ys[b]) y = int(rng() % kClasses);
+        }
+    }
+};
+
+void print_step(const std::string& policy, std::size_t batch, const std::vector<double>& ms, std::size_t trainable,
+                float loss) {
     std::printf("STEP impl=patchwork-cuda policy=%s batch=%zu median_ms=%.4f p10_ms=%.4f p90_ms=%.4f steps=%zu "
                 "trainable=%zu threads=0 loss=%.4f\n",
-                policy.c_str(), batch, quantile(ms, 0.5), quantile(ms, 0.1), quantile(ms, 0.9), ms.size(),
-                pw::trainable_count(model), double(loss));
+                policy.c_str(), batch, quantile(ms, 0.5), quantile(ms, 0.1), quantile(ms, 0.9), ms.size(), trainable,
+                double(loss));
     std::fflush(stdout);
+}
+
+template <class Model>
+void measure(Model& model, const std::string& policy, std::size_t batch, const Options& o) {
+    model.set_input_grad(false);
+    pw::BasicAdamW<float, Cuda> opt(pw::trainable_parameters(model), {.lr = 1e-3, .weight_decay = 0.01});
+    const Pool pool(batch);
+    std::size_t it = 0;
+    float loss = 0;
+    const auto ms = time_steps(
+        [&] {
+            const std::size_t i = it++ % pool.xs.size();
+            opt.zero_grad();
+            const auto l = pw::cross_entropy(model.forward(pool.xs[i]), std::span<const int>(pool.ys[i]));
+            model.backward(l.grad);
+            opt.step();
+            loss = l.value;
+        },
+        batch, o);
+    print_step(policy, batch, ms, pw::trainable_count(model), loss);
+}
+
+/// A multi-task model of kTasks tasks over the body with per-task patches (LoRA
+/// on the first Linear, an adapter on the second, per-task LayerNorm scale and
+/// shift; the pre-trained weights shared and frozen), one head per task. Three
+/// batches of the same size: every row of task 0 ("single"), rows of all tasks
+/// in one backbone pass ("mixed"), and the same grouped by task ("grouped").
+constexpr int kTasks = 32;
+using PatchedBody = pw::Sequential<pw::Tune<Linear, pw::LoRA<8>>, pw::Tune<LayerNorm, pw::NormPatch>, Relu,
+                                   pw::Tune<Linear, pw::Adapter<16>>, pw::Tune<LayerNorm, pw::NormPatch>, Relu>;
+
+void measure_multitask(std::size_t batch, const Options& o) {
+    std::vector<Linear> heads;
+    for (int k = 0; k < kTasks; ++k) heads.emplace_back(kHidden, kClasses);
+    pw::MultiTask<PatchedBody, Linear> model(
+        PatchedBody(pw::Tune<Linear, pw::LoRA<8>>(kIn, kHidden), pw::Tune<LayerNorm, pw::NormPatch>(kHidden), Relu{},
+                    pw::Tune<Linear, pw::Adapter<16>>(kHidden, kHidden), pw::Tune<LayerNorm, pw::NormPatch>(kHidden),
+                    Relu{}),
+        std::move(heads));
+    model.set_input_grad(false);
+    pw::BasicAdamW<float, Cuda> opt(pw::trainable_parameters(model), {.lr = 1e-3, .weight_decay = 0.01});
+    const Pool pool(batch);
+    std::mt19937 rng(2);
+    std::vector<int> mixed(batch), single(batch, 0);
+    for (std::size_t i = 0; i < batch; ++i) mixed[i] = int(i % kTasks);
+    std::shuffle(mixed.begin(), mixed.end(), rng);
+    for (const char* mode : {"single", "mixed", "grouped"}) {
+        const std::string m = mode;
+        model.set_one_pass(m != "grouped");
+        const std::vector<int>& ids = m == "single" ? single : mixed;
+        std::size_t it = 0;
+        float loss = 0;
+        const auto ms = time_steps(
+            [&] {
+                const std::size_t i = it++ % pool.xs.size();
+                opt.zero_grad();
+                const auto l = pw::cross_entropy(model.forward(pool.xs[i], std::span<const int>(ids)),
+                                                 std::span<const int>(pool.ys[i]));
+                model.backward(l.grad);
+                opt.step();
+                loss = l.value;
+            },
+            batch, o);
+        print_step("multitask" + std::to_string(kTasks) + "-" + m, batch, ms, pw::trainable_count(model), loss);
+    }
 }
 
 std::vector<std::string> split(const std::string& s) {
@@ -141,7 +213,8 @@ int main(int argc, char** argv) try {
         else if (k == "--warmup") o.warmup = std::stoi(v);
         else if (k == "--steps") o.steps = std::stoi(v);
         else {
-            std::cerr << "usage: step_gpu [--batches 64,1024] [--policies finetune,head] [--warmup 20] [--steps 200]\n";
+            std::cerr << "usage: step_gpu [--batches 64,1024] [--policies finetune,head,multitask] [--warmup 20] "
+                         "[--steps 200]\n";
             return 2;
         }
     }
@@ -159,12 +232,14 @@ int main(int argc, char** argv) try {
                 pw::Sequential<pw::Tune<Body, pw::FineTune>, Linear> m(pw::Tune<Body, pw::FineTune>(make_body()),
                                                                        Linear(kHidden, kClasses));
                 measure(m, policy, batch, o);
+            } else if (policy == "multitask") {
+                measure_multitask(batch, o);
             } else if (policy == "head") {
                 pw::Sequential<pw::Tune<Body, pw::Frozen>, Linear> m(pw::Tune<Body, pw::Frozen>(make_body()),
                                                                      Linear(kHidden, kClasses));
                 measure(m, policy, batch, o);
             } else {
-                std::cerr << "step_gpu: unknown policy '" << policy << "' (finetune, head)\n";
+                std::cerr << "step_gpu: unknown policy '" << policy << "' (finetune, head, multitask)\n";
                 return 2;
             }
         }

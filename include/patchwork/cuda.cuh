@@ -1,8 +1,9 @@
 #pragma once
 // Everything of patchwork with the CUDA backend, for nvcc-compiled translation
 // units: the CPU library, device tensors and contexts, and the kernels behind
-// the Cuda modules (Linear, activations, LayerNorm, the Adapter, ScaleShift and
-// LoRA policies, cross-entropy, SGD, Adam, AdamW) and the fused kernels of
+// the Cuda modules (Linear, activations, LayerNorm, Conv2d, DepthwiseConv2d,
+// BatchNorm2d, the pools, the Adapter, ScaleShift and LoRA policies,
+// cross-entropy, SGD, Adam, AdamW) and the fused kernels of
 // patchwork/kernels/.
 //
 //     using Mlp = pw::Sequential<pw::BasicLinear<float, pw::Cuda>, pw::BasicRelu<float, pw::Cuda>,
@@ -13,9 +14,13 @@
 #include "patchwork/cuda/cuda_error.hpp"
 #include "patchwork/cuda/device_tensor.hpp"
 #include "patchwork/kernels/adapter.cuh"
+#include "patchwork/kernels/attention.cuh"
+#include "patchwork/kernels/batchnorm.cuh"
 #include "patchwork/kernels/common.cuh"
+#include "patchwork/kernels/conv.cuh"
 #include "patchwork/kernels/mix.cuh"
 #include "patchwork/kernels/multitask.cuh"
+#include "patchwork/kernels/pooling.cuh"
 #include "patchwork/kernels/ops.cuh"
 #include "patchwork/kernels/module_ops.cuh"
 #include "patchwork/kernels/scale_shift.cuh"

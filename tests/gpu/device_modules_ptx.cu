@@ -4,4 +4,6 @@
 #include "test_device.cu"
 #include "test_device_policies.cu"
 #include "test_device_search.cu"
+#include "test_device_conv.cu"
 #include "test_device_multitask.cu"
+#include "test_device_transformer.cu"

@@ -1,8 +1,8 @@
 // MultiTask on device backbones against the same model on the CPU: mixed-task
 // batches in one pass (every patch kind applied per row by its fused kernel
 // over stacked per-task parameters) and grouped by task, single-task passes,
-// training steps, rows with several matrix rows each (token sequences), and
-// save_patch / load_patch from device models. fp32 within 1e-5, double within
+// training steps and fit_multitask, rows with several matrix rows each (token
+// sequences), and save_patch / load_patch from device models. fp32 within 1e-5, double within
 // 1e-12 (2-norm relative error), device outputs poisoned before each run.
 #include <filesystem>
 #include <fstream>
@@ -11,6 +11,7 @@
 #include "device_compare.hpp"
 #include "patchwork/io/parameter_files.hpp"
 #include "patchwork/multitask/multitask.hpp"
+#include "patchwork/multitask/train.hpp"
 #include "patchwork/policies/norm_patch.hpp"
 #include "temp_dir.hpp"
 
@@ -169,6 +170,36 @@ TEST_CASE("MultiTask on the device: training steps on mixed batches follow the C
     std::size_t i = 0;
     m.dev.visit([&](auto& p) { check_close(values[i++], p.value, p.name().c_str()); });
     CHECK(i == values.size());
+}
+
+TEST_CASE("MultiTask on the device: fit_multitask and evaluate_task follow the CPU") {
+    using T = double;
+    std::mt19937 rng(35);
+    Pair<T> m(rng);
+    std::vector<pw::VectorSource<T>> sources(4);
+    for (std::size_t k = 0; k < 4; ++k)
+        for (int b = 0; b < 2; ++b) {
+            pw::Batch<T> batch{random_tensor<T>(Shape{6, 5}, rng), {}};
+            for (int r = 0; r < 6; ++r) batch.labels.push_back(int(rng() % 3));
+            sources[k].push_back(std::move(batch));
+        }
+    pw::BasicAdamW<T> opt(pw::trainable_parameters(m.cpu), pw::AdamWOptions{.lr = 1e-2});
+    pw::BasicAdamW<T, Cuda> opt_dev(pw::trainable_parameters(m.dev), pw::AdamWOptions{.lr = 1e-2});
+    const pw::MultiTaskTrainOptions options{.epochs = 2, .sampling = pw::TaskSampling::proportional, .seed = 5};
+    const auto h = pw::fit_multitask(m.cpu, opt, sources, options);
+    const auto hd = pw::fit_multitask(m.dev, opt_dev, sources, options);
+    REQUIRE(hd.epochs.size() == 2);
+    for (std::size_t e = 0; e < 2; ++e)
+        for (std::size_t k = 0; k < 4; ++k) {
+            CHECK(hd.epochs[e].steps[k] == h.epochs[e].steps[k]);
+            CHECK(hd.epochs[e].loss[k] == doctest::Approx(h.epochs[e].loss[k]).epsilon(1e-12));
+        }
+    for (int k = 0; k < 4; ++k) {
+        const auto a = pw::evaluate_task(m.cpu, k, sources[std::size_t(k)]);
+        const auto b = pw::evaluate_task(m.dev, k, sources[std::size_t(k)]);
+        CHECK(b.loss == doctest::Approx(a.loss).epsilon(1e-12));
+        CHECK(b.accuracy == a.accuracy);
+    }
 }
 
 TEST_CASE("MultiTask on the device: save_patch and load_patch") {

@@ -53,7 +53,7 @@
 #include "patchwork/core/error.hpp"
 #include "patchwork/core/parameter.hpp"
 #include "patchwork/core/tensor.hpp"
-#include "patchwork/ops/cuda_ops.hpp"
+#include "patchwork/core/task_rows.hpp"
 
 namespace patchwork {
 

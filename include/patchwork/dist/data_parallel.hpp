@@ -136,10 +136,13 @@ void for_each_state_tensor(M& model, F&& f) {
                           m.running_var.data();
                       }) {
             const std::string at = patchwork::detail::display_path(m.path());
-            f(static_cast<void*>(m.running_mean.data()), m.running_mean.size() * sizeof(*m.running_mean.data()),
-              at + ".running_mean", std::false_type{});
-            f(static_cast<void*>(m.running_var.data()), m.running_var.size() * sizeof(*m.running_var.data()),
-              at + ".running_var", std::false_type{});
+            using E = std::remove_cvref_t<decltype(*m.running_mean.data())>;
+            // A device BatchNorm2d keeps its statistics in device memory.
+            using on_device = std::bool_constant<!std::is_same_v<std::remove_cvref_t<decltype(m.running_mean)>, Tensor<E>>>;
+            f(static_cast<void*>(m.running_mean.data()), m.running_mean.size() * sizeof(E), at + ".running_mean",
+              on_device{});
+            f(static_cast<void*>(m.running_var.data()), m.running_var.size() * sizeof(E), at + ".running_var",
+              on_device{});
         }
     });
 }
@@ -407,8 +410,8 @@ public:
     /// are broadcast first. Collective.
     template <class M>
     void sync_buffers(M& model) {
-        static_assert(!on_gpu, "dist::DataParallel::sync_buffers: running statistics are CPU buffers (BatchNorm and "
-                               "multi-task models run on the CPU)");
+        static_assert(!on_gpu, "dist::DataParallel::sync_buffers: averaging running statistics is implemented for "
+                               "CPU models only (a device model's BatchNorm2d keeps them in device memory)");
         buffers_.clear();
         for_each_module(model, [&](auto& m) {
             if constexpr (requires {

@@ -48,20 +48,28 @@
 // them); the running statistics are buffers, not parameters: no optimiser or
 // policy sees them. set_training(model, on) switches every BatchNorm2d inside
 // a model.
+//
+// Device = Cuda computes the same formulas in kernels (kernels/batchnorm.cuh:
+// the per-channel sums as deterministic column sums), with the same
+// parameters and running statistics; device modules take whole batches (no
+// mixed-task segments).
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <string>
+#include <type_traits>
 
 #include "patchwork/core/module.hpp"
 #include "patchwork/core/mixed_batch.hpp"
+#include "patchwork/ops/cuda_conv_ops.hpp"
 
 namespace patchwork {
 
-template <class T>
+template <class T, class D = Cpu>
 class BasicBatchNorm2d : public ModuleBase {
 public:
     using Scalar = T;
+    using Device = D;
     static constexpr const char* kind() { return "batchnorm"; }
     static constexpr unsigned roles = role_bit(Role::norm_scale) | role_bit(Role::norm_shift);
     static constexpr bool fixed_width = true;
@@ -83,15 +91,15 @@ private:
     bool training_ = true;
 
 public:
-    Parameter<T> scale;      ///< gamma, [C]
-    Parameter<T> shift;      ///< beta, [C]
-    Tensor<T> running_mean;  ///< [C], a buffer (not a parameter)
-    Tensor<T> running_var;   ///< [C], a buffer (not a parameter)
+    Parameter<T, D> scale;      ///< gamma, [C]
+    Parameter<T, D> shift;      ///< beta, [C]
+    Tensor<T, D> running_mean;  ///< [C], a buffer (not a parameter)
+    Tensor<T, D> running_var;   ///< [C], a buffer (not a parameter)
 
     /// Per-channel affine form of inference mode: y = x * scale + bias.
     struct Folded {
-        Tensor<T> scale;  ///< [C]
-        Tensor<T> bias;   ///< [C]
+        Tensor<T, D> scale;  ///< [C]
+        Tensor<T, D> bias;   ///< [C]
     };
 
     [[nodiscard]] std::size_t out_features() const noexcept { return channels_; }
@@ -112,17 +120,78 @@ public:
 
     /// Inference mode as one scale and bias per channel.
     [[nodiscard]] Folded fold() const {
-        Folded f{Tensor<T>(Shape{channels_}), Tensor<T>(Shape{channels_})};
-        for (std::size_t c = 0; c < channels_; ++c) {
-            const T s = scale.value[c] / std::sqrt(running_var[c] + T(eps_));
-            f.scale[c] = s;
-            f.bias[c] = shift.value[c] - s * running_mean[c];
+        Folded f{Tensor<T, D>(Shape{channels_}), Tensor<T, D>(Shape{channels_})};
+        if constexpr (std::is_same_v<D, Cuda>) {
+            cuda::batch_norm_fold(scale.value, shift.value, running_mean, running_var, eps_, f.scale, f.bias, path_);
+        } else {
+            for (std::size_t c = 0; c < channels_; ++c) {
+                const T s = scale.value[c] / std::sqrt(running_var[c] + T(eps_));
+                f.scale[c] = s;
+                f.bias[c] = shift.value[c] - s * running_mean[c];
+            }
         }
         return f;
     }
 
-    const Tensor<T>& forward(const Tensor<T>& x) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x) {
         check_cols(x, channels_, path_, "batchnorm input (channels last)");
+        if constexpr (std::is_same_v<D, Cuda>) {
+            batch_stats_ = training_;
+            if (training_)
+                cuda::batch_norm_forward_train(x, scale.value, shift.value, eps_, momentum_, running_mean, running_var,
+                                               mean_, var_, inv_std_, xhat_, y_, path_);
+            else
+                cuda::batch_norm_forward_eval(x, scale.value, shift.value, eps_, running_mean, running_var, mean_,
+                                              inv_std_, xhat_, y_, path_);
+            return y_;
+        } else {
+            return cpu_forward(x);
+        }
+    }
+
+    const Tensor<T, D>& backward(const Tensor<T, D>& dy) {
+        check_same_shape(dy, xhat_.shape(), path_, "batchnorm output gradient");
+        if constexpr (std::is_same_v<D, Cuda>) {
+            if (input_grad_) dx_.resize(dy.shape());
+            else dx_.clear();
+            cuda::batch_norm_backward(dy, xhat_, inv_std_, scale.value, batch_stats_,
+                                      scale.wants_grad() ? &scale.grad : nullptr,
+                                      shift.wants_grad() ? &shift.grad : nullptr, input_grad_ ? &dx_ : nullptr,
+                                      sum_g_, sum_gx_, path_);
+            return dx_;
+        } else {
+            return cpu_backward(dy);
+        }
+    }
+
+    /// True where a mixed-task batch's statistics are taken per task (per segment) in one pass:
+    /// on the CPU. The device module takes whole batches (a multi-task model groups by task).
+    static constexpr bool mixed_statistics = std::is_same_v<D, Cpu>;
+
+    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch);
+    /// the running statistics are taken per task too. Device modules take whole batches.
+    template <class F>
+    void visit_mixed(F&& f) {
+        if constexpr (std::is_same_v<D, Cpu>) {
+            f(scale);
+            f(shift);
+        }
+    }
+
+    template <class F>
+    void visit(F&& f) {
+        f(scale);
+        f(shift);
+    }
+
+    void set_path(const std::string& p) {
+        path_ = p;
+        scale.set_prefix(p);
+        shift.set_prefix(p);
+    }
+
+private:
+    const Tensor<T>& cpu_forward(const Tensor<T>& x) {
         const std::size_t C = channels_;
         const MixedBatch<T>* mb = mixed_ = active_mixed_batch<T>();
         batch_stats_ = training_;
@@ -182,8 +251,7 @@ public:
         return y_;
     }
 
-    const Tensor<T>& backward(const Tensor<T>& dy) {
-        check_same_shape(dy, xhat_.shape(), path_, "batchnorm output gradient");
+    const Tensor<T>& cpu_backward(const Tensor<T>& dy) {
         // Per segment (each task's rows of a mixed batch, else all rows): the column sums of the segment give
         // dgamma, dbeta and, in training mode, dx = gamma s (g - dbeta / M_k - xh dgamma / M_k) (derivation at
         // the top of this file).
@@ -239,30 +307,9 @@ public:
         return input_grad_ ? dx_ : empty_;
     }
 
-    /// f(p) for each parameter this module can take per row in a mixed-task batch (see MixedBatch);
-    /// the running statistics are taken per task too.
-    template <class F>
-    void visit_mixed(F&& f) {
-        f(scale);
-        f(shift);
-    }
-
-    template <class F>
-    void visit(F&& f) {
-        f(scale);
-        f(shift);
-    }
-
-    void set_path(const std::string& p) {
-        path_ = p;
-        scale.set_prefix(p);
-        shift.set_prefix(p);
-    }
-
-private:
     bool batch_stats_ = true;  ///< whether the last forward used batch statistics
     const MixedBatch<T>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
-    Tensor<T> mean_, inv_std_, var_, xhat_, y_, dx_, sum_g_, sum_gx_, gs_, empty_;
+    Tensor<T, D> mean_, inv_std_, var_, xhat_, y_, dx_, sum_g_, sum_gx_, gs_, empty_;
 };
 
 using BatchNorm2d = BasicBatchNorm2d<float>;

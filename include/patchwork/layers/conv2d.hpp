@@ -79,6 +79,10 @@
 // precision, mixed-task batches of depthwise convolutions, shapes oneDNN has
 // only reference kernels for, and layers told set_onednn(false).
 //
+// With Device = Cuda (layers/conv2d_cuda.hpp) the same layer, with the same
+// parameters, runs on the kernels of kernels/conv.cuh: im2col + cuBLAS for
+// dense and grouped convolutions, direct window sums for depthwise ones.
+//
 // As for Linear, the layer keeps a pointer to its input: x must stay alive and
 // unchanged until the matching backward. A frozen weight skips its gradient
 // work; a switched-off input gradient skips dX_col and col2im.
@@ -488,9 +492,21 @@ bool depthwise_row_weight_grad_for(std::size_t k, const T* in, std::size_t in_h,
     }
 }
 
+/// The options of a convolution, checked (ConfigError otherwise).
+inline Conv2dOptions validated_conv_options(std::size_t in, std::size_t out, std::size_t kernel,
+                                            const Conv2dOptions& o) {
+    if (in == 0 || out == 0 || kernel == 0 || o.stride == 0 || o.groups == 0)
+        throw ConfigError(concat("conv: channels, kernel, stride and groups must be positive, got in=", in,
+                                 " out=", out, " kernel=", kernel, " stride=", o.stride, " groups=", o.groups));
+    if (in % o.groups != 0 || out % o.groups != 0)
+        throw ConfigError(concat("conv: groups=", o.groups, " must divide in_channels=", in,
+                                 " and out_channels=", out));
+    return o;
+}
+
 /// Check that x is a non-empty NHWC tensor with `channels` channels that the window fits in.
-template <class T>
-void check_nhwc(const Tensor<T>& x, std::size_t channels, const SlidingWindow& win, const std::string& path,
+template <class T, class D>
+void check_nhwc(const Tensor<T, D>& x, std::size_t channels, const SlidingWindow& win, const std::string& path,
                 const char* what) {
     if (x.rank() == 4 && x.dim(3) == channels && !x.empty() && win.fits(x.dim(1)) && win.fits(x.dim(2))) return;
     const Shape expected = x.rank() == 4 ? Shape{std::max<std::size_t>(x.dim(0), 1), std::max(x.dim(1), win.min_in()),
@@ -502,8 +518,13 @@ void check_nhwc(const Tensor<T>& x, std::size_t channels, const SlidingWindow& w
 
 }  // namespace detail
 
+/// Device = Cpu is defined here, Device = Cuda in layers/conv2d_cuda.hpp
+/// (included at the end of this header).
+template <class T, class D = Cpu>
+class BasicConv2d;
+
 template <class T>
-class BasicConv2d : public ModuleBase {
+class BasicConv2d<T, Cpu> : public ModuleBase {
 public:
     using Scalar = T;
     static constexpr const char* kind() { return "conv"; }
@@ -637,14 +658,7 @@ public:
 
 private:
     static Conv2dOptions validated(std::size_t in, std::size_t out, std::size_t kernel, const Conv2dOptions& o) {
-        if (in == 0 || out == 0 || kernel == 0 || o.stride == 0 || o.groups == 0)
-            throw ConfigError(detail::concat("conv: channels, kernel, stride and groups must be positive, got in=", in,
-                                             " out=", out, " kernel=", kernel, " stride=", o.stride,
-                                             " groups=", o.groups));
-        if (in % o.groups != 0 || out % o.groups != 0)
-            throw ConfigError(detail::concat("conv: groups=", o.groups, " must divide in_channels=", in,
-                                             " and out_channels=", out));
-        return o;
+        return detail::validated_conv_options(in, out, kernel, o);
     }
 
     [[nodiscard]] bool pointwise() const noexcept {
@@ -1129,8 +1143,8 @@ private:
 /// A depthwise convolution: groups = channels, one k x k filter per channel
 /// (times `multiplier` output channels per input channel). Its filters carry
 /// Role::depthwise, which DepthwisePatch trains.
-template <class T>
-class BasicDepthwiseConv2d : public BasicConv2d<T> {
+template <class T, class D = Cpu>
+class BasicDepthwiseConv2d : public BasicConv2d<T, D> {
 public:
     static constexpr const char* kind() { return "depthwiseconv"; }
     static constexpr unsigned roles = role_bit(Role::depthwise) | role_bit(Role::bias);
@@ -1138,7 +1152,7 @@ public:
     /// `options.groups` is ignored: it is always `channels`.
     BasicDepthwiseConv2d(std::size_t channels, std::size_t kernel, Conv2dOptions options = {},
                          std::size_t multiplier = 1)
-        : BasicConv2d<T>(channels, channels * multiplier, kernel, with_groups(options, channels), true) {}
+        : BasicConv2d<T, D>(channels, channels * multiplier, kernel, with_groups(options, channels), true) {}
 
 private:
     static Conv2dOptions with_groups(Conv2dOptions o, std::size_t channels) {
@@ -1151,3 +1165,5 @@ using Conv2d = BasicConv2d<float>;
 using DepthwiseConv2d = BasicDepthwiseConv2d<float>;
 
 }  // namespace patchwork
+
+#include "patchwork/layers/conv2d_cuda.hpp"

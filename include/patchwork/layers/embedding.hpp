@@ -9,13 +9,26 @@
 // Ids are not differentiable, so there is no input gradient. A frozen table
 // has no gradient buffer (Parameter frees it) and its backward does nothing,
 // so a frozen embedding allocates nothing beyond its value and its output.
+//
+// Device = Cuda: the ids stay on the host, where they are checked, and are
+// uploaded (int32) at each call. The gather is one thread per output element.
+// The scatter-add must not race where an id repeats, and must not depend on
+// timing: the host groups the rows by id (a stable sort, so each id's rows
+// stay in increasing order) and uploads [distinct ids | offsets | rows]; one
+// thread per (distinct id, column) then owns dL/dW_v[j] and adds the rows of
+// v in that order, so the sum is the CPU's sequential loop, bit for bit.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <numeric>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "patchwork/core/mixed_batch.hpp"
 #include "patchwork/core/module.hpp"
+#include "patchwork/ops/cuda_attention_ops.hpp"
 
 namespace patchwork {
 
@@ -69,10 +82,34 @@ struct TokenBatch {
     }
 };
 
-template <class T>
+namespace detail {
+/// The rows of `ids` grouped by id, as cuda::RowGroups reads them: out =
+/// [distinct ids | offsets (distinct + 1) | rows], each id's rows increasing.
+/// Returns the number of distinct ids.
+inline std::size_t group_rows_by_id(std::span<const std::int32_t> ids, std::vector<int>& out) {
+    std::vector<int> order(ids.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return ids[std::size_t(a)] < ids[std::size_t(b)]; });
+    std::vector<int> distinct, offsets;
+    for (std::size_t i = 0; i < order.size(); ++i)
+        if (i == 0 || ids[std::size_t(order[i])] != ids[std::size_t(order[i - 1])]) {
+            distinct.push_back(ids[std::size_t(order[i])]);
+            offsets.push_back(int(i));
+        }
+    offsets.push_back(int(order.size()));
+    out.clear();
+    out.insert(out.end(), distinct.begin(), distinct.end());
+    out.insert(out.end(), offsets.begin(), offsets.end());
+    out.insert(out.end(), order.begin(), order.end());
+    return distinct.size();
+}
+}  // namespace detail
+
+template <class T, class D = Cpu>
 class BasicEmbedding : public ModuleBase {
 public:
     using Scalar = T;
+    using Device = D;
     static constexpr const char* kind() { return "embedding"; }
     static constexpr unsigned roles = role_bit(Role::weight);
     static constexpr bool fixed_width = true;
@@ -89,12 +126,14 @@ private:
     std::size_t entries_, features_;
 
 public:
-    Parameter<T> weight;  ///< [entries, features]
+    Parameter<T, D> weight;  ///< [entries, features]
 
     [[nodiscard]] std::size_t entries() const noexcept { return entries_; }
     [[nodiscard]] std::size_t out_features() const noexcept { return features_; }
 
-    void reset_parameters(Rng& rng) { init::normal(weight.value, rng, 0.0, 0.02); }
+    void reset_parameters(Rng& rng) {
+        init::on_host(weight.value, [&](Tensor<T>& w) { init::normal(w, rng, 0.0, 0.02); });
+    }
 
     /// Check every id lies in [0, entries); `what` names the ids in the error.
     void check_ids(std::span<const std::int32_t> ids, const char* what) const {
@@ -106,7 +145,15 @@ public:
 
     /// out_r += W_{ids[r]} for each row r of out ([rows, D], rows = ids.size()).
     /// Ids must have been checked (check_ids).
-    void gather_add(std::span<const std::int32_t> ids, Tensor<T>& out) const {
+    void gather_add(std::span<const std::int32_t> ids, Tensor<T, D>& out) const {
+        if constexpr (std::is_same_v<D, Cuda>) {
+            if (out.rows() != ids.size())
+                throw_shape_error(path_, "embedding output", Shape{ids.size(), features_}, out.shape());
+            staged_ids_.assign(ids.begin(), ids.end());
+            ids_dev_.upload(std::span<const int>(staged_ids_), path_);
+            cuda::embedding_gather_add(weight.value, ids_dev_.data(), out, path_);
+            return;
+        }
         const std::size_t d = features_;
         for_rows(ids.size(), d, [&](std::size_t r) {
             const T* src = weight.value.data() + std::size_t(ids[r]) * d;
@@ -116,8 +163,15 @@ public:
     }
 
     /// dL/dW_{ids[r]} += dy_r (scatter-add; sequential, so the sums are deterministic).
-    void scatter_add(std::span<const std::int32_t> ids, const Tensor<T>& dy) {
+    void scatter_add(std::span<const std::int32_t> ids, const Tensor<T, D>& dy) {
         if (!weight.wants_grad()) return;
+        if constexpr (std::is_same_v<D, Cuda>) {
+            const std::size_t distinct = detail::group_rows_by_id(ids, groups_);
+            groups_dev_.upload(std::span<const int>(groups_), path_);
+            cuda::embedding_scatter_add(dy, cuda::RowGroups{groups_dev_.data(), distinct, ids.size()}, weight.grad,
+                                        path_);
+            return;
+        }
         const std::size_t d = features_;
         for (std::size_t r = 0; r < ids.size(); ++r) {
             T* dst = weight.grad.data() + std::size_t(ids[r]) * d;
@@ -127,7 +181,7 @@ public:
     }
 
     /// y = W_ids as [ids.size(), D] (or [B, T, D] when `shape` is given).
-    const Tensor<T>& forward(std::span<const std::int32_t> ids, const Shape& shape) {
+    const Tensor<T, D>& forward(std::span<const std::int32_t> ids, const Shape& shape) {
         check_ids(ids, "id");
         if (shape.numel() != ids.size() * features_) throw_shape_error(path_, "embedding output", Shape{ids.size(), features_}, shape);
         ids_.assign(ids.begin(), ids.end());
@@ -137,7 +191,7 @@ public:
         return y_;
     }
     /// Scatter-add dy into the table's gradient (nothing when frozen).
-    void backward(const Tensor<T>& dy) {
+    void backward(const Tensor<T, D>& dy) {
         check_same_shape(dy, y_.shape(), path_, "embedding output gradient");
         scatter_add(ids_, dy);
     }
@@ -153,7 +207,13 @@ public:
 
 private:
     std::vector<std::int32_t> ids_;
-    Tensor<T> y_;
+    Tensor<T, D> y_;
+    // Device only: the ids of the last gather and the row groups of the last
+    // scatter, on the host (kept until the next call) and on the device.
+    mutable std::vector<int> staged_ids_;
+    mutable index_storage_t<D> ids_dev_;
+    std::vector<int> groups_;
+    index_storage_t<D> groups_dev_;
 };
 
 using Embedding = BasicEmbedding<float>;

@@ -17,9 +17,15 @@
 // Pools are shape-preserving in the sense of the Module concept
 // (out_features() is 0: their width follows the input). Flatten and
 // Unflatten are in layers/reshape.hpp.
+//
+// Device = Cuda computes the same formulas in kernels (kernels/pooling.cuh),
+// one thread per output element; the backward passes gather, per input
+// element, the outputs whose window reads it (no atomics). MaxPool2d keeps the
+// winning tap of each output element on the device rather than its input index.
 #include <algorithm>
 #include <cstddef>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "patchwork/core/module.hpp"
@@ -38,17 +44,18 @@ inline SlidingWindow checked_pool_window(const char* who, std::size_t kernel, st
 }
 
 /// Channels of an NHWC input (any), for the shape check.
-template <class T>
-std::size_t nhwc_channels(const Tensor<T>& x) noexcept {
+template <class T, class D>
+std::size_t nhwc_channels(const Tensor<T, D>& x) noexcept {
     return x.rank() == 4 && x.dim(3) > 0 ? x.dim(3) : 1;
 }
 
 }  // namespace detail
 
-template <class T>
+template <class T, class D = Cpu>
 class BasicAvgPool2d : public detail::ParameterFreeModule {
 public:
     using Scalar = T;
+    using Device = D;
     static constexpr const char* kind() { return "avgpool"; }
 
     /// Stride equal to the kernel, no padding.
@@ -56,9 +63,31 @@ public:
     BasicAvgPool2d(std::size_t kernel, std::size_t stride, std::size_t padding = 0)
         : window_(detail::checked_pool_window("avgpool", kernel, stride, padding)) {}
 
-    const Tensor<T>& forward(const Tensor<T>& x) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x) {
         detail::check_nhwc(x, detail::nhwc_channels(x), window_, path_, "avgpool input (NHWC)");
         geo_ = detail::SpatialGeometry(x.shape(), window_);
+        if constexpr (std::is_same_v<D, Cuda>) {
+            cuda::avg_pool_forward(x, detail::window_shape(geo_, x.dim(3), x.dim(3), x.dim(3)), y_, path_);
+            return y_;
+        } else {
+            return cpu_forward(x);
+        }
+    }
+
+    const Tensor<T, D>& backward(const Tensor<T, D>& dy) {
+        check_same_shape(dy, y_.shape(), path_, "avgpool output gradient");
+        if (!input_grad_) return empty_;
+        if constexpr (std::is_same_v<D, Cuda>) {
+            const std::size_t c = y_.dim(3);
+            cuda::avg_pool_backward(dy, detail::window_shape(geo_, c, c, c), dx_, path_);
+            return dx_;
+        } else {
+            return cpu_backward(dy);
+        }
+    }
+
+private:
+    const Tensor<T>& cpu_forward(const Tensor<T>& x) {
         const std::size_t c = x.dim(3);
         const T inv = T(1) / T(geo_.taps());
         y_.resize(Shape{geo_.batch, geo_.ho, geo_.wo, c});
@@ -74,9 +103,7 @@ public:
         return y_;
     }
 
-    const Tensor<T>& backward(const Tensor<T>& dy) {
-        check_same_shape(dy, y_.shape(), path_, "avgpool output gradient");
-        if (!input_grad_) return empty_;
+    const Tensor<T>& cpu_backward(const Tensor<T>& dy) {
         const std::size_t c = y_.dim(3), per_image = geo_.ho * geo_.wo;
         const T inv = T(1) / T(geo_.taps());
         dx_.resize(Shape{geo_.batch, geo_.h, geo_.w, c});
@@ -94,16 +121,16 @@ public:
         return dx_;
     }
 
-private:
     detail::SlidingWindow window_;
     detail::SpatialGeometry geo_;
-    Tensor<T> y_, dx_, empty_;
+    Tensor<T, D> y_, dx_, empty_;
 };
 
-template <class T>
+template <class T, class D = Cpu>
 class BasicMaxPool2d : public detail::ParameterFreeModule {
 public:
     using Scalar = T;
+    using Device = D;
     static constexpr const char* kind() { return "maxpool"; }
 
     /// Stride equal to the kernel, no padding.
@@ -111,9 +138,31 @@ public:
     BasicMaxPool2d(std::size_t kernel, std::size_t stride, std::size_t padding = 0)
         : window_(detail::checked_pool_window("maxpool", kernel, stride, padding)) {}
 
-    const Tensor<T>& forward(const Tensor<T>& x) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x) {
         detail::check_nhwc(x, detail::nhwc_channels(x), window_, path_, "maxpool input (NHWC)");
         geo_ = detail::SpatialGeometry(x.shape(), window_);
+        if constexpr (std::is_same_v<D, Cuda>) {
+            cuda::max_pool_forward(x, detail::window_shape(geo_, x.dim(3), x.dim(3), x.dim(3)), y_, arg_tap_, path_);
+            return y_;
+        } else {
+            return cpu_forward(x);
+        }
+    }
+
+    const Tensor<T, D>& backward(const Tensor<T, D>& dy) {
+        check_same_shape(dy, y_.shape(), path_, "maxpool output gradient");
+        if (!input_grad_) return empty_;
+        if constexpr (std::is_same_v<D, Cuda>) {
+            const std::size_t c = y_.dim(3);
+            cuda::max_pool_backward(dy, arg_tap_, detail::window_shape(geo_, c, c, c), dx_, path_);
+            return dx_;
+        } else {
+            return cpu_backward(dy);
+        }
+    }
+
+private:
+    const Tensor<T>& cpu_forward(const Tensor<T>& x) {
         const std::size_t c = x.dim(3);
         y_.resize(Shape{geo_.batch, geo_.ho, geo_.wo, c});
         argmax_.resize(y_.size());
@@ -134,9 +183,7 @@ public:
         return y_;
     }
 
-    const Tensor<T>& backward(const Tensor<T>& dy) {
-        check_same_shape(dy, y_.shape(), path_, "maxpool output gradient");
-        if (!input_grad_) return empty_;
+    const Tensor<T>& cpu_backward(const Tensor<T>& dy) {
         const std::size_t c = y_.dim(3), per_image = geo_.ho * geo_.wo * c;
         dx_.resize(Shape{geo_.batch, geo_.h, geo_.w, c});
         dx_.zero();
@@ -147,22 +194,44 @@ public:
         return dx_;
     }
 
-private:
     detail::SlidingWindow window_;
     detail::SpatialGeometry geo_;
-    std::vector<std::size_t> argmax_;  ///< per output element, the input element it took
-    Tensor<T> y_, dx_, empty_;
+    std::vector<std::size_t> argmax_;  ///< per output element, the input element it took (Cpu)
+    Tensor<T, D> arg_tap_;             ///< per output element, the tap that won (Cuda)
+    Tensor<T, D> y_, dx_, empty_;
 };
 
-template <class T>
+template <class T, class D = Cpu>
 class BasicGlobalAvgPool : public detail::ParameterFreeModule {
 public:
     using Scalar = T;
+    using Device = D;
     static constexpr const char* kind() { return "globalavgpool"; }
 
-    const Tensor<T>& forward(const Tensor<T>& x) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x) {
         detail::check_nhwc(x, detail::nhwc_channels(x), detail::SlidingWindow{}, path_, "globalavgpool input (NHWC)");
         in_shape_ = x.shape();
+        if constexpr (std::is_same_v<D, Cuda>) {
+            cuda::global_avg_pool_forward(x, y_, path_);
+            return y_;
+        } else {
+            return cpu_forward(x);
+        }
+    }
+
+    const Tensor<T, D>& backward(const Tensor<T, D>& dy) {
+        check_same_shape(dy, y_.shape(), path_, "globalavgpool output gradient");
+        if (!input_grad_) return empty_;
+        if constexpr (std::is_same_v<D, Cuda>) {
+            cuda::global_avg_pool_backward(dy, in_shape_, dx_, path_);
+            return dx_;
+        } else {
+            return cpu_backward(dy);
+        }
+    }
+
+private:
+    const Tensor<T>& cpu_forward(const Tensor<T>& x) {
         const std::size_t n = x.dim(0), hw = x.dim(1) * x.dim(2);
         y_.resize(Shape{n, x.dim(3)});
         const auto xm = x.matrix();  // [N H W, C]
@@ -172,9 +241,7 @@ public:
         return y_;
     }
 
-    const Tensor<T>& backward(const Tensor<T>& dy) {
-        check_same_shape(dy, y_.shape(), path_, "globalavgpool output gradient");
-        if (!input_grad_) return empty_;
+    const Tensor<T>& cpu_backward(const Tensor<T>& dy) {
         const std::size_t n = in_shape_[0], hw = in_shape_[1] * in_shape_[2];
         dx_.resize(in_shape_);
         auto dx = dx_.matrix();
@@ -184,9 +251,8 @@ public:
         return dx_;
     }
 
-private:
     Shape in_shape_;
-    Tensor<T> y_, dx_, empty_;
+    Tensor<T, D> y_, dx_, empty_;
 };
 
 using AvgPool2d = BasicAvgPool2d<float>;

@@ -60,6 +60,15 @@
 // forward as in the per-task passes). last_mixed_pass() says which path the
 // last mixed forward took.
 //
+// On the device (a backbone and heads with Device = Cuda) every pass is the
+// same; the row moves (sorting by task, gathering a group, scattering back)
+// are kernels over device index arrays, and in the one pass each per-row
+// module runs its fused kernel once over all rows with the task of every row
+// over per-task parameters the MixedBatch stacks [K, ...] for the batch (one
+// launch for all slots), its parameter gradients going into stacked per-task
+// gradients that one more launch adds into the banks after the backward
+// (core/mixed_batch.hpp). The algebra is the per-segment one above.
+//
 // The model is neither copyable nor movable (slots are pointers into the
 // backbone); construct it in place.
 #include <algorithm>
@@ -80,6 +89,7 @@
 #include "patchwork/core/mixed_batch.hpp"
 #include "patchwork/layers/attention.hpp"
 #include "patchwork/multitask/banks.hpp"
+#include "patchwork/ops/cuda_ops.hpp"
 
 namespace patchwork {
 
@@ -188,13 +198,15 @@ public:
         std::vector<const Parameter<T, D>*> per_row;
         bool statistics_ok = true;
         for_each_module(backbone_, [&](auto& m) {
-            if constexpr (requires { m.visit_mixed([](Parameter<T, D>&) {}); }) {
+            using Mod = std::remove_cvref_t<decltype(m)>;
+            if constexpr (requires { m.visit_mixed([](Parameter<T, D>&) {}); })
                 m.visit_mixed([&](Parameter<T, D>& p) { per_row.push_back(&p); });
-            } else if constexpr (requires {
-                                     m.running_mean;
-                                     m.running_var;
-                                 }) {
-                statistics_ok = false;
+            // Running statistics must be split by task too (Mod::mixed_statistics: BatchNorm2d on the CPU).
+            if constexpr (requires {
+                              m.running_mean;
+                              m.running_var;
+                          }) {
+                if constexpr (!requires { requires Mod::mixed_statistics; }) statistics_ok = false;
             }
         });
         if (!statistics_ok) return false;

@@ -17,6 +17,10 @@
 //
 // Sequential transfer needs no special loop: add_task(head), train_only(k),
 // set_active_task(k), then fit() as for any model.
+//
+// A model on the GPU (Device = Cuda) trains with the same call, as fit() does:
+// host batches, each x copied to the device before its forward, the loss on
+// the device output.
 #include <chrono>
 #include <cmath>
 #include <cstddef>
@@ -67,6 +71,7 @@ template <class MT, Optimizer O, BatchSource S, class F = CrossEntropyLoss>
 MultiTaskHistory fit_multitask(MT& model, O& opt, std::vector<S>& sources, const MultiTaskTrainOptions& options = {},
                                F loss_fn = {}) {
     using T = typename MT::Scalar;
+    using D = device_of_t<MT>;
     const std::size_t k_tasks = model.tasks();
     if (sources.size() != k_tasks)
         throw ConfigError(detail::concat("fit_multitask: ", sources.size(), " batch sources for ", k_tasks,
@@ -90,6 +95,7 @@ MultiTaskHistory fit_multitask(MT& model, O& opt, std::vector<S>& sources, const
     Rng rng(options.seed);
     std::ostream& out = options.out ? *options.out : std::cout;
     MultiTaskHistory history;
+    Tensor<T, D> staging;  // a device model's input batch
     // The first layer never needs dL/dx; the caller's setting comes back on every exit.
     const InputGradientOff<MT> no_input_grad(model);
     for (std::size_t epoch = 0; epoch < options.epochs; ++epoch) {
@@ -119,13 +125,14 @@ MultiTaskHistory fit_multitask(MT& model, O& opt, std::vector<S>& sources, const
             auto&& batch = src.batch(next[task]++ % src.batches());
             const Batch<T>& b = batch;
             const StepResult r = train_step(
-                model, opt, [&]() -> const Tensor<T>& { return model.forward(b.x, int(task)); },
-                [&](const Tensor<T>& y) { return detail::call_loss<T>(loss_fn, y, b); }, "fit_multitask",
+                model, opt,
+                [&]() -> const Tensor<T, D>& { return model.forward(detail::on_device_of(b.x, staging), int(task)); },
+                [&](const Tensor<T, D>& y) { return detail::call_loss<T, D>(loss_fn, y, b); }, "fit_multitask",
                 [&](double v) {
                     return detail::concat("fit_multitask: the loss of task ", task, " is ", v, " at epoch ", epoch,
                                           " step ", step);
                 },
-                std::vector<Parameter<T>*>{}, 0.0);
+                std::vector<Parameter<T, D>*>{}, 0.0);
             const std::size_t n = detail::batch_samples(b);
             stats.loss[task] += r.loss * double(n);
             samples[task] += n;

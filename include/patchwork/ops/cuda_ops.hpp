@@ -16,19 +16,10 @@
 #include <string_view>
 #include <vector>
 
+#include "patchwork/core/task_rows.hpp"
 #include "patchwork/core/tensor.hpp"
 
 namespace patchwork::cuda {
-
-/// The rows of a mixed-task batch, for a patch applied per row: matrix row r
-/// of the module's tensors belongs to task task[r] (device int32, values in
-/// [0, tasks)), and each per-task parameter is stacked along a leading axis
-/// [tasks, ...]. The default (task == nullptr) is one task, unstacked.
-struct TaskRows {
-    const int* task = nullptr;
-    std::size_t tasks = 1;
-    [[nodiscard]] bool mixed() const noexcept { return task != nullptr; }
-};
 
 /// C = alpha op(A) op(B) + beta C with op(X) = X or X^T (cuBLAS).
 template <class T>
@@ -125,21 +116,8 @@ void gather_rows(const T* src, const int* idx, std::size_t rows, std::size_t row
 template <class T>
 void scatter_rows(const T* src, const int* idx, std::size_t rows, std::size_t row, T* dst, std::string_view where);
 
-/// One move of slice_moves: dst[i] = (add ? dst[i] : 0) + sum over c = 0, 1, ...,
-/// count - 1 (in that order) of src[c stride + i], for i < n (device pointers).
-template <class T>
-struct SliceMove {
-    const T* src = nullptr;
-    T* dst = nullptr;
-    std::size_t n = 0, count = 1, stride = 0;
-    int add = 0;
-};
-
-/// Every move of `moves` in one launch (the moves are copied to the device
-/// first). Moves must not write one destination twice; the sums run in a
-/// fixed order, so results are reproducible.
-template <class T>
-void slice_moves(std::span<const SliceMove<T>> moves, std::string_view where);
+// SliceMove and slice_moves (stacking per-task parameters) and TaskRows are
+// declared in core/task_rows.hpp (the mixed batch queues them).
 
 // ---- patches (the fused kernels of kernels/adapter.cuh, scale_shift.cuh, multitask.cuh;
 //      definitions in kernels/module_ops.cuh) ----

@@ -82,7 +82,8 @@ class Tune : public ModuleBase {
     static_assert((detail::policy_ok<M, Policies>() && ...), "patchwork::Tune: a policy does not apply to this module");
     static_assert(std::is_same_v<device_of_t<M>, Cpu> || (detail::runs_on_device<Policies> && ...),
                   "patchwork::Tune: on Device = Cuda the policies are Frozen, FineTune, BiasOnly, NormPatch, "
-                  "Adapter<r>, ScaleShift, LoRA<r> and Search<...> (over-parameterisation runs on the CPU)");
+                  "DepthwisePatch, Adapter<r>, ScaleShift, LoRA<r> and Search<...> (over-parameterisation runs on "
+                  "the CPU)");
 
 public:
     using Base = M;

@@ -296,10 +296,9 @@ public:
                 if (gates_.noise.size() != candidates)
                     throw ShapeError(detail::concat(detail::display_path(path_), ": fixed noise of ",
                                                     gates_.noise.size(), " values for ", candidates, " candidates"));
-                Tensor<T> host(Shape{candidates});
-                std::copy(gates_.noise.begin(), gates_.noise.end(), host.begin());
-                noise_d_.resize(host.shape());
-                copy(host, noise_d_);
+                // Queued without waiting for the stream: the driver stages the pageable source at the call.
+                noise_d_.resize(Shape{candidates});
+                cuda::upload_elements(noise_d_.data(), gates_.noise.data(), candidates, path_);
             }
             cuda::search_mix_forward(alpha.value, noisy_ ? &noise_d_ : nullptr, 1.0 / gates_.inv_tau,
                                      gates_cfg_.hard, outs_.data(), y_, soft_d_, used_d_, path_);

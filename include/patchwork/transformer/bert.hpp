@@ -33,6 +33,15 @@
 // Plain leaves each as it is. Selection (BiasOnly, NormPatch, FineTune) is
 // given to the model (BertModel<Encoder, Selection...>) or by a Tune around a
 // slot, a layer or the encoder; the innermost decision wins.
+//
+// Device: BertLayer<Spec, T, Cuda>, BertEncoder<Spec, T, Cuda>,
+// BertEmbeddings<T, Cuda> and BertModel<BertEncoder<Spec, T, Cuda>> run the
+// same formulas on the GPU: every slot becomes the device module
+// (BasicLinear<T, Cuda>, BasicLayerNorm<T, Cuda>, under the spec's policies,
+// which must run on the device: LoRA, Adapter, ScaleShift and the selections
+// do), attention and embeddings use kernels/attention.cuh, and the residual
+// sums are element-wise kernels. The parameters, their names and their visit
+// order are the CPU model's, so values copy between the two (copy_parameters).
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -48,6 +57,7 @@
 #include "patchwork/layers/embedding.hpp"
 #include "patchwork/layers/layer_norm.hpp"
 #include "patchwork/layers/linear.hpp"
+#include "patchwork/ops/cuda_attention_ops.hpp"
 #include "patchwork/policies/adapter.hpp"
 #include "patchwork/policies/lora.hpp"
 #include "patchwork/policies/policy.hpp"
@@ -153,12 +163,26 @@ struct Pfeiffer : Plain {
 
 }  // namespace bert
 
-template <class Spec = bert::Plain, class T = float>
+namespace detail {
+/// out = a + b (a residual sum) on the tensors' device.
+template <class T, class D>
+void residual_sum(const Tensor<T, D>& a, const Tensor<T, D>& b, Tensor<T, D>& out, const std::string& where) {
+    if constexpr (std::is_same_v<D, Cuda>) {
+        cuda::add(a, b, out, where);
+    } else {
+        out.resize(a.shape());
+        out.vector() = a.vector() + b.vector();
+    }
+}
+}  // namespace detail
+
+template <class Spec = bert::Plain, class T = float, class D = Cpu>
 class BertLayer : public ModuleBase {
 public:
     using Scalar = T;
-    using Lin = BasicLinear<T>;
-    using Norm = BasicLayerNorm<T>;
+    using Device = D;
+    using Lin = BasicLinear<T, D>;
+    using Norm = BasicLayerNorm<T, D>;
     using Query = typename Spec::template query<Lin>;
     using Key = typename Spec::template key<Lin>;
     using Value = typename Spec::template value<Lin>;
@@ -190,14 +214,14 @@ public:
     /// this way from a BertLayer<S>.
     template <class OtherSpec>
         requires(!std::is_same_v<OtherSpec, Spec>)
-    explicit BertLayer(const BertLayer<OtherSpec, T>& other) : BertLayer(other.config()) {
-        copy_pretrained_from(const_cast<BertLayer<OtherSpec, T>&>(other));
+    explicit BertLayer(const BertLayer<OtherSpec, T, D>& other) : BertLayer(other.config()) {
+        copy_pretrained_from(const_cast<BertLayer<OtherSpec, T, D>&>(other));
     }
 
     /// This layer with LoRA on its query and value projections (LoRA<Rank, Alpha>'s
     /// module for a BertLayer, policies/lora.hpp). Both slots must be plain.
     template <std::size_t Rank, std::size_t Alpha>
-    using with_lora = BertLayer<bert::WithLoRA<Spec, Rank, Alpha>, T>;
+    using with_lora = BertLayer<bert::WithLoRA<Spec, Rank, Alpha>, T, D>;
 
     [[nodiscard]] const BertConfig& config() const noexcept { return config_; }
 
@@ -205,18 +229,18 @@ public:
     /// injected) into this layer's, pairing them in visit order; the names
     /// relative to each layer and the shapes must match.
     template <class OtherSpec>
-    void copy_pretrained_from(BertLayer<OtherSpec, T>& other) {
-        std::vector<Parameter<T>*> src;
-        other.visit([&](Parameter<T>& p) {
+    void copy_pretrained_from(BertLayer<OtherSpec, T, D>& other) {
+        std::vector<Parameter<T, D>*> src;
+        other.visit([&](Parameter<T, D>& p) {
             if (!is_injected(p.role())) src.push_back(&p);
         });
         std::size_t i = 0;
-        visit([&](Parameter<T>& p) {
+        visit([&](Parameter<T, D>& p) {
             if (is_injected(p.role())) return;
             if (i >= src.size())
                 throw ConfigError(detail::concat(detail::display_path(path_), ": copying a layer's weights, ",
                                                  p.name(), " has no counterpart"));
-            Parameter<T>& q = *src[i++];
+            Parameter<T, D>& q = *src[i++];
             if (q.value.shape() != p.value.shape() ||
                 relative_name(q.name(), other.path()) != relative_name(p.name(), path_))
                 throw ShapeError(detail::concat(detail::display_path(path_), ": copying a layer's weights, ",
@@ -231,32 +255,30 @@ public:
 
     Attention attention;
     AttentionOutput attention_output;
-    BasicDropout<T> attention_dropout;
+    BasicDropout<T, D> attention_dropout;
     AttentionNorm attention_norm;
     Intermediate intermediate;
-    BasicGelu<T> gelu;
+    BasicGelu<T, D> gelu;
     Output output;
-    BasicDropout<T> output_dropout;
+    BasicDropout<T, D> output_dropout;
     OutputNorm output_norm;
 
     [[nodiscard]] std::size_t out_features() const noexcept { return width_; }
 
-    const Tensor<T>& forward(const Tensor<T>& x) {
+    const Tensor<T, D>& forward(const Tensor<T, D>& x) {
         if (x.rank() != 3 || x.cols() != width_ || x.empty())
             throw_shape_error(path_, "bert layer input [batch, tokens, features]",
                               Shape{x.rank() ? x.dim(0) : 0, x.rank() > 1 ? x.dim(1) : 0, width_}, x.shape());
-        const Tensor<T>& a = attention.forward(x);
-        const Tensor<T>& o = attention_dropout.forward(attention_output.forward(a));
-        r1_.resize(x.shape());
-        r1_.vector() = x.vector() + o.vector();
-        const Tensor<T>& h1 = attention_norm.forward(r1_);
-        const Tensor<T>& f = output_dropout.forward(output.forward(gelu.forward(intermediate.forward(h1))));
-        r2_.resize(x.shape());
-        r2_.vector() = h1.vector() + f.vector();
+        const Tensor<T, D>& a = attention.forward(x);
+        const Tensor<T, D>& o = attention_dropout.forward(attention_output.forward(a));
+        detail::residual_sum(x, o, r1_, path_);
+        const Tensor<T, D>& h1 = attention_norm.forward(r1_);
+        const Tensor<T, D>& f = output_dropout.forward(output.forward(gelu.forward(intermediate.forward(h1))));
+        detail::residual_sum(h1, f, r2_, path_);
         return output_norm.forward(r2_);
     }
 
-    const Tensor<T>& backward(const Tensor<T>& dy) {
+    const Tensor<T, D>& backward(const Tensor<T, D>& dy) {
         // Sub-modules in forward order: attention, attention_output, attention_norm,
         // intermediate, output, output_norm. need[i]: some gradient is wanted below module i.
         const bool t[6] = {any_trainable(attention), any_trainable(attention_output), any_trainable(attention_norm),
@@ -266,32 +288,30 @@ public:
         for (int i = 1; i < 6; ++i) need[i] = need[i - 1] || t[i - 1];
         if (!need[5] && !t[5]) return done();
         output_norm.set_input_grad(need[5]);
-        const Tensor<T>& g_r2 = output_norm.backward(dy);
+        const Tensor<T, D>& g_r2 = output_norm.backward(dy);
         if (!need[5]) return done();
         // Feed-forward branch: run while it holds a trainable part or the gradient must reach h1.
-        const Tensor<T>* g_h1_ffn = nullptr;
+        const Tensor<T, D>* g_h1_ffn = nullptr;
         if (t[4] || t[3] || need[3]) {
             output.set_input_grad(t[3] || need[3]);
-            const Tensor<T>& g_f = output.backward(output_dropout.backward(g_r2));
+            const Tensor<T, D>& g_f = output.backward(output_dropout.backward(g_r2));
             if (t[3] || need[3]) {
                 intermediate.set_input_grad(need[3]);
                 g_h1_ffn = &intermediate.backward(gelu.backward(g_f));
             }
         }
         if (!need[3]) return done();
-        g_h1_.resize(dy.shape());
-        g_h1_.vector() = g_r2.vector() + g_h1_ffn->vector();
+        detail::residual_sum(g_r2, *g_h1_ffn, g_h1_, path_);
         attention_norm.set_input_grad(need[2]);
-        const Tensor<T>& g_r1 = attention_norm.backward(g_h1_);
+        const Tensor<T, D>& g_r1 = attention_norm.backward(g_h1_);
         if (!need[2]) return done();
         attention_output.set_input_grad(need[1]);
-        const Tensor<T>& g_a = attention_output.backward(attention_dropout.backward(g_r1));
+        const Tensor<T, D>& g_a = attention_output.backward(attention_dropout.backward(g_r1));
         if (!need[1]) return done();
         attention.set_input_grad(input_grad_);
-        const Tensor<T>& g_x = attention.backward(g_a);
+        const Tensor<T, D>& g_x = attention.backward(g_a);
         if (!input_grad_) return done();
-        dx_.resize(dy.shape());
-        dx_.vector() = g_r1.vector() + g_x.vector();
+        detail::residual_sum(g_r1, g_x, dx_, path_);
         return dx_;
     }
 
@@ -338,7 +358,7 @@ public:
     }
 
 private:
-    const Tensor<T>& done() {
+    const Tensor<T, D>& done() {
         dx_.clear();
         return dx_;
     }
@@ -349,15 +369,16 @@ private:
 
     BertConfig config_;
     std::size_t width_;
-    Tensor<T> r1_, r2_, g_h1_, dx_;
+    Tensor<T, D> r1_, r2_, g_h1_, dx_;
 };
 
-/// N BertLayers (N from the config), each of type Spec::layer<BertLayer<Spec, T>>.
-template <class Spec = bert::Plain, class T = float>
+/// N BertLayers (N from the config), each of type Spec::layer<BertLayer<Spec, T, D>>.
+template <class Spec = bert::Plain, class T = float, class D = Cpu>
 class BertEncoder : public ModuleBase {
 public:
     using Scalar = T;
-    using Layer = typename Spec::template layer<BertLayer<Spec, T>>;
+    using Device = D;
+    using Layer = typename Spec::template layer<BertLayer<Spec, T, D>>;
     static_assert(Module<Layer>, "patchwork::BertEncoder: Spec::layer<BertLayer> must be a module");
     static constexpr const char* kind() { return "bert_encoder"; }
     static constexpr unsigned roles = Layer::roles;
@@ -375,16 +396,16 @@ public:
     [[nodiscard]] const Layer& layer(std::size_t i) const { return layers_.at(i); }
     [[nodiscard]] std::size_t out_features() const noexcept { return width_; }
 
-    const Tensor<T>& forward(const Tensor<T>& x) {
-        const Tensor<T>* cur = &x;
+    const Tensor<T, D>& forward(const Tensor<T, D>& x) {
+        const Tensor<T, D>* cur = &x;
         for (auto& l : layers_) cur = &l.forward(*cur);
         return *cur;
     }
-    const Tensor<T>& backward(const Tensor<T>& dy) {
+    const Tensor<T, D>& backward(const Tensor<T, D>& dy) {
         return detail::chain_backward<T>(
             layers_.size(), input_grad_, dy, empty_, [&](std::size_t i) { return any_trainable(layers_[i]); },
             [&](std::size_t i, bool on) { layers_[i].set_input_grad(on); },
-            [&](std::size_t i, const Tensor<T>& g) -> const Tensor<T>& { return layers_[i].backward(g); },
+            [&](std::size_t i, const Tensor<T, D>& g) -> const Tensor<T, D>& { return layers_[i].backward(g); },
             [&](std::size_t i, auto& f) { layers_[i].visit(f); });
     }
 
@@ -407,14 +428,15 @@ public:
 private:
     std::size_t width_;
     std::vector<Layer> layers_;
-    Tensor<T> empty_;
+    Tensor<T, D> empty_;
 };
 
 /// Word, position and token-type embeddings, summed, then LayerNorm and dropout.
-template <class T = float>
+template <class T = float, class D = Cpu>
 class BertEmbeddings : public ModuleBase {
 public:
     using Scalar = T;
+    using Device = D;
     static constexpr const char* kind() { return "bert_embeddings"; }
 
     explicit BertEmbeddings(const BertConfig& c)
@@ -424,13 +446,13 @@ public:
         set_path("");
     }
 
-    BasicEmbedding<T> word, position, token_type;
-    BasicLayerNorm<T> norm;
-    BasicDropout<T> dropout;
+    BasicEmbedding<T, D> word, position, token_type;
+    BasicLayerNorm<T, D> norm;
+    BasicDropout<T, D> dropout;
 
     [[nodiscard]] std::size_t out_features() const noexcept { return norm.out_features(); }
 
-    const Tensor<T>& forward(const TokenBatch& in) {
+    const Tensor<T, D>& forward(const TokenBatch& in) {
         in.check(path_);
         const std::size_t B = in.batch, L = in.tokens;
         if (L > position.entries())
@@ -452,11 +474,11 @@ public:
     }
 
     /// Scatter-adds into the trainable tables and trains the LayerNorm; no input gradient (ids).
-    void backward(const Tensor<T>& dy) {
+    void backward(const Tensor<T, D>& dy) {
         const bool tables = any_trainable(word) || any_trainable(position) || any_trainable(token_type);
         if (!tables && !any_trainable(norm)) return;
         norm.set_input_grad(tables);
-        const Tensor<T>& de = norm.backward(dropout.backward(dy));
+        const Tensor<T, D>& de = norm.backward(dropout.backward(dy));
         if (!tables) return;
         word.scatter_add(ids_, de);
         position.scatter_add(positions_, de);
@@ -495,7 +517,7 @@ public:
 
 private:
     std::vector<std::int32_t> ids_, types_, positions_;
-    Tensor<T> sum_;
+    Tensor<T, D> sum_;
 };
 
 enum class Pooling { mean, cls };
@@ -510,15 +532,19 @@ enum class Pooling { mean, cls };
 /// every token is real), so it can end a backbone, e.g.
 /// `Sequential<BertEncoder<...>, Pooler>` inside a MultiTask, which hands its
 /// backbone the mask rows of the rows it runs.
-template <class T = float>
+/// Device = Cuda: the weights w_bt are computed on the host, as here, and
+/// uploaded as [B, 1, T]; then p_b = w_b h_b ([1, T] x [T, D]) and dL/dh_b =
+/// w_b^T dL/dp_b ([T, 1] x [1, D]) are strided-batched GEMMs over b.
+template <class T = float, class Dev = Cpu>
 class BasicPooler : public detail::ParameterFreeModule {
 public:
     using Scalar = T;
+    using Device = Dev;
     static constexpr const char* kind() { return "pooler"; }
 
     explicit BasicPooler(Pooling mode = Pooling::mean) : mode_(mode) {}
 
-    const Tensor<T>& forward(const Tensor<T>& h, const TokenBatch& in) {
+    const Tensor<T, Dev>& forward(const Tensor<T, Dev>& h, const TokenBatch& in) {
         if (h.rank() != 3 || h.dim(0) != in.batch || h.dim(1) != in.tokens)
             throw_shape_error(where(), "hidden states [batch, tokens, features]",
                               Shape{in.batch, in.tokens, h.rank() ? h.cols() : 0}, h.shape());
@@ -526,7 +552,7 @@ public:
         return forward(h);
     }
 
-    const Tensor<T>& forward(const Tensor<T>& h) {
+    const Tensor<T, Dev>& forward(const Tensor<T, Dev>& h) {
         if (h.rank() != 3)
             throw ShapeError(detail::concat(where(), ": hidden states must be [batch, tokens, features], got ",
                                             h.shape()));
@@ -548,29 +574,43 @@ public:
             for (std::size_t t = 0; t < L; ++t)
                 if (real(b, t)) weights_[b * L + t] = T(1) / T(counts_[b]);
         }
-        // HF's mean pooling sums h * mask and then divides by the count; so does this.
-        y_.resize(Shape{B, D});
-        y_.zero();
-        for (std::size_t b = 0; b < B; ++b) {
-            auto yb = y_.matrix().row(Eigen::Index(b));
-            for (std::size_t t = 0; t < L; ++t)
-                if (weights_[b * L + t] != T(0))
-                    yb += Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>(h.data() + (b * L + t) * D, Eigen::Index(D)).transpose();
-            if (mode_ == Pooling::mean) yb /= T(counts_[b]);
-        }
         shape_ = h.shape();
+        if constexpr (std::is_same_v<Dev, Cuda>) {
+            weights_dev_.resize(Shape{B, 1, L});
+            cuda::upload_elements(weights_dev_.data(), weights_.data(), weights_.size(), where());
+            y_.resize(Shape{B, 1, D});
+            cuda::gemm_batched(false, false, T(1), weights_dev_, h, T(0), y_, where());  // p_b = w_b h_b
+            y_.reshape(Shape{B, D});
+        } else {
+            // HF's mean pooling sums h * mask and then divides by the count; so does this.
+            y_.resize(Shape{B, D});
+            y_.zero();
+            for (std::size_t b = 0; b < B; ++b) {
+                auto yb = y_.matrix().row(Eigen::Index(b));
+                for (std::size_t t = 0; t < L; ++t)
+                    if (weights_[b * L + t] != T(0))
+                        yb += Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>(h.data() + (b * L + t) * D, Eigen::Index(D)).transpose();
+                if (mode_ == Pooling::mean) yb /= T(counts_[b]);
+            }
+        }
         return y_;
     }
 
-    const Tensor<T>& backward(const Tensor<T>& dy) {
+    const Tensor<T, Dev>& backward(const Tensor<T, Dev>& dy) {
         if (shape_.rank() != 3) throw Error(where() + ": backward needs a forward first");
         const std::size_t B = shape_[0], L = shape_[1], D = shape_[2];
         check_same_shape(dy, Shape{B, D}, where(), "pooled gradient");
         if (!input_grad_) return empty_;
         dh_.resize(shape_);
-        for (std::size_t r = 0; r < B * L; ++r)
-            Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>>(dh_.data() + r * D, Eigen::Index(D)) =
-                weights_[r] * Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>(dy.data() + (r / L) * D, Eigen::Index(D));
+        if constexpr (std::is_same_v<Dev, Cuda>) {
+            dy3_ = dy;
+            dy3_.reshape(Shape{B, 1, D});
+            cuda::gemm_batched(true, false, T(1), weights_dev_, dy3_, T(0), dh_, where());  // dh_b = w_b^T dp_b
+        } else {
+            for (std::size_t r = 0; r < B * L; ++r)
+                Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>>(dh_.data() + r * D, Eigen::Index(D)) =
+                    weights_[r] * Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, 1>>(dy.data() + (r / L) * D, Eigen::Index(D));
+        }
         return dh_;
     }
 
@@ -581,7 +621,8 @@ private:
     Shape shape_;
     std::vector<T> weights_;
     std::vector<std::size_t> counts_;
-    Tensor<T> y_, dh_, empty_;
+    Tensor<T, Dev> y_, dh_, empty_;
+    Tensor<T, Dev> weights_dev_, dy3_;  ///< device only: w as [B, 1, T], dL/dp as [B, 1, D]
 };
 
 using Pooler = BasicPooler<float>;
@@ -601,11 +642,13 @@ class BertModel : public ModuleBase {
 public:
     using Scalar = typename Encoder::Scalar;
     using T = Scalar;
+    using Device = device_of_t<Encoder>;
+    using D = Device;
     static constexpr const char* kind() { return "bert"; }
 
     explicit BertModel(const BertConfig& c) : config_(c), embeddings(c), encoder(c) {
         c.check();
-        visit([](Parameter<T>& p) {
+        visit([](Parameter<T, D>& p) {
             if (is_injected(p.role()) || p.policy_decided()) return;
             p.set_trainable((detail::selects<Selection>(p.role()) || ...));
             p.mark_policy_decided();
@@ -613,12 +656,12 @@ public:
         set_path("");
     }
 
-    BertEmbeddings<T> embeddings;
+    BertEmbeddings<T, D> embeddings;
     Encoder encoder;
 
     /// Marks every pre-trained parameter as decided (see renew_decisions).
     void remark_decided() {
-        visit([](Parameter<T>& p) {
+        visit([](Parameter<T, D>& p) {
             if (!is_injected(p.role())) p.mark_policy_decided();
         });
     }
@@ -628,16 +671,16 @@ public:
 
     /// Last hidden states [B, T, D]. Padded positions hold values that depend
     /// on the padding; only real positions are meaningful.
-    const Tensor<T>& forward(const TokenBatch& in) {
+    const Tensor<T, D>& forward(const TokenBatch& in) {
         in.check(path_);
         AttentionMask scope(in.mask, in.batch, in.tokens);
         return encoder.forward(embeddings.forward(in));
     }
     /// Accumulates the gradients of trainable parameters from dL/d(hidden states).
-    void backward(const Tensor<T>& dh) {
+    void backward(const Tensor<T, D>& dh) {
         const bool emb = any_trainable(embeddings);
         encoder.set_input_grad(emb);
-        const Tensor<T>& de = encoder.backward(dh);
+        const Tensor<T, D>& de = encoder.backward(dh);
         if (emb) embeddings.backward(de);
     }
 
