@@ -3,8 +3,9 @@
 // without a key-padding mask, attention dropout), Dropout, Embedding,
 // BertEmbeddings, BertLayer under each spec (Plain, LoRAQueryValue, Houlsby,
 // Pfeiffer, with and without dropout), a two-layer BertEncoder, a BertModel
-// with AdamW steps, Pooler, a CPU model's weights copied onto the device, and
-// the errors. Forward, input gradient and every
+// with AdamW steps, Pooler, a CPU model's weights copied onto the device, a
+// multi-task model over a device encoder (per-task LoRA, one pass and
+// grouped), and the errors. Forward, input gradient and every
 // parameter gradient: fp32 within 1e-5 and double within 1e-12 (2-norm
 // relative error), device outputs poisoned (NaN) before each run, odd batch
 // and token counts.
@@ -18,6 +19,7 @@
 #include "patchwork/layers/attention.hpp"
 #include "patchwork/layers/dropout.hpp"
 #include "patchwork/layers/embedding.hpp"
+#include "patchwork/multitask/multitask.hpp"
 #include "patchwork/search/derive.hpp"
 #include "patchwork/transformer/bert.hpp"
 
@@ -413,4 +415,56 @@ TEST_CASE_TEMPLATE("Pooler on the device and a CPU BertModel copied onto the dev
     cpu.backward(cpu_pool.backward(g));
     dev.backward(dev_pool.backward(gd));
     w.gradients(cpu, dev);
+}
+
+TEST_CASE("MultiTask over a device BertEncoder with per-task LoRA equals the CPU model, in one pass") {
+    // The text multi-task setting on the device: a shared frozen encoder, per-task LoRA factors on query and
+    // value (8 slots), a head per task; a batch of sequences of three tasks with padding, in one encoder pass
+    // (the rows sorted by task carry their mask rows) and grouped by task.
+    using T = double;
+    using Spec = pw::bert::LoRAQueryValue<4, 8>;
+    std::mt19937 rng(37);
+    const pw::BertConfig c = tiny_config<T>(2, 16, 4);
+    std::vector<pw::BasicLinear<T>> heads;
+    std::vector<pw::BasicLinear<T, Cuda>> dev_heads;
+    for (int k = 0; k < 3; ++k) {
+        heads.emplace_back(16, 3);
+        dev_heads.emplace_back(16, 3);
+    }
+    // Only the LoRA factors train (and so are per task); the rest of the encoder is the frozen base.
+    const auto lora_only = [](auto& p) { p.set_trainable(p.role() == pw::Role::lora); };
+    pw::BertEncoder<Spec, T> cpu_encoder(c);
+    pw::BertEncoder<Spec, T, Cuda> dev_encoder(c);
+    cpu_encoder.visit(lora_only);
+    dev_encoder.visit(lora_only);
+    pw::MultiTask<pw::BertEncoder<Spec, T>, pw::BasicLinear<T>> cpu(std::move(cpu_encoder), std::move(heads));
+    pw::MultiTask<pw::BertEncoder<Spec, T, Cuda>, pw::BasicLinear<T, Cuda>> dev(std::move(dev_encoder),
+                                                                                std::move(dev_heads));
+    randomize_transformer(cpu, rng, 0.3);
+    copy_parameters(cpu, dev);
+    CHECK(dev.slot_count() == 8);
+    CHECK(dev.one_pass_supported());
+    const std::vector<int> ids{1, 0, 2, 1, 1};
+    const std::vector<std::int32_t> mask = padding_mask(5, 6);
+    const Tensor<T> x = random_tensor<T>(Shape{5, 6, 16}, rng);
+    const Tensor<T, Cuda> xd(x);
+    for (bool one_pass : {true, false}) {
+        INFO("one pass: " << one_pass);
+        cpu.set_one_pass(one_pass);
+        dev.set_one_pass(one_pass);
+        const pw::AttentionMask scope(mask, 5, 6);
+        const Tensor<T>& y = cpu.forward(x, ids);
+        const_cast<Tensor<T, Cuda>&>(dev.forward(xd, ids)).poison();
+        const Tensor<T, Cuda>& yd = dev.forward(xd, ids);
+        CHECK(dev.last_mixed_pass() == (one_pass ? pw::MixedPass::one_pass : pw::MixedPass::grouped));
+        check_close(y, yd, "mixed forward");
+        const Tensor<T> g = random_tensor<T>(y.shape(), rng);
+        const Tensor<T, Cuda> gd(g);
+        pw::zero_grad(cpu);
+        pw::zero_grad(dev);
+        cpu.set_input_grad(true);
+        dev.set_input_grad(true);
+        check_close(cpu.backward(g), dev.backward(gd), "mixed input gradient");
+        check_gradients(cpu, dev);
+    }
 }
