@@ -124,23 +124,30 @@ void print_step(const std::string& policy, std::size_t batch, const std::vector<
     std::fflush(stdout);
 }
 
+/// One training step over the pool's next batch: zero_grad, forward (`forward(x)`), softmax cross-entropy
+/// (its value read back: one synchronisation), backward, optimiser step; the loss goes to `loss`.
+template <class Model, class Opt, class Forward>
+auto training_step(Model& model, Opt& opt, const Pool& pool, float& loss, Forward forward) {
+    return [&model, &opt, &pool, &loss, forward, it = std::size_t(0)]() mutable {
+        const std::size_t i = it++ % pool.xs.size();
+        opt.zero_grad();
+        const auto l = pw::cross_entropy(forward(pool.xs[i]), std::span<const int>(pool.ys[i]));
+        model.backward(l.grad);
+        opt.step();
+        loss = l.value;
+    };
+}
+
 template <class Model>
 void measure(Model& model, const std::string& policy, std::size_t batch, const Options& o) {
     model.set_input_grad(false);
     pw::BasicAdamW<float, Cuda> opt(pw::trainable_parameters(model), {.lr = 1e-3, .weight_decay = 0.01});
     const Pool pool(batch);
-    std::size_t it = 0;
     float loss = 0;
-    const auto ms = time_steps(
-        [&] {
-            const std::size_t i = it++ % pool.xs.size();
-            opt.zero_grad();
-            const auto l = pw::cross_entropy(model.forward(pool.xs[i]), std::span<const int>(pool.ys[i]));
-            model.backward(l.grad);
-            opt.step();
-            loss = l.value;
-        },
-        batch, o);
+    const auto ms = time_steps(training_step(model, opt, pool, loss, [&](const auto& x) -> decltype(auto) {
+                                   return model.forward(x);
+                               }),
+                               batch, o);
     print_step(policy, batch, ms, pw::trainable_count(model), loss);
 }
 
@@ -172,19 +179,11 @@ void measure_multitask(std::size_t batch, const Options& o) {
         const std::string m = mode;
         model.set_one_pass(m != "grouped");
         const std::vector<int>& ids = m == "single" ? single : mixed;
-        std::size_t it = 0;
         float loss = 0;
-        const auto ms = time_steps(
-            [&] {
-                const std::size_t i = it++ % pool.xs.size();
-                opt.zero_grad();
-                const auto l = pw::cross_entropy(model.forward(pool.xs[i], std::span<const int>(ids)),
-                                                 std::span<const int>(pool.ys[i]));
-                model.backward(l.grad);
-                opt.step();
-                loss = l.value;
-            },
-            batch, o);
+        const auto ms = time_steps(training_step(model, opt, pool, loss, [&](const auto& x) -> decltype(auto) {
+                                       return model.forward(x, std::span<const int>(ids));
+                                   }),
+                                   batch, o);
         print_step("multitask" + std::to_string(kTasks) + "-" + m, batch, ms, pw::trainable_count(model), loss);
     }
 }
