@@ -10,6 +10,11 @@ token types 0, full attention mask, no pooler layer):
     lora-8x32, lora-32x64          one training step with PEFT LoRA r=8, alpha 16,
                                    on query and value (lora_dropout 0), base frozen
     finetune-8x32, finetune-32x64  one training step with every weight trainable
+    infer-32x128, lora-32x128, finetune-32x128
+                                   the same at 32 x 128 tokens (the GPU comparison's shapes)
+With --device cuda everything runs on the GPU in fp32 (each timed call ends
+with torch.cuda.synchronize()); benchmarks/gpu/bert_gpu is the patchwork side
+and prints the same JSON lines with "patchwork.bert_gpu." for "torch-cuda.bert.".
 One training step = zero_grad, forward (train mode, dropout probabilities set to
 --dropout, 0 by default so both sides compute the same function), mean pooling
 over the tokens, Linear(384, 4) head, cross-entropy (mean) against seeded random
@@ -48,7 +53,8 @@ import subprocess
 import sys
 import time
 
-CONFIGS = ["infer-32x64", "infer-1x16", "lora-8x32", "lora-32x64", "finetune-8x32", "finetune-32x64"]
+CONFIGS = ["infer-32x64", "infer-1x16", "lora-8x32", "lora-32x64", "finetune-8x32", "finetune-32x64",
+           "infer-32x128", "lora-32x128", "finetune-32x128"]
 SEED = 1234
 CLASSES = 4
 
@@ -66,6 +72,8 @@ def parse_args():
                    help="configurations whose peak RSS is measured in a fresh process ('' for none)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout probabilities in training")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"], help="transformers' attention kernel")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the model runs (cuda: the side of benchmarks/gpu/bert_gpu, fp32, eager)")
     args = p.parse_args()
     for name in ([args.only] if args.only else args.configs.split(",")) + [m for m in args.memory.split(",") if m]:
         if name not in CONFIGS:
@@ -82,7 +90,7 @@ def memory_of(name):
     a parent with a model loaded would set the child's figure."""
     cmd = [sys.executable, os.path.abspath(__file__), "--only", name, "--iters", "3", "--warmup", "1",
            "--model", args.model, "--threads", str(args.threads), "--dropout", str(args.dropout),
-           "--attention", args.attention]
+           "--attention", args.attention, "--device", args.device]
     run = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     out = []
     for line in run.stdout.splitlines():
@@ -94,6 +102,7 @@ def memory_of(name):
 
 
 args = parse_args()
+PREFIX = "torch-cuda" if args.device == "cuda" else "torch"  # the JSON names' first part
 memory = [] if args.only else [line for m in args.memory.split(",") if m for line in memory_of(m)]
 os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))  # before torch starts its pools
 import torch  # noqa: E402
@@ -119,7 +128,7 @@ def load(training):
     kw = {"attn_implementation": args.attention, "add_pooling_layer": False}
     if training:
         kw.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
-    model = BertModel.from_pretrained(args.model, **kw)
+    model = BertModel.from_pretrained(args.model, **kw).to(args.device)
     model.train(training)
     return model
 
@@ -128,18 +137,22 @@ def inputs(batch, tokens):
     g = torch.Generator().manual_seed(SEED + batch * 1000 + tokens)
     ids = torch.randint(1000, 30522, (batch, tokens), generator=g)
     labels = torch.randint(0, CLASSES, (batch,), generator=g)
-    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids)}, labels
+    enc = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids)}
+    return {k: v.to(args.device) for k, v in enc.items()}, labels.to(args.device)
 
 
 def timed(fn, iters, warmup):
     """Wall seconds of each timed call, and the median CPU seconds of this
     process per call (all its threads)."""
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times, cpu = [], []
     for _ in range(iters):
         c0, t0 = time.process_time(), time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return times, statistics.median(cpu)
@@ -163,9 +176,9 @@ def run_config(name):
                 model(**enc)
         times, cpu = timed(forward, args.iters, args.warmup)
         med = statistics.median(times)
-        return ([(f"torch.bert.infer.{shape}", batch / med, "sentences/s"),
-                 (f"torch.bert.infer.{shape}.ms", med * 1e3, "ms/batch"),
-                 (f"torch.bert.infer.{shape}.cpu_ms", cpu * 1e3, "cpu-ms/batch")],
+        return ([(f"{PREFIX}.bert.infer.{shape}", batch / med, "sentences/s"),
+                 (f"{PREFIX}.bert.infer.{shape}.ms", med * 1e3, "ms/batch"),
+                 (f"{PREFIX}.bert.infer.{shape}.cpu_ms", cpu * 1e3, "cpu-ms/batch")],
                 (name, med * 1e3, quantile(times, 0.1) * 1e3, quantile(times, 0.9) * 1e3,
                  f"{batch / med:.1f} sentences/s", cpu * 1e3))
     torch.manual_seed(SEED)
@@ -174,7 +187,7 @@ def run_config(name):
         config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0, bias="none")
         model = peft.get_peft_model(model, config)
         model.train()
-    head = torch.nn.Linear(384, CLASSES)
+    head = torch.nn.Linear(384, CLASSES).to(args.device)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     last = {}
@@ -191,8 +204,8 @@ def run_config(name):
     times, cpu = timed(step, args.iters, args.warmup)
     med = statistics.median(times)
     trainable = sum(p.numel() for p in params)
-    return ([(f"torch.bert.train.{kind}.{shape}", med * 1e3, "ms/step"),
-             (f"torch.bert.train.{kind}.{shape}.cpu_ms", cpu * 1e3, "cpu-ms/step")],
+    return ([(f"{PREFIX}.bert.train.{kind}.{shape}", med * 1e3, "ms/step"),
+             (f"{PREFIX}.bert.train.{kind}.{shape}.cpu_ms", cpu * 1e3, "cpu-ms/step")],
             (name, med * 1e3, quantile(times, 0.1) * 1e3, quantile(times, 0.9) * 1e3,
              f"{trainable:,} trainable, loss {last['loss']:.4f}", cpu * 1e3))
 
@@ -207,9 +220,9 @@ def main():
         lines, _ = run_config(args.only)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         kind, shape = args.only.split("-")
-        for line in lines + [(f"torch.bert.peak_rss.{kind}.{shape}", peak, "MiB"),
-                             (f"torch.bert.vm_hwm.{kind}.{shape}", status_mib("VmHWM"), "MiB"),
-                             (f"torch.bert.rss_before_load.{kind}.{shape}", before, "MiB")]:
+        for line in lines + [(f"{PREFIX}.bert.peak_rss.{kind}.{shape}", peak, "MiB"),
+                             (f"{PREFIX}.bert.vm_hwm.{kind}.{shape}", status_mib("VmHWM"), "MiB"),
+                             (f"{PREFIX}.bert.rss_before_load.{kind}.{shape}", before, "MiB")]:
             emit(*line)
         return
     rows = []

@@ -1,0 +1,201 @@
+// The transformer benchmarks of benchmarks/bert_bench.cpp on the GPU: the
+// pre-trained all-MiniLM-L6-v2 loaded on the host, its weights copied into a
+// device BertModel (search::copy_parameters), then timed with CUDA events.
+// `python3 benchmarks/torch_bert.py --device cuda --configs <same>` is the
+// PyTorch (+ PEFT) side, the same configurations and step:
+//   infer-32x128                 frozen forward: sentences/s
+//   lora-8x32, lora-32x128       one training step, LoRA r=8, alpha 16 on query and value
+//   finetune-8x32, finetune-32x128  one training step, every weight trainable
+// A step = zero_grad, forward, mean pooling, Linear(384, 4) head, softmax
+// cross-entropy against seeded labels (its value read back: one
+// synchronisation, as loss.item() would), backward, AdamW (lr 1e-4, weight
+// decay 0.01). Random token ids from a seeded generator (1000..30521), token
+// types 0, full mask. fp32 storage (no bf16 yet). Median, p10, p90 of --iters
+// timed steps after --warmup. Output: one JSON object a line, then a table
+// ('#' lines). Exit 77 without a GPU or without the model (scripts/fetch-model).
+// The issue's target: lora-32x128 at least 1.5x faster than PyTorch eager + PEFT.
+//
+//   bert_gpu [--model DIR] [--iters 20] [--warmup 3] [--configs a,b]
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "patchwork/cuda.cuh"
+#include "patchwork/search/derive.hpp"
+#include "patchwork/transformer/hf_checkpoint.hpp"
+
+namespace pw = patchwork;
+namespace fs = std::filesystem;
+using pw::Cuda;
+
+namespace {
+
+pw::TokenBatch random_batch(std::size_t b, std::size_t t, std::uint64_t seed) {
+    pw::Rng rng(seed);
+    pw::TokenBatch x;
+    x.batch = b;
+    x.tokens = t;
+    for (std::size_t i = 0; i < b * t; ++i) x.ids.push_back(std::int32_t(1000 + rng.next() % (30522 - 1000)));
+    x.token_types.assign(b * t, 0);
+    x.mask.assign(b * t, 1);
+    return x;
+}
+
+double quantile(std::vector<double> v, double q) {
+    std::sort(v.begin(), v.end());
+    return v[std::min(v.size() - 1, std::size_t(q * double(v.size() - 1) + 0.5))];
+}
+
+/// Milliseconds of each timed call (CUDA events around it on the current stream).
+template <class F>
+std::vector<double> timed(F&& f, int iters, int warmup) {
+    for (int i = 0; i < warmup; ++i) f();
+    pw::cuda::synchronize();
+    cudaEvent_t a, b;
+    pw::cuda::check(cudaEventCreate(&a), "cudaEventCreate", "bert_gpu");
+    pw::cuda::check(cudaEventCreate(&b), "cudaEventCreate", "bert_gpu");
+    const cudaStream_t s = pw::cuda::context().stream();
+    std::vector<double> ms;
+    for (int i = 0; i < iters; ++i) {
+        pw::cuda::check(cudaEventRecord(a, s), "cudaEventRecord", "bert_gpu");
+        f();
+        pw::cuda::check(cudaEventRecord(b, s), "cudaEventRecord", "bert_gpu");
+        pw::cuda::check(cudaEventSynchronize(b), "cudaEventSynchronize", "bert_gpu");
+        float t = 0;
+        pw::cuda::check(cudaEventElapsedTime(&t, a, b), "cudaEventElapsedTime", "bert_gpu");
+        ms.push_back(t);
+    }
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    return ms;
+}
+
+void emit(const std::string& name, double value, const char* unit) {
+    std::printf("{\"name\": \"%s\", \"value\": %.4f, \"unit\": \"%s\"}\n", name.c_str(), value, unit);
+    std::fflush(stdout);
+}
+
+struct Row {
+    std::string name;
+    std::vector<double> ms;
+    std::string note;
+};
+
+/// The checkpoint loaded on the host, then copied into the same model on the device.
+template <class Host, class Device>
+Device load_on_device(const fs::path& dir) {
+    Host host = pw::hf::load_bert<Host>(dir);
+    Device dev(host.config());
+    pw::search::copy_parameters(host, dev);
+    return dev;
+}
+
+template <class Host, class Device>
+Row train(const fs::path& dir, const std::string& name, std::size_t b, std::size_t t, int iters, int warmup) {
+    Device model = load_on_device<Host, Device>(dir);
+    pw::BasicLinear<float, Cuda> head(384, 4);
+    auto params = pw::trainable_parameters(model);
+    for (auto* p : pw::trainable_parameters(head)) params.push_back(p);
+    pw::BasicAdamW<float, Cuda> opt(params, {.lr = 1e-4, .weight_decay = 0.01});
+    const pw::TokenBatch x = random_batch(b, t, 1234);
+    pw::Rng rng(99);
+    std::vector<int> labels(b);
+    for (auto& l : labels) l = int(rng.next() % 4);
+    pw::BasicPooler<float, Cuda> pool;
+    float loss = 0;
+    const auto ms = timed(
+        [&] {
+            opt.zero_grad();
+            const auto& e = pool.forward(model.forward(x), x);
+            const auto ce = pw::cross_entropy(head.forward(e), std::span<const int>(labels));
+            head.set_input_grad(true);
+            model.backward(pool.backward(head.backward(ce.grad)));
+            opt.step();
+            loss = ce.value;
+        },
+        iters, warmup);
+    const std::string kind = name.substr(0, name.find('-')), shape = name.substr(name.find('-') + 1);
+    emit("patchwork.bert_gpu.train." + kind + "." + shape, quantile(ms, 0.5), "ms/step");
+    return {name, ms,
+            std::to_string(pw::trainable_count(model) + pw::trainable_count(head)) + " trainable, loss " +
+                std::to_string(loss)};
+}
+
+Row infer(const fs::path& dir, const std::string& name, std::size_t b, std::size_t t, int iters, int warmup) {
+    using Host = pw::BertModel<pw::BertEncoder<>>;
+    using Device = pw::BertModel<pw::BertEncoder<pw::bert::Plain, float, Cuda>>;
+    Device model = load_on_device<Host, Device>(dir);
+    const pw::TokenBatch x = random_batch(b, t, 1234);
+    const auto ms = timed([&] { (void)model.forward(x); }, iters, warmup);
+    const double med = quantile(ms, 0.5);
+    emit("patchwork.bert_gpu.infer." + name.substr(name.find('-') + 1), double(b) / (med * 1e-3), "sentences/s");
+    return {name, ms, std::to_string(double(b) / (med * 1e-3)) + " sentences/s"};
+}
+
+Row run(const fs::path& dir, const std::string& name, int iters, int warmup) {
+    using LoraSpec = pw::bert::LoRAQueryValue<8, 16>;
+    using LoraHost = pw::BertModel<pw::BertEncoder<LoraSpec>>;
+    using LoraDevice = pw::BertModel<pw::BertEncoder<LoraSpec, float, Cuda>>;
+    using FullHost = pw::BertModel<pw::BertEncoder<>, pw::FineTune>;
+    using FullDevice = pw::BertModel<pw::BertEncoder<pw::bert::Plain, float, Cuda>, pw::FineTune>;
+    if (name == "infer-32x128") return infer(dir, name, 32, 128, iters, warmup);
+    if (name == "lora-8x32") return train<LoraHost, LoraDevice>(dir, name, 8, 32, iters, warmup);
+    if (name == "lora-32x128") return train<LoraHost, LoraDevice>(dir, name, 32, 128, iters, warmup);
+    if (name == "finetune-8x32") return train<FullHost, FullDevice>(dir, name, 8, 32, iters, warmup);
+    if (name == "finetune-32x128") return train<FullHost, FullDevice>(dir, name, 32, 128, iters, warmup);
+    std::fprintf(stderr, "bert_gpu: unknown configuration %s\n", name.c_str());
+    std::exit(2);
+}
+
+std::vector<std::string> split(const std::string& s) {
+    std::vector<std::string> out;
+    std::size_t b = 0;
+    while (b <= s.size()) {
+        const std::size_t e = std::min(s.find(',', b), s.size());
+        if (e > b) out.push_back(s.substr(b, e - b));
+        b = e + 1;
+    }
+    return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+    fs::path dir = pw::hf::model_cache_dir();
+    int iters = 20, warmup = 3;
+    std::string configs = "infer-32x128,lora-8x32,lora-32x128,finetune-8x32,finetune-32x128";
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const std::string a = argv[i];
+        if (a == "--model") dir = argv[i + 1];
+        else if (a == "--iters") iters = std::atoi(argv[i + 1]);
+        else if (a == "--warmup") warmup = std::atoi(argv[i + 1]);
+        else if (a == "--configs") configs = argv[i + 1];
+        else {
+            std::fprintf(stderr, "usage: bert_gpu [--model DIR] [--iters 20] [--warmup 3] [--configs a,b]\n");
+            return 2;
+        }
+    }
+    if (pw::cuda::device_count() == 0) {
+        std::printf("# bert_gpu: skipped: no CUDA device is available\n");
+        return 77;
+    }
+    if (!fs::exists(dir / "model.safetensors")) {
+        std::printf("# bert_gpu: skipped: no model at %s (scripts/fetch-model)\n", dir.string().c_str());
+        return 77;
+    }
+    cudaDeviceProp prop{};
+    pw::cuda::check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties", "bert_gpu");
+    std::vector<Row> rows;
+    for (const auto& c : split(configs)) rows.push_back(run(dir, c, iters, warmup));
+    std::printf("# device %s, fp32 storage\n", prop.name);
+    std::printf("# %-16s %10s %9s %9s  notes\n", "config", "median ms", "p10 ms", "p90 ms");
+    for (const auto& r : rows)
+        std::printf("# %-16s %10.3f %9.3f %9.3f  %s\n", r.name.c_str(), quantile(r.ms, 0.5), quantile(r.ms, 0.1),
+                    quantile(r.ms, 0.9), r.note.c_str());
+    return 0;
+} catch (const pw::Error& e) {
+    std::fprintf(stderr, "bert_gpu: %s\n", e.what());
+    return 1;
+}
