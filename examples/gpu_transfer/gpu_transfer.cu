@@ -13,12 +13,33 @@
 //    images, architecture weights on the other 20 %), then derive keeps the
 //    argmax per Linear and the derived model trains as the policies above.
 //
+// 4. LoRA on the pre-trained all-MiniLM-L6-v2, on the device: the checkpoint
+//    is read into a CPU BertModel (as examples/text_transfer does), its
+//    weights are copied into the same model built with Device = Cuda, and
+//    LoRA r=8, alpha=16 on query and value trains with a Linear(384, 26) head
+//    on WordNet noun supersense (the synset's lemmas and gloss; text_transfer's
+//    data, seeded split and subsets): mean pooling over the real tokens,
+//    cross-entropy, AdamW (weight decay 0.01), 10 % linear warm-up then cosine
+//    decay. Per epoch: mean training loss, held-out accuracy and seconds.
+//
 // Images are loaded on the host and copied to the device batch by batch; the
-// loss value comes back once per step. Without a CUDA device the program
-// says so and exits with 77.
+// loss value comes back once per step. Token ids go to the device with each
+// batch the same way. Without a CUDA device the program says so and exits
+// with 77. A part whose files are missing (Fashion-MNIST for 1-3; the model,
+// scripts/fetch-model, or WordNet for 4) is skipped with a message; when no
+// part could run, the exit status is 77 too.
+//
+// Part 4's options (defaults sized for a GPU): --minilm on|off|only (only:
+// parts 1-3 skipped; default on), --minilm-train N training glosses (2000),
+// --minilm-test N held-out glosses (500), --minilm-epochs N (2),
+// --minilm-max-length N tokens per text (64), --minilm-batch N (32),
+// --minilm-lr X for LoRA (5e-4), --minilm-head-lr X (2e-3), --model DIR
+// (scripts/fetch-model's cache), --wordnet DIR (/usr/share/wordnet).
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <span>
 #include <string>
@@ -27,7 +48,10 @@
 
 #include "patchwork/cuda.cuh"
 
+#include "../common/text_data.hpp"
+
 namespace pw = patchwork;
+namespace tx = text_examples;
 using pw::Cuda;
 
 namespace {
@@ -53,13 +77,27 @@ struct Options {
     double lr = 2e-3;
     std::uint64_t seed = 1;
     std::string data_dir = pw::fashion_mnist_default_dir;
+    /// Part 4: "on" (after the MLP parts), "off", or "only" (the MLP parts skipped).
+    std::string minilm = "on";
+    std::size_t minilm_train = 2000;  ///< training glosses
+    std::size_t minilm_test = 500;    ///< held-out glosses
+    std::size_t minilm_epochs = 2;
+    std::size_t minilm_max_length = 64;
+    std::size_t minilm_batch = 32;
+    double minilm_lr = 5e-4;  ///< LoRA factors (text_transfer's default for LoRA)
+    double minilm_head_lr = 2e-3;
+    std::filesystem::path model = pw::hf::model_cache_dir();
+    std::filesystem::path wordnet = pw::wordnet_default_dir;
 };
 
 [[noreturn]] void usage(const std::string& why) {
     std::cerr << "gpu_transfer: " << why << "\n"
               << "usage: gpu_transfer [--pretrain-epochs N] [--epochs N] [--per-class N] [--test-limit N]\n"
                  "                    [--train-limit N] [--batch N] [--search-epochs N] [--lambda X] [--lr X]\n"
-                 "                    [--seed N] [--data-dir DIR]\n";
+                 "                    [--seed N] [--data-dir DIR]\n"
+                 "                    [--minilm on|off|only] [--minilm-train N] [--minilm-test N] [--minilm-epochs N]\n"
+                 "                    [--minilm-max-length N] [--minilm-batch N] [--minilm-lr X] [--minilm-head-lr X]\n"
+                 "                    [--model DIR] [--wordnet DIR]\n";
     std::exit(2);
 }
 
@@ -81,6 +119,16 @@ Options parse(int argc, char** argv) {
             else if (a == "--lr") o.lr = std::stod(v);
             else if (a == "--seed") o.seed = std::stoull(v);
             else if (a == "--data-dir") o.data_dir = v;
+            else if (a == "--minilm") o.minilm = v;
+            else if (a == "--minilm-train") o.minilm_train = std::stoul(v);
+            else if (a == "--minilm-test") o.minilm_test = std::stoul(v);
+            else if (a == "--minilm-epochs") o.minilm_epochs = std::stoul(v);
+            else if (a == "--minilm-max-length") o.minilm_max_length = std::stoul(v);
+            else if (a == "--minilm-batch") o.minilm_batch = std::stoul(v);
+            else if (a == "--minilm-lr") o.minilm_lr = std::stod(v);
+            else if (a == "--minilm-head-lr") o.minilm_head_lr = std::stod(v);
+            else if (a == "--model") o.model = v;
+            else if (a == "--wordnet") o.wordnet = v;
             else usage("unknown option " + std::string(a));
         } catch (const std::logic_error&) {
             usage("bad value '" + v + "' for " + std::string(a));
@@ -88,6 +136,11 @@ Options parse(int argc, char** argv) {
     }
     if (o.batch == 0) usage("--batch must be positive");
     if (o.search_epochs == 0) usage("--search-epochs must be positive");
+    if (o.minilm != "on" && o.minilm != "off" && o.minilm != "only") usage("--minilm takes on, off or only");
+    if (o.minilm_train == 0 || o.minilm_test == 0 || o.minilm_epochs == 0 || o.minilm_batch == 0)
+        usage("--minilm-train, --minilm-test, --minilm-epochs and --minilm-batch must be positive");
+    if (o.minilm_max_length < 3) usage("--minilm-max-length must be at least 3 ([CLS], a token, [SEP])");
+    if (!(o.minilm_lr > 0) || !(o.minilm_head_lr > 0)) usage("--minilm-lr and --minilm-head-lr must be positive");
     return o;
 }
 
@@ -147,14 +200,8 @@ Row adapt(const std::string& name, Model& model, const pw::Dataset<float>& train
     return {name, pw::trainable_count(model), accuracy(model, test), seconds};
 }
 
-}  // namespace
-
-int main(int argc, char** argv) try {
-    const Options o = parse(argc, argv);
-    if (pw::cuda::device_count() == 0) {
-        std::printf("gpu_transfer: no CUDA device is available; nothing to run (exit 77)\n");
-        return 77;
-    }
+/// Parts 1-3 (the MLP on Fashion-MNIST).
+void run_mlp(const Options& o) {
     auto train_all = pw::load_fashion_mnist<float>(o.data_dir, pw::Split::train);
     if (o.train_limit) train_all = pw::subset(train_all, o.train_limit);
     auto test_all = pw::load_fashion_mnist<float>(o.data_dir, pw::Split::test);
@@ -260,6 +307,140 @@ int main(int argc, char** argv) try {
     for (const auto& r : rows)
         std::printf("%-26s %10zu %7.2f%% %8.2f%% %8.2f\n", r.policy.c_str(), r.trainable,
                     100.0 * double(r.trainable) / full, 100 * r.accuracy, r.seconds);
+}
+
+/// Fashion-MNIST's four files (what load_fashion_mnist reads).
+bool fashion_mnist_missing(const std::filesystem::path& dir) {
+    for (const char* f : {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                          "t10k-labels-idx1-ubyte.gz"})
+        if (!std::filesystem::exists(dir / f)) return true;
+    return false;
+}
+
+// Part 4: the same types on both sides, so that copy_parameters pairs every
+// tensor by name (LoRA's factors included: the device model starts where
+// text_transfer's CPU model does, for the same seed).
+using MiniLmSpec = pw::bert::LoRAQueryValue<8, 16>;
+using HostMiniLm = pw::BertModel<pw::BertEncoder<MiniLmSpec>>;
+using DeviceMiniLm = pw::BertModel<pw::BertEncoder<MiniLmSpec, float, Cuda>>;
+
+/// Held-out accuracy: pooled logits come back to the host for the argmax.
+template <class Model, class Head>
+double text_accuracy(Model& model, pw::BasicPooler<float, Cuda>& pool, Head& head, const tx::Split& test,
+                     std::int32_t pad) {
+    const std::vector<std::size_t> all = tx::iota(test.size());
+    std::vector<int> labels;
+    std::size_t right = 0;
+    for (std::size_t b = 0; b < all.size(); b += 64) {
+        const pw::TokenBatch x = tx::make_batch(test, all, b, std::min(all.size(), b + 64), pad, labels);
+        const pw::Tensor<float> logits = pw::to_host(head.forward(pool.forward(model.forward(x), x)));
+        right += pw::count_correct(logits, labels);
+    }
+    return double(right) / double(test.size());
+}
+
+/// Part 4; false when the model or WordNet is missing (the part is skipped).
+bool run_minilm(const Options& o) {
+    tx::RunOptions ro;  // text_transfer's data: the same split, subsets and tokenization
+    ro.model = o.model;
+    ro.wordnet = o.wordnet;
+    ro.train = o.minilm_train;
+    ro.test = o.minilm_test;
+    ro.max_length = o.minilm_max_length;
+    if (tx::inputs_missing(ro)) {
+        std::printf("gpu_transfer: skipping part 4 (LoRA on all-MiniLM-L6-v2)\n");
+        return false;
+    }
+    const auto tok = pw::WordPieceTokenizer::from_vocab(o.model / "vocab.txt");
+    const tx::NounData d = tx::load_noun_supersense(ro, tok);
+
+    pw::manual_seed(o.seed);  // LoRA's A factors are drawn at construction, here the host model's
+    DeviceMiniLm model = [&] {
+        HostMiniLm host = pw::hf::load_bert<HostMiniLm>(o.model);
+        DeviceMiniLm device(host.config());
+        pw::search::copy_parameters(host, device);
+        return device;
+    }();
+    pw::BasicLinear<float, Cuda> head(model.out_features(), d.classes);
+    {
+        pw::Linear host_head(model.out_features(), d.classes);
+        pw::initialize(host_head, o.seed);
+        pw::search::copy_parameters(host_head, head);
+    }
+    head.set_input_grad(true);  // the LoRA factors below it train
+    pw::BasicPooler<float, Cuda> pool;  // mean over the real tokens
+    const std::size_t lora = pw::trainable_count(model), heads = pw::trainable_count(head);
+    const std::size_t full = pw::parameter_count(model) - lora;  // the pre-trained encoder and embeddings
+
+    pw::BasicAdamW<float, Cuda> opt(pw::trainable_parameters(head), {.lr = o.minilm_head_lr, .weight_decay = 0.01});
+    opt.add_group(pw::trainable_parameters(model), {.lr = o.minilm_lr, .weight_decay = 0.01});
+    const std::size_t n = d.train.size(), steps_per_epoch = (n + o.minilm_batch - 1) / o.minilm_batch;
+    const std::size_t total = steps_per_epoch * o.minilm_epochs;
+    const pw::WarmupCosine schedule{.warmup_steps = std::max<std::size_t>(1, total / 10), .total_steps = total};
+
+    std::size_t tokens = 0;
+    for (const auto& e : d.train.enc) tokens += e.size();
+    std::printf("\nLoRA r=8, alpha=16 on query and value of all-MiniLM-L6-v2, on the device: noun supersense, %zu "
+                "classes, %zu training and %zu held-out glosses, %.1f tokens per training text (at most %zu)\n",
+                d.classes, n, d.test.size(), double(tokens) / double(n), o.minilm_max_length);
+    std::printf("trainable: %zu LoRA + %zu head = %zu (LoRA %.3f%% of the %zu pre-trained parameters); batch %zu, "
+                "AdamW lr %g (head %g), 10%% warm-up then cosine\n",
+                lora, heads, lora + heads, 100.0 * double(lora) / double(full), full, o.minilm_batch, o.minilm_lr,
+                o.minilm_head_lr);
+    std::printf("%5s %10s %9s %8s\n", "epoch", "mean loss", "accuracy", "time(s)");
+
+    std::vector<std::size_t> order = tx::iota(n);
+    pw::Rng rng(pw::detail::mix64(o.seed));
+    std::vector<int> labels;
+    std::size_t step = 0;
+    for (std::size_t epoch = 0; epoch < o.minilm_epochs; ++epoch) {
+        pw::detail::shuffle_indices(order, rng);
+        pw::cuda::synchronize();
+        const auto t0 = std::chrono::steady_clock::now();
+        double loss_sum = 0;
+        for (std::size_t b = 0; b < n; b += o.minilm_batch) {
+            const pw::TokenBatch x = tx::make_batch(d.train, order, b, std::min(n, b + o.minilm_batch), d.pad, labels);
+            opt.set_lr_factor(schedule(step++));
+            opt.zero_grad();
+            const auto& pooled = pool.forward(model.forward(x), x);
+            const auto loss = pw::cross_entropy(head.forward(pooled), std::span<const int>(labels));
+            model.backward(pool.backward(head.backward(loss.grad)));
+            opt.step();
+            loss_sum += loss.value;
+        }
+        pw::cuda::synchronize();
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        std::printf("%5zu %10.4f %8.2f%% %8.2f\n", epoch + 1, loss_sum / double(steps_per_epoch),
+                    100 * text_accuracy(model, pool, head, d.test, d.pad), seconds);
+        std::fflush(stdout);
+    }
+    return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+    const Options o = parse(argc, argv);
+    if (pw::cuda::device_count() == 0) {
+        std::printf("gpu_transfer: no CUDA device is available; nothing to run (exit 77)\n");
+        return 77;
+    }
+    bool ran = false;
+    if (o.minilm != "only") {
+        if (fashion_mnist_missing(o.data_dir)) {
+            std::printf("gpu_transfer: no Fashion-MNIST at %s (Debian package dataset-fashion-mnist): "
+                        "skipping parts 1-3\n",
+                        o.data_dir.c_str());
+        } else {
+            run_mlp(o);
+            ran = true;
+        }
+    }
+    if (o.minilm != "off") ran = run_minilm(o) || ran;
+    if (!ran) {
+        std::printf("gpu_transfer: no part could run (exit 77)\n");
+        return 77;
+    }
     return 0;
 } catch (const pw::Error& e) {
     std::cerr << "gpu_transfer: " << e.what() << '\n';
