@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "bert_inputs.hpp"
 #include "common.hpp"
 #include "patchwork/policies/fine_tune.hpp"
 #include "patchwork/train/loss.hpp"
@@ -42,17 +43,6 @@ double status_mib(const char* key) {
     while (std::getline(f, line))
         if (line.rfind(key, 0) == 0) return std::atof(line.c_str() + std::string(key).size() + 1) / 1024.0;
     return 0;
-}
-
-pw::TokenBatch random_batch(std::size_t b, std::size_t t, std::uint64_t seed) {
-    pw::Rng rng(seed);
-    pw::TokenBatch x;
-    x.batch = b;
-    x.tokens = t;
-    for (std::size_t i = 0; i < b * t; ++i) x.ids.push_back(std::int32_t(1000 + rng.next() % (30522 - 1000)));
-    x.token_types.assign(b * t, 0);
-    x.mask.assign(b * t, 1);
-    return x;
 }
 
 double cpu_seconds() {
@@ -80,11 +70,6 @@ std::vector<double> timed(F&& f, int iters, int warmup) {
     return s;
 }
 
-void emit(const std::string& name, double value, const char* unit) {
-    std::printf("{\"name\": \"%s\", \"value\": %.4f, \"unit\": \"%s\"}\n", name.c_str(), value, unit);
-    std::fflush(stdout);
-}
-
 struct Row {
     std::string name;
     double median_ms, p10_ms, p90_ms;
@@ -100,7 +85,7 @@ Row train(const fs::path& dir, const std::string& name, std::size_t b, std::size
     auto params = pw::trainable_parameters(model);
     for (auto* p : pw::trainable_parameters(head)) params.push_back(p);
     pw::AdamW opt(params, {.lr = 1e-4, .weight_decay = 0.01});
-    const pw::TokenBatch x = random_batch(b, t, 1234);
+    const pw::TokenBatch x = bench::random_batch(b, t, 1234);
     pw::Rng rng(99);
     std::vector<int> labels(b);
     for (auto& l : labels) l = int(rng.next() % 4);
@@ -119,7 +104,7 @@ Row train(const fs::path& dir, const std::string& name, std::size_t b, std::size
     const auto s = timed(step, iters, warmup);
     std::size_t trainable = pw::trainable_count(model) + pw::trainable_count(head);
     const std::string kind = name.substr(0, name.find('-')), shape = name.substr(name.find('-') + 1);
-    emit("patchwork.bert.train." + kind + "." + shape, bench::median(s) * 1e3, "ms/step");
+    bench::emit("patchwork.bert.train." + kind + "." + shape, bench::median(s) * 1e3, "ms/step");
     return {name, bench::median(s) * 1e3, bench::quantile(s, 0.1) * 1e3, bench::quantile(s, 0.9) * 1e3,
             std::to_string(trainable) + " trainable, loss " + std::to_string(loss)};
 }
@@ -127,10 +112,10 @@ Row train(const fs::path& dir, const std::string& name, std::size_t b, std::size
 Row infer(const fs::path& dir, const std::string& name, std::size_t b, std::size_t t, int iters, int warmup) {
     using Model = pw::BertModel<pw::BertEncoder<>>;
     Model model = pw::hf::load_bert<Model>(dir);
-    const pw::TokenBatch x = random_batch(b, t, 1234);
+    const pw::TokenBatch x = bench::random_batch(b, t, 1234);
     const auto s = timed([&] { (void)model.forward(x); }, iters, warmup);
     const double med = bench::median(s);
-    emit("patchwork.bert.infer." + name.substr(name.find('-') + 1), double(b) / med, "sentences/s");
+    bench::emit("patchwork.bert.infer." + name.substr(name.find('-') + 1), double(b) / med, "sentences/s");
     return {name, med * 1e3, bench::quantile(s, 0.1) * 1e3, bench::quantile(s, 0.9) * 1e3,
             std::to_string(double(b) / med) + " sentences/s"};
 }
@@ -173,8 +158,8 @@ int main(int argc, char** argv) {
         rusage u{};
         getrusage(RUSAGE_SELF, &u);
         const std::string kind = only.substr(0, only.find('-')), shape = only.substr(only.find('-') + 1);
-        emit("patchwork.bert.peak_rss." + kind + "." + shape, double(u.ru_maxrss) / 1024.0, "MiB");
-        emit("patchwork.bert.rss_before_load." + kind + "." + shape, before, "MiB");
+        bench::emit("patchwork.bert.peak_rss." + kind + "." + shape, double(u.ru_maxrss) / 1024.0, "MiB");
+        bench::emit("patchwork.bert.rss_before_load." + kind + "." + shape, before, "MiB");
         return 0;
     }
     std::vector<Row> rows;

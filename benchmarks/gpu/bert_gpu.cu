@@ -16,12 +16,14 @@
 // The issue's target: lora-32x128 at least 1.5x faster than PyTorch eager + PEFT.
 //
 //   bert_gpu [--model DIR] [--iters 20] [--warmup 3] [--configs a,b]
-#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <string>
 #include <vector>
 
+#include "bert_inputs.hpp"
+#include "common.hpp"
+#include "gpu/event_timing.hpp"
 #include "patchwork/cuda.cuh"
 #include "patchwork/search/derive.hpp"
 #include "patchwork/transformer/hf_checkpoint.hpp"
@@ -31,51 +33,6 @@ namespace fs = std::filesystem;
 using pw::Cuda;
 
 namespace {
-
-pw::TokenBatch random_batch(std::size_t b, std::size_t t, std::uint64_t seed) {
-    pw::Rng rng(seed);
-    pw::TokenBatch x;
-    x.batch = b;
-    x.tokens = t;
-    for (std::size_t i = 0; i < b * t; ++i) x.ids.push_back(std::int32_t(1000 + rng.next() % (30522 - 1000)));
-    x.token_types.assign(b * t, 0);
-    x.mask.assign(b * t, 1);
-    return x;
-}
-
-double quantile(std::vector<double> v, double q) {
-    std::sort(v.begin(), v.end());
-    return v[std::min(v.size() - 1, std::size_t(q * double(v.size() - 1) + 0.5))];
-}
-
-/// Milliseconds of each timed call (CUDA events around it on the current stream).
-template <class F>
-std::vector<double> timed(F&& f, int iters, int warmup) {
-    for (int i = 0; i < warmup; ++i) f();
-    pw::cuda::synchronize();
-    cudaEvent_t a, b;
-    pw::cuda::check(cudaEventCreate(&a), "cudaEventCreate", "bert_gpu");
-    pw::cuda::check(cudaEventCreate(&b), "cudaEventCreate", "bert_gpu");
-    const cudaStream_t s = pw::cuda::context().stream();
-    std::vector<double> ms;
-    for (int i = 0; i < iters; ++i) {
-        pw::cuda::check(cudaEventRecord(a, s), "cudaEventRecord", "bert_gpu");
-        f();
-        pw::cuda::check(cudaEventRecord(b, s), "cudaEventRecord", "bert_gpu");
-        pw::cuda::check(cudaEventSynchronize(b), "cudaEventSynchronize", "bert_gpu");
-        float t = 0;
-        pw::cuda::check(cudaEventElapsedTime(&t, a, b), "cudaEventElapsedTime", "bert_gpu");
-        ms.push_back(t);
-    }
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-    return ms;
-}
-
-void emit(const std::string& name, double value, const char* unit) {
-    std::printf("{\"name\": \"%s\", \"value\": %.4f, \"unit\": \"%s\"}\n", name.c_str(), value, unit);
-    std::fflush(stdout);
-}
 
 struct Row {
     std::string name;
@@ -99,13 +56,13 @@ Row train(const fs::path& dir, const std::string& name, std::size_t b, std::size
     auto params = pw::trainable_parameters(model);
     for (auto* p : pw::trainable_parameters(head)) params.push_back(p);
     pw::BasicAdamW<float, Cuda> opt(params, {.lr = 1e-4, .weight_decay = 0.01});
-    const pw::TokenBatch x = random_batch(b, t, 1234);
+    const pw::TokenBatch x = bench::random_batch(b, t, 1234);
     pw::Rng rng(99);
     std::vector<int> labels(b);
     for (auto& l : labels) l = int(rng.next() % 4);
     pw::BasicPooler<float, Cuda> pool;
     float loss = 0;
-    const auto ms = timed(
+    const auto ms = bench::gpu_timed(
         [&] {
             opt.zero_grad();
             const auto& e = pool.forward(model.forward(x), x);
@@ -115,9 +72,9 @@ Row train(const fs::path& dir, const std::string& name, std::size_t b, std::size
             opt.step();
             loss = ce.value;
         },
-        iters, warmup);
+        iters, warmup, "bert_gpu");
     const std::string kind = name.substr(0, name.find('-')), shape = name.substr(name.find('-') + 1);
-    emit("patchwork.bert_gpu.train." + kind + "." + shape, quantile(ms, 0.5), "ms/step");
+    bench::emit("patchwork.bert_gpu.train." + kind + "." + shape, bench::quantile(ms, 0.5), "ms/step");
     return {name, ms,
             std::to_string(pw::trainable_count(model) + pw::trainable_count(head)) + " trainable, loss " +
                 std::to_string(loss)};
@@ -127,10 +84,10 @@ Row infer(const fs::path& dir, const std::string& name, std::size_t b, std::size
     using Host = pw::BertModel<pw::BertEncoder<>>;
     using Device = pw::BertModel<pw::BertEncoder<pw::bert::Plain, float, Cuda>>;
     Device model = load_on_device<Host, Device>(dir);
-    const pw::TokenBatch x = random_batch(b, t, 1234);
-    const auto ms = timed([&] { (void)model.forward(x); }, iters, warmup);
-    const double med = quantile(ms, 0.5);
-    emit("patchwork.bert_gpu.infer." + name.substr(name.find('-') + 1), double(b) / (med * 1e-3), "sentences/s");
+    const pw::TokenBatch x = bench::random_batch(b, t, 1234);
+    const auto ms = bench::gpu_timed([&] { (void)model.forward(x); }, iters, warmup, "bert_gpu");
+    const double med = bench::quantile(ms, 0.5);
+    bench::emit("patchwork.bert_gpu.infer." + name.substr(name.find('-') + 1), double(b) / (med * 1e-3), "sentences/s");
     return {name, ms, std::to_string(double(b) / (med * 1e-3)) + " sentences/s"};
 }
 
@@ -147,17 +104,6 @@ Row run(const fs::path& dir, const std::string& name, int iters, int warmup) {
     if (name == "finetune-32x128") return train<FullHost, FullDevice>(dir, name, 32, 128, iters, warmup);
     std::fprintf(stderr, "bert_gpu: unknown configuration %s\n", name.c_str());
     std::exit(2);
-}
-
-std::vector<std::string> split(const std::string& s) {
-    std::vector<std::string> out;
-    std::size_t b = 0;
-    while (b <= s.size()) {
-        const std::size_t e = std::min(s.find(',', b), s.size());
-        if (e > b) out.push_back(s.substr(b, e - b));
-        b = e + 1;
-    }
-    return out;
 }
 
 }  // namespace
@@ -188,12 +134,12 @@ int main(int argc, char** argv) try {
     cudaDeviceProp prop{};
     pw::cuda::check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties", "bert_gpu");
     std::vector<Row> rows;
-    for (const auto& c : split(configs)) rows.push_back(run(dir, c, iters, warmup));
+    for (const auto& c : bench::split(configs)) rows.push_back(run(dir, c, iters, warmup));
     std::printf("# device %s, fp32 storage\n", prop.name);
     std::printf("# %-16s %10s %9s %9s  notes\n", "config", "median ms", "p10 ms", "p90 ms");
     for (const auto& r : rows)
-        std::printf("# %-16s %10.3f %9.3f %9.3f  %s\n", r.name.c_str(), quantile(r.ms, 0.5), quantile(r.ms, 0.1),
-                    quantile(r.ms, 0.9), r.note.c_str());
+        std::printf("# %-16s %10.3f %9.3f %9.3f  %s\n", r.name.c_str(), bench::quantile(r.ms, 0.5), bench::quantile(r.ms, 0.1),
+                    bench::quantile(r.ms, 0.9), r.note.c_str());
     return 0;
 } catch (const pw::Error& e) {
     std::fprintf(stderr, "bert_gpu: %s\n", e.what());

@@ -26,6 +26,8 @@
 #include <string>
 #include <vector>
 
+#include "common.hpp"
+#include "gpu/event_timing.hpp"
 #include "patchwork/kernels/module_ops.cuh"
 #include "patchwork/kernels/ops.cuh"
 #include "patchwork/compose/sequential.hpp"
@@ -60,11 +62,6 @@ Body make_body() {
     return Body(Linear(kIn, kHidden), LayerNorm(kHidden), Relu{}, Linear(kHidden, kHidden), LayerNorm(kHidden), Relu{});
 }
 
-double quantile(std::vector<double> v, double q) {
-    std::sort(v.begin(), v.end());
-    return v[std::min(v.size() - 1, std::size_t(q * double(v.size() - 1) + 0.5))];
-}
-
 struct Options {
     std::vector<std::size_t> batches{64, 1024};
     std::vector<std::string> policies{"finetune", "head", "multitask"};
@@ -75,26 +72,8 @@ struct Options {
 /// Per-step times (ms, CUDA events around each step) after o.warmup untimed steps.
 template <class Step>
 std::vector<double> time_steps(Step&& step, std::size_t batch, const Options& o) {
-    for (int i = 0; i < o.warmup; ++i) step();
-    pw::cuda::synchronize();
-    cudaEvent_t a, b;
-    pw::cuda::check(cudaEventCreate(&a), "cudaEventCreate", "step_gpu");
-    pw::cuda::check(cudaEventCreate(&b), "cudaEventCreate", "step_gpu");
-    const cudaStream_t s = pw::cuda::context().stream();
-    std::vector<double> ms;
-    const std::size_t want = std::size_t(std::max(20, int(std::size_t(o.steps) * 64 / batch)));
-    while (ms.size() < want) {
-        pw::cuda::check(cudaEventRecord(a, s), "cudaEventRecord", "step_gpu");
-        step();
-        pw::cuda::check(cudaEventRecord(b, s), "cudaEventRecord", "step_gpu");
-        pw::cuda::check(cudaEventSynchronize(b), "cudaEventSynchronize", "step_gpu");
-        float t = 0;
-        pw::cuda::check(cudaEventElapsedTime(&t, a, b), "cudaEventElapsedTime", "step_gpu");
-        ms.push_back(t);
-    }
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-    return ms;
+    const int want = std::max(20, int(std::size_t(o.steps) * 64 / batch));
+    return bench::gpu_timed(step, want, o.warmup, "step_gpu");
 }
 
 /// The input pool: batches of random samples (on the device) with random labels.
@@ -119,7 +98,7 @@ void print_step(const std::string& policy, std::size_t batch, const std::vector<
                 float loss) {
     std::printf("STEP impl=patchwork-cuda policy=%s batch=%zu median_ms=%.4f p10_ms=%.4f p90_ms=%.4f steps=%zu "
                 "trainable=%zu threads=0 loss=%.4f\n",
-                policy.c_str(), batch, quantile(ms, 0.5), quantile(ms, 0.1), quantile(ms, 0.9), ms.size(), trainable,
+                policy.c_str(), batch, bench::quantile(ms, 0.5), bench::quantile(ms, 0.1), bench::quantile(ms, 0.9), ms.size(), trainable,
                 double(loss));
     std::fflush(stdout);
 }
@@ -188,17 +167,6 @@ void measure_multitask(std::size_t batch, const Options& o) {
     }
 }
 
-std::vector<std::string> split(const std::string& s) {
-    std::vector<std::string> out;
-    std::size_t b = 0;
-    while (b <= s.size()) {
-        const std::size_t e = std::min(s.find(',', b), s.size());
-        if (e > b) out.push_back(s.substr(b, e - b));
-        b = e + 1;
-    }
-    return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -207,8 +175,8 @@ int main(int argc, char** argv) try {
         const std::string k = argv[i], v = argv[i + 1];
         if (k == "--batches") {
             o.batches.clear();
-            for (const auto& b : split(v)) o.batches.push_back(std::stoul(b));
-        } else if (k == "--policies") o.policies = split(v);
+            for (const auto& b : bench::split(v)) o.batches.push_back(std::stoul(b));
+        } else if (k == "--policies") o.policies = bench::split(v);
         else if (k == "--warmup") o.warmup = std::stoi(v);
         else if (k == "--steps") o.steps = std::stoi(v);
         else {
