@@ -8,9 +8,10 @@
 //     checks the configuration as the driver does (at most 1024 threads per
 //     block, grid y and z at most 65535; a bad one is reported by the next
 //     cudaGetLastError) and runs the blocks one after another, the threads of
-//     a block concurrently: as fibers on the launching thread (ucontext,
-//     switched at every barrier and warp exchange; AddressSanitizer is told
-//     of each stack switch), or, under ThreadSanitizer (or with
+//     a block concurrently: as fibers on the launching thread (switched at
+//     every barrier and warp exchange by a hand-written stack switch on
+//     x86-64, by ucontext elsewhere; AddressSanitizer is told of each stack
+//     switch), or, under ThreadSanitizer (or with
 //     PATCHWORK_CPU_CUDA_THREADS=1), as real threads of a pool reused from
 //     block to block, so that a missing __syncthreads is a data race that
 //     ThreadSanitizer reports;
@@ -51,7 +52,14 @@
 #include <type_traits>
 #include <vector>
 
+// The fibers switch stacks with a few lines of assembly on x86-64 (see
+// switch_stack), with ucontext elsewhere (or where CPU_CUDA_UCONTEXT is defined).
+#if defined(__x86_64__) && !defined(CPU_CUDA_UCONTEXT)
+#define CPU_CUDA_FIBER_ASM 1
+#else
+#define CPU_CUDA_FIBER_ASM 0
 #include <ucontext.h>
+#endif
 
 // Which sanitizer is on: g++ defines __SANITIZE_ADDRESS__ and
 // __SANITIZE_THREAD__, clang answers __has_feature.
@@ -340,12 +348,114 @@ private:
     std::exception_ptr error_;
 };
 
-/// The threads of a block as fibers (ucontext) on the launching thread, run
-/// round-robin: a fiber runs until it waits at a barrier (and yields) or
-/// returns. Far cheaper than waking 256 OS threads per barrier; the
-/// ThreadSanitizer build uses the threaded Pool instead, so that a missing
-/// barrier is a data race between real threads. AddressSanitizer is told of
-/// every stack switch.
+#if CPU_CUDA_FIBER_ASM
+// ---- fiber stack switching (x86-64) ---------------------------------------------
+//
+// glibc's swapcontext saves and restores the signal mask with a system call
+// (rt_sigprocmask) at every switch, which made the switches most of the
+// device tests' time. A fiber switch only has to preserve what the SysV ABI
+// says a called function preserves: the callee-saved registers rbx, rbp and
+// r12-r15, the stack pointer, and the control bits of MXCSR and of the x87
+// FPU (rounding modes, exception masks). switch_stack is an ordinary
+// function call for its caller, so the compiler already keeps everything else
+// safe around it (caller-saved registers are spilt; nothing is kept below the
+// stack pointer across a call). Unlike swapcontext, it leaves the signal mask
+// alone (all fibers share their thread's, which nothing here changes). It
+// pushes the callee-saved state on the current stack, stores the stack
+// pointer, loads the other one and pops that stack's state, in the reverse
+// order:
+//
+//   higher addresses    return address   (where `ret` resumes the other side)
+//                       rbp
+//                       rbx
+//                       r12
+//                       r13
+//                       r14
+//                       r15
+//   saved sp ->         MXCSR (4 bytes), x87 control word (2 bytes), padding
+//
+// A fiber that has not run yet gets the same 64-byte frame written at the top
+// of its stack (make_frame): its `return address` is fiber_start, which calls
+// r12(r13) (the entry function and its argument, placed in the frame's r12
+// and r13 slots). The entry function never returns: it switches away for the
+// last time itself, and the frame is written again before the stack's next
+// use.
+
+/// Saves the running side's callee-saved state on its stack and its stack
+/// pointer in *save_sp, then resumes the side whose stack pointer is load_sp
+/// (saved by an earlier switch_stack, or prepared by make_frame). Naked: the
+/// body is exactly this code, no prologue; inline: one copy in the program.
+[[gnu::naked, gnu::noinline]] inline void switch_stack(void** /*save_sp: rdi*/, void* /*load_sp: rsi*/) {
+    asm(R"(
+        pushq %rbp
+        pushq %rbx
+        pushq %r12
+        pushq %r13
+        pushq %r14
+        pushq %r15
+        subq $8, %rsp
+        stmxcsr (%rsp)
+        fnstcw 4(%rsp)
+        movq %rsp, (%rdi)
+        movq %rsi, %rsp
+        ldmxcsr (%rsp)
+        fldcw 4(%rsp)
+        addq $8, %rsp
+        popq %r15
+        popq %r14
+        popq %r13
+        popq %r12
+        popq %rbx
+        popq %rbp
+        ret
+    )");
+}
+
+/// Where a new fiber's first switch_stack returns to, with rsp 16-byte
+/// aligned (make_frame): calls r12 with r13 as its argument, so that the
+/// entry function starts with rsp = 8 mod 16 as after any call. rbp is 0
+/// (the end of frame-pointer chains), and the return address is marked
+/// undefined (the end of DWARF unwinding).
+[[gnu::naked, gnu::noinline]] inline void fiber_start() {
+    asm(R"(
+        .cfi_undefined rip
+        movq %r13, %rdi
+        callq *%r12
+        ud2
+    )");
+}
+
+/// Writes the initial frame of a fiber that is to run entry(arg) on the stack
+/// [stack, stack + bytes), and returns the stack pointer to switch to. The
+/// fiber starts with the calling thread's MXCSR and x87 control word.
+inline void* make_frame(char* stack, std::size_t bytes, void (*entry)(void*), void* arg) {
+    std::uint32_t mxcsr;
+    std::uint16_t fpucw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpucw));
+    // fiber_start runs with rsp = top: a multiple of 16, as a call needs.
+    const std::uintptr_t top = (reinterpret_cast<std::uintptr_t>(stack) + bytes) & ~std::uintptr_t(15);
+    auto* frame = reinterpret_cast<std::uint64_t*>(top) - 8;
+    frame[0] = mxcsr | std::uint64_t(fpucw) << 32;
+    frame[1] = 0;                                         // r15
+    frame[2] = 0;                                         // r14
+    frame[3] = reinterpret_cast<std::uintptr_t>(arg);     // r13
+    frame[4] = reinterpret_cast<std::uintptr_t>(entry);   // r12
+    frame[5] = 0;                                         // rbx
+    frame[6] = 0;                                         // rbp
+    frame[7] = reinterpret_cast<std::uintptr_t>(&fiber_start);  // return address
+    return frame;
+}
+#endif
+
+/// The threads of a block as fibers on the launching thread, run round-robin:
+/// a fiber runs until it waits at a barrier (and yields) or returns. Far
+/// cheaper than waking 256 OS threads per barrier; the ThreadSanitizer build
+/// uses the threaded Pool instead, so that a missing barrier is a data race
+/// between real threads. AddressSanitizer is told of every stack switch: on
+/// leaving a stack (__sanitizer_start_switch_fiber, naming the stack entered)
+/// and on arriving (__sanitizer_finish_switch_fiber), including a fiber's
+/// first arrival (entry) and its last departure, which frees its fake stack.
 class FiberPool {
 public:
     static constexpr std::size_t kStackBytes = 256 * 1024;
@@ -361,11 +471,7 @@ public:
             if (!f.stack) f.stack.reset(new char[kStackBytes]);  // untouched until used
             f.idx = {unsigned(i) % bx, (unsigned(i) / bx) % by, unsigned(i) / (bx * by)};
             f.done = false;
-            getcontext(&f.ctx);
-            f.ctx.uc_stack.ss_sp = f.stack.get();
-            f.ctx.uc_stack.ss_size = kStackBytes;
-            f.ctx.uc_link = &main_;
-            makecontext(&f.ctx, &FiberPool::entry, 0);
+            start(f);
         }
         FiberPool* saved = running;
         running = this;
@@ -398,60 +504,107 @@ public:
 #ifdef CPU_CUDA_ASAN
         void* fake = nullptr;
         __sanitizer_start_switch_fiber(&fake, main_bottom_, main_size_);
-        swapcontext(&f.ctx, &main_);
+        jump(f.ctx, main_);
         __sanitizer_finish_switch_fiber(fake, &main_bottom_, &main_size_);
 #else
-        swapcontext(&f.ctx, &main_);
+        jump(f.ctx, main_);
 #endif
     }
 
 private:
+    /// What a switch saves of the side it leaves (a fiber or the scheduler).
+    struct Context {
+#if CPU_CUDA_FIBER_ASM
+        void* sp = nullptr;  ///< its stack pointer; switch_stack leaves the rest on that stack
+#else
+        ucontext_t uc{};
+#endif
+    };
+
     struct Fiber {
-        ucontext_t ctx{};
+        Context ctx;
         std::unique_ptr<char[]> stack;
         uint3 idx;
         bool done = false;
     };
 
+    /// Leaves `from` (saving its state there) for `to`; returns when `from` is resumed.
+    static void jump(Context& from, Context& to) {
+#if CPU_CUDA_FIBER_ASM
+        switch_stack(&from.sp, to.sp);
+#else
+        swapcontext(&from.uc, &to.uc);
+#endif
+    }
+
+    /// Makes f start afresh, at entry(this) on its own stack, when next
+    /// switched to. With switch_stack that only writes a 64-byte frame.
+    void start(Fiber& f) {
+#if CPU_CUDA_FIBER_ASM
+        f.ctx.sp = make_frame(f.stack.get(), kStackBytes, &FiberPool::entry, this);
+#else
+        getcontext(&f.ctx.uc);
+        f.ctx.uc.uc_stack.ss_sp = f.stack.get();
+        f.ctx.uc.uc_stack.ss_size = kStackBytes;
+        f.ctx.uc.uc_link = nullptr;  // entry never returns
+        makecontext(&f.ctx.uc, [] { entry(running); }, 0);
+#endif
+    }
+
     void switch_to(Fiber& f) {
 #ifdef CPU_CUDA_ASAN
         void* fake = nullptr;
         __sanitizer_start_switch_fiber(&fake, f.stack.get(), kStackBytes);
-        swapcontext(&main_, &f.ctx);
+        jump(main_, f.ctx);
         __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #else
-        swapcontext(&main_, &f.ctx);
+        jump(main_, f.ctx);
 #endif
     }
 
-    static void entry() {
-        FiberPool& p = *running;
+    /// The bottom of every fiber's stack: runs the thread, then leaves for
+    /// the scheduler for good (start() sets the stack up afresh for the next
+    /// block), as the fiber's end.
+    [[noreturn]] static void entry(void* pool) {
+        FiberPool& p = *static_cast<FiberPool*>(pool);
 #ifdef CPU_CUDA_ASAN
-        __sanitizer_finish_switch_fiber(nullptr, &p.main_bottom_, &p.main_size_);
+        __sanitizer_finish_switch_fiber(nullptr, &p.main_bottom_, &p.main_size_);  // first arrival on this stack
 #endif
-        try {
-            (*p.body_)();
-        } catch (...) {
-            if (!p.error_) p.error_ = std::current_exception();
-        }
-        const int id = p.current_;
-        Fiber& f = *p.fibers_[std::size_t(id)];
-        p.block_->warps[std::size_t(id / 32)]->bar.arrive_and_drop();
-        p.block_->bar.arrive_and_drop();
-        f.done = true;
+        p.run_thread();
+        Fiber& f = *p.fibers_[std::size_t(p.current_)];
 #ifdef CPU_CUDA_ASAN
         __sanitizer_start_switch_fiber(nullptr, p.main_bottom_, p.main_size_);  // this fiber ends
 #endif
-    }  // returns to uc_link: the scheduler
+        jump(f.ctx, p.main_);
+        std::abort();  // never resumed
+    }
+
+    /// One thread of the block: the kernel body (its exception kept for
+    /// run_block to rethrow), then it leaves the block's barriers. A function
+    /// of its own (noinline), so that its frame is returned from (and its
+    /// locals' sanitizer state cleared), unlike entry's.
+    [[gnu::noinline]] void run_thread() {
+        try {
+            (*body_)();
+        } catch (...) {
+            if (!error_) error_ = std::current_exception();
+        }
+        const int id = current_;
+        block_->warps[std::size_t(id / 32)]->bar.arrive_and_drop();
+        block_->bar.arrive_and_drop();
+        fibers_[std::size_t(id)]->done = true;
+    }
 
     std::vector<std::unique_ptr<Fiber>> fibers_;
-    ucontext_t main_{};
+    Context main_;  ///< the scheduler (run_block) while a fiber runs
     Block* block_ = nullptr;
     const std::function<void()>* body_ = nullptr;
     std::exception_ptr error_;
     int current_ = 0;
-    const void* main_bottom_ = nullptr;
+#ifdef CPU_CUDA_ASAN
+    const void* main_bottom_ = nullptr;  ///< the scheduler's stack, as AddressSanitizer reports it
     std::size_t main_size_ = 0;
+#endif
 };
 
 inline void fiber_yield() { FiberPool::running->yield(); }
