@@ -12,7 +12,11 @@ token types 0, full attention mask, no pooler layer):
     finetune-8x32, finetune-32x64  one training step with every weight trainable
     infer-32x128, lora-32x128, finetune-32x128
                                    the same at 32 x 128 tokens (the GPU comparison's shapes)
-With --device cuda everything runs on the GPU in fp32 (each timed call ends
+    lora_bf16-8x32, lora_bf16-32x128
+                                   the LoRA step under torch.autocast(bfloat16): fp32
+                                   weights and AdamW, bf16 matrix products (bert_gpu's
+                                   lora_bf16 stores the model in bf16 with fp32 masters)
+With --device cuda everything runs on the GPU in fp32 but lora_bf16 (each timed call ends
 with torch.cuda.synchronize()); benchmarks/gpu/bert_gpu is the patchwork side
 and prints the same JSON lines with "patchwork.bert_gpu." for "torch-cuda.bert.".
 One training step = zero_grad, forward (train mode, dropout probabilities set to
@@ -45,6 +49,7 @@ table for people (lines starting with '#').
     python3 benchmarks/torch_bert.py [--iters 20] [--warmup 3] [--only lora-8x32]
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -54,7 +59,7 @@ import sys
 import time
 
 CONFIGS = ["infer-32x64", "infer-1x16", "lora-8x32", "lora-32x64", "finetune-8x32", "finetune-32x64",
-           "infer-32x128", "lora-32x128", "finetune-32x128"]
+           "infer-32x128", "lora-32x128", "finetune-32x128", "lora_bf16-8x32", "lora_bf16-32x128"]
 SEED = 1234
 CLASSES = 4
 
@@ -183,7 +188,7 @@ def run_config(name):
                  f"{batch / med:.1f} sentences/s", cpu * 1e3))
     torch.manual_seed(SEED)
     model = load(training=True)
-    if kind == "lora":
+    if kind in ("lora", "lora_bf16"):
         config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0, bias="none")
         model = peft.get_peft_model(model, config)
         model.train()
@@ -192,12 +197,18 @@ def run_config(name):
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     last = {}
 
+    # lora_bf16: the same step under autocast to bf16 (fp32 weights and optimiser,
+    # bf16 matrix products), PyTorch's usual mixed precision.
+    amp = (torch.autocast(device_type=args.device, dtype=torch.bfloat16) if kind == "lora_bf16"
+           else contextlib.nullcontext())
+
     def step():
         opt.zero_grad(set_to_none=True)
-        hidden = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1)
-        loss = torch.nn.functional.cross_entropy(head(pooled), labels)
+        with amp:
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            loss = torch.nn.functional.cross_entropy(head(pooled), labels)
         loss.backward()
         opt.step()
         last["loss"] = loss.item()

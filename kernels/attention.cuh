@@ -47,28 +47,31 @@ __global__ void merge_heads_kernel(const T* __restrict__ y, std::size_t n, std::
 }
 
 /// Rows r of [rows, keys]; the mask row of r is r / rows_per_sequence (H L rows per sequence).
-/// p may be s: each thread reads and writes only its own elements.
+/// p may be s: each thread reads and writes only its own elements, and writes
+/// them last. The exponentials are computed twice (for the sum, then for the
+/// output) rather than stored in between: one write of p instead of a write,
+/// a read and a write, and one rounding of each probability in bf16.
 template <class T>
 __global__ void masked_softmax_forward_kernel(const T* s, const int* __restrict__ mask, std::size_t rows,
-                                              std::size_t keys, std::size_t rows_per_sequence, T scale, T* p) {
-    __shared__ T red[32];
+                                              std::size_t keys, std::size_t rows_per_sequence, accum_t<T> scale,
+                                              T* p) {
+    using A = accum_t<T>;
+    __shared__ A red[32];
     for (std::size_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const int* real = mask == nullptr ? nullptr : mask + (r / rows_per_sequence) * keys;
         const T* sr = s + r * keys;
         T* pr = p + r * keys;
-        T m = -INFINITY;
+        A m = -INFINITY;
         for (std::size_t j = threadIdx.x; j < keys; j += blockDim.x)
-            if (real == nullptr || real[j] != 0) m = sr[j] * scale > m ? sr[j] * scale : m;
+            if (real == nullptr || real[j] != 0) m = load(sr[j]) * scale > m ? load(sr[j]) * scale : m;
         m = block_max(m, red);
-        T sum = T(0);
-        for (std::size_t j = threadIdx.x; j < keys; j += blockDim.x) {
-            const T e = real == nullptr || real[j] != 0 ? T(exp(sr[j] * scale - m)) : T(0);
-            pr[j] = e;
-            sum += e;
-        }
-        sum = block_sum(sum, red);
-        const T inv = T(1) / sum;
-        for (std::size_t j = threadIdx.x; j < keys; j += blockDim.x) pr[j] *= inv;
+        A sum = A(0);
+        for (std::size_t j = threadIdx.x; j < keys; j += blockDim.x)
+            sum += real == nullptr || real[j] != 0 ? A(exp(load(sr[j]) * scale - m)) : A(0);
+        sum = block_sum(sum, red);  // its barriers also order every read of sr before the writes below
+        const A inv = A(1) / sum;
+        for (std::size_t j = threadIdx.x; j < keys; j += blockDim.x)
+            pr[j] = store<T>(real == nullptr || real[j] != 0 ? A(exp(load(sr[j]) * scale - m)) * inv : A(0));
     }
 }
 
@@ -76,14 +79,16 @@ __global__ void masked_softmax_forward_kernel(const T* s, const int* __restrict_
 template <class T>
 __global__ void masked_softmax_backward_kernel(const T* __restrict__ p, const T* dp, std::size_t rows,
                                                std::size_t keys, T* ds) {
-    __shared__ T red[32];
+    using A = accum_t<T>;
+    __shared__ A red[32];
     for (std::size_t r = blockIdx.x; r < rows; r += gridDim.x) {
         const T* pr = p + r * keys;
         const T* gr = dp + r * keys;
-        T dot = T(0);
-        for (std::size_t j = threadIdx.x; j < keys; j += blockDim.x) dot += pr[j] * gr[j];
+        A dot = A(0);
+        for (std::size_t j = threadIdx.x; j < keys; j += blockDim.x) dot += load(pr[j]) * load(gr[j]);
         dot = block_sum(dot, red);
-        for (std::size_t j = threadIdx.x; j < keys; j += blockDim.x) ds[r * keys + j] = pr[j] * (gr[j] - dot);
+        for (std::size_t j = threadIdx.x; j < keys; j += blockDim.x)
+            ds[r * keys + j] = store<T>(load(pr[j]) * (load(gr[j]) - dot));
     }
 }
 
@@ -91,14 +96,14 @@ template <class T>
 __global__ void multiply_kernel(const T* a, const T* b, std::size_t n, T* y) {
     for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
          i += std::size_t(gridDim.x) * blockDim.x)
-        y[i] = a[i] * b[i];
+        y[i] = store<T>(load(a[i]) * load(b[i]));
 }
 
 template <class T>
 __global__ void add_kernel(const T* a, const T* b, std::size_t n, T* y) {
     for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
          i += std::size_t(gridDim.x) * blockDim.x)
-        y[i] = a[i] + b[i];
+        y[i] = store<T>(load(a[i]) + load(b[i]));
 }
 
 template <class T>
@@ -107,22 +112,22 @@ __global__ void embedding_gather_add_kernel(const T* __restrict__ table, const i
     for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < rows * d;
          i += std::size_t(gridDim.x) * blockDim.x) {
         const std::size_t r = i / d, j = i % d;
-        out[i] += table[std::size_t(ids[r]) * d + j];
+        out[i] = store<T>(load(out[i]) + load(table[std::size_t(ids[r]) * d + j]));
     }
 }
 
-/// groups: [distinct ids | offsets (distinct + 1) | rows].
+/// groups: [distinct ids | offsets (distinct + 1) | rows]; the gradient is in accum_t<T>.
 template <class T>
 __global__ void embedding_scatter_add_kernel(const T* __restrict__ dy, const int* __restrict__ groups,
-                                             std::size_t distinct, std::size_t d, T* __restrict__ grad) {
+                                             std::size_t distinct, std::size_t d, accum_t<T>* __restrict__ grad) {
     const int* offsets = groups + distinct;
     const int* rows = offsets + distinct + 1;
     for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < distinct * d;
          i += std::size_t(gridDim.x) * blockDim.x) {
         const std::size_t u = i / d, j = i % d;
-        T* g = grad + std::size_t(groups[u]) * d + j;
-        T s = *g;
-        for (int q = offsets[u]; q < offsets[u + 1]; ++q) s += dy[std::size_t(rows[q]) * d + j];
+        accum_t<T>* g = grad + std::size_t(groups[u]) * d + j;
+        accum_t<T> s = *g;
+        for (int q = offsets[u]; q < offsets[u + 1]; ++q) s += load(dy[std::size_t(rows[q]) * d + j]);
         *g = s;
     }
 }
@@ -168,14 +173,22 @@ void gemm_batched(bool ta, bool tb, T alpha, const Tensor<T, Cuda>& a, const Ten
     const cublasOperation_t opf = p.transpose_first ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t ops = p.transpose_second ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasHandle_t h = context().blas();
-    if constexpr (std::is_same_v<T, float>)
+    if constexpr (std::is_same_v<T, float>) {
         check(cublasSgemmStridedBatched(h, opf, ops, m, n, k, &alpha, b.data(), ldf, sb, a.data(), lds, sa, &beta,
                                         c.data(), ldc, sc, batch),
               "cublasSgemmStridedBatched", where);
-    else
+    } else if constexpr (std::is_same_v<T, double>) {
         check(cublasDgemmStridedBatched(h, opf, ops, m, n, k, &alpha, b.data(), ldf, sb, a.data(), lds, sa, &beta,
                                         c.data(), ldc, sc, batch),
               "cublasDgemmStridedBatched", where);
+    } else {
+        // bf16 as in cuda::gemm: bf16 operands and results, fp32 products and sums.
+        const float af = float(alpha), bf = float(beta);
+        check(cublasGemmStridedBatchedEx(h, opf, ops, m, n, k, &af, b.data(), CUDA_R_16BF, ldf, sb, a.data(),
+                                         CUDA_R_16BF, lds, sa, &bf, c.data(), CUDA_R_16BF, ldc, sc, batch,
+                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+              "cublasGemmStridedBatchedEx(bf16)", where);
+    }
 }
 
 template <class T>
@@ -185,8 +198,8 @@ void split_heads(const Tensor<T, Cuda>& x, std::size_t heads, Tensor<T, Cuda>& y
     const std::size_t B = x.dim(0), L = x.dim(1), d = x.dim(2) / heads;
     y.resize(Shape{B, heads, L, d});
     if (y.empty()) return;
-    kernels::launch(kernels::detail::split_heads_kernel<T>, kernels::grid_1d(y.size(), 256), 256, 0,
-                    kernels::stream(), x.data(), y.size(), heads, L, d, y.data());
+    kernels::launch(kernels::detail::split_heads_kernel<kernels::device_t<T>>, kernels::grid_1d(y.size(), 256), 256, 0,
+                    kernels::stream(), kernels::dev(x.data()), y.size(), heads, L, d, kernels::dev(y.data()));
     check_launch("split_heads_kernel", where);
 }
 
@@ -196,8 +209,8 @@ void merge_heads(const Tensor<T, Cuda>& y, Tensor<T, Cuda>& x, std::string_view 
     const std::size_t B = y.dim(0), heads = y.dim(1), L = y.dim(2), d = y.dim(3);
     x.resize(Shape{B, L, heads * d});
     if (x.empty()) return;
-    kernels::launch(kernels::detail::merge_heads_kernel<T>, kernels::grid_1d(x.size(), 256), 256, 0,
-                    kernels::stream(), y.data(), x.size(), heads, L, d, x.data());
+    kernels::launch(kernels::detail::merge_heads_kernel<kernels::device_t<T>>, kernels::grid_1d(x.size(), 256), 256, 0,
+                    kernels::stream(), kernels::dev(y.data()), x.size(), heads, L, d, kernels::dev(x.data()));
     check_launch("merge_heads_kernel", where);
 }
 
@@ -210,9 +223,9 @@ void masked_softmax_forward(const Tensor<T, Cuda>& s, const int* mask, double sc
     const std::size_t heads = s.dim(1), L = s.dim(3), rows = s.rows();
     p.resize(s.shape());
     if (rows == 0) return;
-    kernels::launch(kernels::detail::masked_softmax_forward_kernel<T>, kernels::detail::row_grid(rows),
-                    kernels::detail::row_block_threads(L), 0, kernels::stream(), s.data(), mask, rows, L, heads * L,
-                    T(scale), p.data());
+    kernels::launch(kernels::detail::masked_softmax_forward_kernel<kernels::device_t<T>>, kernels::detail::row_grid(rows),
+                    kernels::detail::row_block_threads(L), 0, kernels::stream(), kernels::dev(s.data()), mask, rows, L, heads * L,
+                    kernels::accum_t<kernels::device_t<T>>(scale), kernels::dev(p.data()));
     check_launch("masked_softmax_forward_kernel", where);
 }
 
@@ -223,9 +236,9 @@ void masked_softmax_backward(const Tensor<T, Cuda>& p, const Tensor<T, Cuda>& dp
     const std::size_t L = p.cols(), rows = p.rows();
     ds.resize(p.shape());
     if (rows == 0 || L == 0) return;
-    kernels::launch(kernels::detail::masked_softmax_backward_kernel<T>, kernels::detail::row_grid(rows),
-                    kernels::detail::row_block_threads(L), 0, kernels::stream(), p.data(), dp.data(), rows, L,
-                    ds.data());
+    kernels::launch(kernels::detail::masked_softmax_backward_kernel<kernels::device_t<T>>, kernels::detail::row_grid(rows),
+                    kernels::detail::row_block_threads(L), 0, kernels::stream(), kernels::dev(p.data()), kernels::dev(dp.data()), rows, L,
+                    kernels::dev(ds.data()));
     check_launch("masked_softmax_backward_kernel", where);
 }
 
@@ -235,8 +248,8 @@ void multiply(const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, Tensor<T, Cuda
         throw ShapeError(patchwork::detail::concat(where, ": element-wise product of ", a.shape(), " and ", b.shape()));
     if (&y != &a) y.resize(a.shape());
     if (y.empty()) return;
-    kernels::launch(kernels::detail::multiply_kernel<T>, kernels::grid_1d(y.size(), 256), 256, 0, kernels::stream(),
-                    a.data(), b.data(), y.size(), y.data());
+    kernels::launch(kernels::detail::multiply_kernel<kernels::device_t<T>>, kernels::grid_1d(y.size(), 256), 256, 0, kernels::stream(),
+                    kernels::dev(a.data()), kernels::dev(b.data()), y.size(), kernels::dev(y.data()));
     check_launch("multiply_kernel", where);
 }
 
@@ -246,8 +259,8 @@ void add(const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, Tensor<T, Cuda>& y,
         throw ShapeError(patchwork::detail::concat(where, ": element-wise sum of ", a.shape(), " and ", b.shape()));
     if (&y != &a) y.resize(a.shape());
     if (y.empty()) return;
-    kernels::launch(kernels::detail::add_kernel<T>, kernels::grid_1d(y.size(), 256), 256, 0, kernels::stream(),
-                    a.data(), b.data(), y.size(), y.data());
+    kernels::launch(kernels::detail::add_kernel<kernels::device_t<T>>, kernels::grid_1d(y.size(), 256), 256, 0, kernels::stream(),
+                    kernels::dev(a.data()), kernels::dev(b.data()), y.size(), kernels::dev(y.data()));
     check_launch("add_kernel", where);
 }
 
@@ -258,20 +271,20 @@ void embedding_gather_add(const Tensor<T, Cuda>& table, const int* ids, Tensor<T
         throw ShapeError(patchwork::detail::concat(where, ": gathering rows of ", table.shape(), " into ",
                                                    out.shape()));
     if (out.empty()) return;
-    kernels::launch(kernels::detail::embedding_gather_add_kernel<T>, kernels::grid_1d(out.size(), 256), 256, 0,
-                    kernels::stream(), table.data(), ids, out.rows(), out.cols(), out.data());
+    kernels::launch(kernels::detail::embedding_gather_add_kernel<kernels::device_t<T>>, kernels::grid_1d(out.size(), 256), 256, 0,
+                    kernels::stream(), kernels::dev(table.data()), ids, out.rows(), out.cols(), kernels::dev(out.data()));
     check_launch("embedding_gather_add_kernel", where);
 }
 
 template <class T>
-void embedding_scatter_add(const Tensor<T, Cuda>& dy, const RowGroups& groups, Tensor<T, Cuda>& grad,
+void embedding_scatter_add(const Tensor<T, Cuda>& dy, const RowGroups& groups, Tensor<compute_t<T>, Cuda>& grad,
                            std::string_view where) {
     if (grad.rank() != 2 || dy.cols() != grad.cols() || dy.rows() != groups.rows)
         throw ShapeError(patchwork::detail::concat(where, ": scatter-adding ", dy.shape(), " (", groups.rows,
                                                    " ids) into ", grad.shape()));
     if (groups.distinct == 0 || grad.cols() == 0) return;
-    kernels::launch(kernels::detail::embedding_scatter_add_kernel<T>,
-                    kernels::grid_1d(groups.distinct * grad.cols(), 256), 256, 0, kernels::stream(), dy.data(),
+    kernels::launch(kernels::detail::embedding_scatter_add_kernel<kernels::device_t<T>>,
+                    kernels::grid_1d(groups.distinct * grad.cols(), 256), 256, 0, kernels::stream(), kernels::dev(dy.data()),
                     groups.data, groups.distinct, grad.cols(), grad.data());
     check_launch("embedding_scatter_add_kernel", where);
 }

@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "patchwork/core/tensor.hpp"
 #include "patchwork/cuda/context.hpp"
 #include "patchwork/cuda/cuda_error.hpp"
 
@@ -30,6 +31,30 @@ struct accum<bf16> {
 };
 template <class E>
 using accum_t = typename accum<E>::type;
+
+/// The element type a kernel sees for a tensor scalar: __nv_bfloat16 for the
+/// host's patchwork::bf16 (the same 16 bits), the scalar itself otherwise.
+template <class T>
+struct device_type {
+    using type = T;
+};
+template <>
+struct device_type<patchwork::bf16> {
+    using type = bf16;
+};
+template <class T>
+using device_t = typename device_type<T>::type;
+static_assert(sizeof(patchwork::bf16) == sizeof(bf16) && alignof(patchwork::bf16) == alignof(bf16));
+
+/// A tensor's data pointer as the kernels' element type.
+template <class T>
+__host__ __device__ inline device_t<T>* dev(T* p) {
+    return reinterpret_cast<device_t<T>*>(p);
+}
+template <class T>
+__host__ __device__ inline const device_t<T>* dev(const T* p) {
+    return reinterpret_cast<const device_t<T>*>(p);
+}
 
 /// Load a storage element as its accumulation type, and store one back (rounding to nearest for bf16).
 template <class E>

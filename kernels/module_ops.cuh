@@ -35,7 +35,7 @@ inline Shape stacked_shape(const Shape& one, TaskRows rows) { return rows.mixed(
 template <class T>
 void adapter_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& down_w, const Tensor<T, Cuda>& down_b,
                      const Tensor<T, Cuda>& up_w, const Tensor<T, Cuda>& up_b, bool gelu, Tensor<T, Cuda>& y,
-                     Tensor<T, Cuda>& z, std::string_view where, TaskRows rows) {
+                     Tensor<compute_t<T>, Cuda>& z, std::string_view where, TaskRows rows) {
     const std::size_t n = h.rows(), d = h.cols(), r = down_w.rows() / rows.tasks;
     detail::expect_shape(down_w, detail::stacked_shape(Shape{r, d}, rows), where, "adapter down-projection");
     detail::expect_shape(down_b, detail::stacked_shape(Shape{r}, rows), where, "adapter down-projection bias");
@@ -44,20 +44,21 @@ void adapter_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& down_w, co
     y.resize(h.shape());
     z.resize(Shape{n, r});
     if (!rows.mixed()) {
-        kernels::adapter_forward<T>(h.data(), n, d, r, down_w.data(), down_b.data(), up_w.data(), up_b.data(),
-                                    kernels::adapter_act(gelu), y.data(), z.data(), where);
+        kernels::adapter_forward<kernels::device_t<T>>(kernels::dev(h.data()), n, d, r, kernels::dev(down_w.data()), kernels::dev(down_b.data()), kernels::dev(up_w.data()), kernels::dev(up_b.data()),
+                                    kernels::adapter_act(gelu), kernels::dev(y.data()), z.data(), where);
         return;
     }
-    kernels::detail::lowrank_forward<T>(kernels::adapter_act(gelu), h.data(), h.data(), rows.task,
-                                        {n, d, d, r, rows.tasks}, down_w.data(), down_b.data(), up_w.data(),
-                                        up_b.data(), T(1), y.data(), z.data(), where);
+    kernels::detail::lowrank_forward<kernels::device_t<T>>(kernels::adapter_act(gelu), kernels::dev(h.data()), kernels::dev(h.data()), rows.task,
+                                        {n, d, d, r, rows.tasks}, kernels::dev(down_w.data()), kernels::dev(down_b.data()), kernels::dev(up_w.data()),
+                                        kernels::dev(up_b.data()), kernels::accum_t<kernels::device_t<T>>(1), kernels::dev(y.data()), z.data(), where);
 }
 
 template <class T>
 void adapter_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& down_w,
-                      const Tensor<T, Cuda>& up_w, bool gelu, const Tensor<T, Cuda>& z, Tensor<T, Cuda>* dh,
-                      Tensor<T, Cuda>* d_down_w, Tensor<T, Cuda>* d_down_b, Tensor<T, Cuda>* d_up_w,
-                      Tensor<T, Cuda>* d_up_b, std::string_view where, TaskRows rows) {
+                      const Tensor<T, Cuda>& up_w, bool gelu, const Tensor<compute_t<T>, Cuda>& z, Tensor<T, Cuda>* dh,
+                      Tensor<compute_t<T>, Cuda>* d_down_w, Tensor<compute_t<T>, Cuda>* d_down_b,
+                      Tensor<compute_t<T>, Cuda>* d_up_w, Tensor<compute_t<T>, Cuda>* d_up_b, std::string_view where,
+                      TaskRows rows) {
     const std::size_t n = h.rows(), d = h.cols(), r = down_w.rows() / rows.tasks;
     detail::expect_shape(g, h.shape(), where, "adapter output gradient");
     detail::expect_shape(z, Shape{n, r}, where, "adapter saved bottleneck");
@@ -69,9 +70,9 @@ void adapter_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const 
     if (d_up_b != nullptr)
         detail::expect_shape(*d_up_b, detail::stacked_shape(Shape{d}, rows), where, "adapter up-projection bias gradient");
     if (dh != nullptr) dh->resize(h.shape());
-    kernels::detail::lowrank_backward<T>(kernels::adapter_act(gelu), h.data(), g.data(), g.data(), rows.task,
-                                         {n, d, d, r, rows.tasks}, down_w.data(), up_w.data(), T(1), z.data(),
-                                         detail::data_or_null(dh),
+    kernels::detail::lowrank_backward<kernels::device_t<T>>(kernels::adapter_act(gelu), kernels::dev(h.data()), kernels::dev(g.data()), kernels::dev(g.data()), rows.task,
+                                         {n, d, d, r, rows.tasks}, kernels::dev(down_w.data()), kernels::dev(up_w.data()), kernels::accum_t<kernels::device_t<T>>(1), z.data(),
+                                         kernels::dev(detail::data_or_null(dh)),
                                          {detail::data_or_null(d_down_w), detail::data_or_null(d_down_b),
                                           detail::data_or_null(d_up_w), detail::data_or_null(d_up_b)},
                                          {}, where);
@@ -83,27 +84,27 @@ void scale_shift_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& scale,
     detail::expect_shape(scale, detail::stacked_shape(Shape{h.cols()}, rows), where, "scale");
     detail::expect_shape(shift, detail::stacked_shape(Shape{h.cols()}, rows), where, "shift");
     y.resize(h.shape());
-    kernels::detail::scale_shift_forward<T>(h.data(), rows.task, h.rows(), h.cols(), rows.tasks, scale.data(),
-                                            shift.data(), y.data(), where);
+    kernels::detail::scale_shift_forward<kernels::device_t<T>>(kernels::dev(h.data()), rows.task, h.rows(), h.cols(), rows.tasks, kernels::dev(scale.data()),
+                                            kernels::dev(shift.data()), kernels::dev(y.data()), where);
 }
 
 template <class T>
 void scale_shift_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& scale,
-                          Tensor<T, Cuda>* dh, Tensor<T, Cuda>* dscale, Tensor<T, Cuda>* dshift,
-                          std::string_view where, TaskRows rows) {
+                          Tensor<T, Cuda>* dh, Tensor<compute_t<T>, Cuda>* dscale,
+                          Tensor<compute_t<T>, Cuda>* dshift, std::string_view where, TaskRows rows) {
     detail::expect_shape(g, h.shape(), where, "scale_shift output gradient");
     detail::expect_shape(scale, detail::stacked_shape(Shape{h.cols()}, rows), where, "scale");
     if (dscale != nullptr) detail::expect_shape(*dscale, scale.shape(), where, "scale gradient");
     if (dshift != nullptr) detail::expect_shape(*dshift, scale.shape(), where, "shift gradient");
     if (dh != nullptr) dh->resize(h.shape());
-    kernels::detail::scale_shift_backward<T>(h.data(), g.data(), rows.task, h.rows(), h.cols(), rows.tasks,
-                                             scale.data(), detail::data_or_null(dh), detail::data_or_null(dscale),
+    kernels::detail::scale_shift_backward<kernels::device_t<T>>(kernels::dev(h.data()), kernels::dev(g.data()), rows.task, h.rows(), h.cols(), rows.tasks,
+                                             kernels::dev(scale.data()), kernels::dev(detail::data_or_null(dh)), detail::data_or_null(dscale),
                                              detail::data_or_null(dshift), {}, where);
 }
 
 template <class T>
 void lora_forward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& base, const Tensor<T, Cuda>& a,
-                  const Tensor<T, Cuda>& b, double s, Tensor<T, Cuda>& y, Tensor<T, Cuda>& u, std::string_view where,
+                  const Tensor<T, Cuda>& b, double s, Tensor<T, Cuda>& y, Tensor<compute_t<T>, Cuda>& u, std::string_view where,
                   TaskRows rows) {
     const std::size_t n = x.rows(), in = x.cols(), out = base.cols(), r = a.rows() / rows.tasks;
     detail::expect_shape(a, detail::stacked_shape(Shape{r, in}, rows), where, "LoRA factor A");
@@ -114,16 +115,16 @@ void lora_forward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& base, const T
     y.resize(base.shape());
     u.resize(Shape{n, r});
     // The task ids are trusted (see cuda_ops.hpp): the detail launcher, without multitask.cuh's check.
-    kernels::detail::lowrank_forward<T>(kernels::Act::none, x.data(), base.data(), rows.task,
-                                        {n, in, out, r, rows.tasks}, a.data(), nullptr, b.data(), nullptr, T(s),
-                                        y.data(), u.data(), where);
+    kernels::detail::lowrank_forward<kernels::device_t<T>>(kernels::Act::none, kernels::dev(x.data()), kernels::dev(base.data()), rows.task,
+                                        {n, in, out, r, rows.tasks}, kernels::dev(a.data()), nullptr, kernels::dev(b.data()), nullptr, kernels::accum_t<kernels::device_t<T>>(s),
+                                        kernels::dev(y.data()), u.data(), where);
 }
 
 template <class T>
 void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& base_dx,
-                   const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, double s, const Tensor<T, Cuda>& u,
-                   Tensor<T, Cuda>* dx, Tensor<T, Cuda>* da, Tensor<T, Cuda>* db, std::string_view where,
-                   TaskRows rows) {
+                   const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, double s, const Tensor<compute_t<T>, Cuda>& u,
+                   Tensor<T, Cuda>* dx, Tensor<compute_t<T>, Cuda>* da, Tensor<compute_t<T>, Cuda>* db,
+                   std::string_view where, TaskRows rows) {
     const std::size_t n = x.rows(), in = x.cols(), out = g.cols(), r = a.rows() / rows.tasks;
     detail::expect_shape(u, Shape{n, r}, where, "LoRA saved projection");
     detail::expect_shape(b, detail::stacked_shape(Shape{out, r}, rows), where, "LoRA factor B");
@@ -131,10 +132,10 @@ void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Ten
     if (db != nullptr) detail::expect_shape(*db, b.shape(), where, "LoRA factor B gradient");
     if (!base_dx.empty()) detail::expect_shape(base_dx, x.shape(), where, "LoRA base input gradient");
     if (dx != nullptr) dx->resize(x.shape());
-    kernels::detail::lowrank_backward<T>(kernels::Act::none, x.data(), g.data(),
-                                         base_dx.empty() ? nullptr : base_dx.data(), rows.task,
-                                         {n, in, out, r, rows.tasks}, a.data(), b.data(), T(s), u.data(),
-                                         detail::data_or_null(dx),
+    kernels::detail::lowrank_backward<kernels::device_t<T>>(kernels::Act::none, kernels::dev(x.data()), kernels::dev(g.data()),
+                                         base_dx.empty() ? nullptr : kernels::dev(base_dx.data()), rows.task,
+                                         {n, in, out, r, rows.tasks}, kernels::dev(a.data()), kernels::dev(b.data()), kernels::accum_t<kernels::device_t<T>>(s), u.data(),
+                                         kernels::dev(detail::data_or_null(dx)),
                                          {detail::data_or_null(da), nullptr, detail::data_or_null(db), nullptr}, {},
                                          where);
 }

@@ -5,12 +5,14 @@
 // PyTorch (+ PEFT) side, the same configurations and step:
 //   infer-32x128                 frozen forward: sentences/s
 //   lora-8x32, lora-32x128       one training step, LoRA r=8, alpha 16 on query and value
+//   lora_bf16-8x32, lora_bf16-32x128  the LoRA step with the model in bf16
+//                                (bf16 storage, fp32 accumulation, fp32 master weights)
 //   finetune-8x32, finetune-32x128  one training step, every weight trainable
 // A step = zero_grad, forward, mean pooling, Linear(384, 4) head, softmax
 // cross-entropy against seeded labels (its value read back: one
 // synchronisation, as loss.item() would), backward, AdamW (lr 1e-4, weight
 // decay 0.01). Random token ids from a seeded generator (1000..30521), token
-// types 0, full mask. fp32 storage (no bf16 yet). Median, p10, p90 of --iters
+// types 0, full mask. fp32 storage except the bf16 configurations. Median, p10, p90 of --iters
 // timed steps after --warmup. Output: one JSON object a line, then a table
 // ('#' lines). Exit 77 without a GPU or without the model (scripts/fetch-model).
 // The issue's target: lora-32x128 at least 1.5x faster than PyTorch eager + PEFT.
@@ -51,16 +53,17 @@ Device load_on_device(const fs::path& dir) {
 
 template <class Host, class Device>
 Row train(const fs::path& dir, const std::string& name, std::size_t b, std::size_t t, int iters, int warmup) {
+    using T = typename Device::Scalar;  // float, or bf16 (fp32 master weights in the optimiser)
     Device model = load_on_device<Host, Device>(dir);
-    pw::BasicLinear<float, Cuda> head(384, 4);
+    pw::BasicLinear<T, Cuda> head(384, 4);
     auto params = pw::trainable_parameters(model);
     for (auto* p : pw::trainable_parameters(head)) params.push_back(p);
-    pw::BasicAdamW<float, Cuda> opt(params, {.lr = 1e-4, .weight_decay = 0.01});
+    pw::BasicAdamW<T, Cuda> opt(params, {.lr = 1e-4, .weight_decay = 0.01});
     const pw::TokenBatch x = bench::random_batch(b, t, 1234);
     pw::Rng rng(99);
     std::vector<int> labels(b);
     for (auto& l : labels) l = int(rng.next() % 4);
-    pw::BasicPooler<float, Cuda> pool;
+    pw::BasicPooler<T, Cuda> pool;
     float loss = 0;
     const auto ms = bench::gpu_timed(
         [&] {
@@ -95,11 +98,15 @@ Row run(const fs::path& dir, const std::string& name, int iters, int warmup) {
     using LoraSpec = pw::bert::LoRAQueryValue<8, 16>;
     using LoraHost = pw::BertModel<pw::BertEncoder<LoraSpec>>;
     using LoraDevice = pw::BertModel<pw::BertEncoder<LoraSpec, float, Cuda>>;
+    using LoraBf16 = pw::BertModel<pw::BertEncoder<LoraSpec, pw::bf16, Cuda>>;
     using FullHost = pw::BertModel<pw::BertEncoder<>, pw::FineTune>;
     using FullDevice = pw::BertModel<pw::BertEncoder<pw::bert::Plain, float, Cuda>, pw::FineTune>;
     if (name == "infer-32x128") return infer(dir, name, 32, 128, iters, warmup);
     if (name == "lora-8x32") return train<LoraHost, LoraDevice>(dir, name, 8, 32, iters, warmup);
     if (name == "lora-32x128") return train<LoraHost, LoraDevice>(dir, name, 32, 128, iters, warmup);
+    // bf16 storage, fp32 accumulation and master weights (the checkpoint rounded to bf16 on the copy).
+    if (name == "lora_bf16-8x32") return train<LoraHost, LoraBf16>(dir, name, 8, 32, iters, warmup);
+    if (name == "lora_bf16-32x128") return train<LoraHost, LoraBf16>(dir, name, 32, 128, iters, warmup);
     if (name == "finetune-8x32") return train<FullHost, FullDevice>(dir, name, 8, 32, iters, warmup);
     if (name == "finetune-32x128") return train<FullHost, FullDevice>(dir, name, 32, 128, iters, warmup);
     std::fprintf(stderr, "bert_gpu: unknown configuration %s\n", name.c_str());
@@ -111,7 +118,8 @@ Row run(const fs::path& dir, const std::string& name, int iters, int warmup) {
 int main(int argc, char** argv) try {
     fs::path dir = pw::hf::model_cache_dir();
     int iters = 20, warmup = 3;
-    std::string configs = "infer-32x128,lora-8x32,lora-32x128,finetune-8x32,finetune-32x128";
+    std::string configs =
+        "infer-32x128,lora-8x32,lora-32x128,lora_bf16-8x32,lora_bf16-32x128,finetune-8x32,finetune-32x128";
     for (int i = 1; i + 1 < argc; i += 2) {
         const std::string a = argv[i];
         if (a == "--model") dir = argv[i + 1];

@@ -7,3 +7,4 @@
 #include "test_device_conv.cu"
 #include "test_device_multitask.cu"
 #include "test_device_transformer.cu"
+#include "test_device_bf16.cu"

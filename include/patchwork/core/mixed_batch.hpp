@@ -206,7 +206,7 @@ public:
     /// The stacked gradient [K, ...] a module accumulates p's per-row
     /// gradients into: zeroed at its first request in a backward; nullptr
     /// when no task's parameter wants a gradient.
-    [[nodiscard]] Tensor<T, D>* stacked_grad(Parameter<T, D>& p) const
+    [[nodiscard]] Tensor<compute_t<T>, D>* stacked_grad(Parameter<T, D>& p) const
         requires std::is_same_v<D, Cuda>
     {
         bool any = false;
@@ -228,7 +228,7 @@ public:
     void finish_backward()
         requires std::is_same_v<D, Cuda>
     {
-        std::vector<cuda::SliceMove<T>> moves;
+        std::vector<cuda::SliceMove<compute_t<T>>> moves;
         for (Stack& e : stacks_) {
             if (!e.grad_requested) continue;
             e.grad_requested = false;
@@ -243,7 +243,7 @@ public:
                 moves.push_back({e.grad.data(), p.grad.data(), n, tasks_, n, 1});
             }
         }
-        cuda::slice_moves<T>(moves, "multitask: task gradients");
+        cuda::slice_moves<compute_t<T>>(moves, "multitask: task gradients");
     }
 
 private:
@@ -259,7 +259,8 @@ private:
     /// so their memory is reused.
     struct Stack {
         Parameter<T, D>* param = nullptr;
-        Tensor<T, D> value, grad;
+        Tensor<T, D> value;
+        Tensor<compute_t<T>, D> grad;  ///< in the parameters' gradient type (fp32 for bf16)
         bool value_ready = false, grad_requested = false;
     };
     /// Device task ids of the rows, for one rows-per-item factor.

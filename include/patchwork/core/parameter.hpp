@@ -78,6 +78,10 @@ inline constexpr int shared_task = -1;
 /// A parameter's value and gradient live on Device (Cpu, or Cuda with the CUDA backend).
 template <class T, class D = Cpu>
 class Parameter {
+    static_assert(!std::is_same_v<T, bf16> || std::is_same_v<D, Cuda>,
+                  "patchwork::Parameter: bf16 is a storage type of device modules (Device = Cuda); CPU modules "
+                  "compute in float or double");
+
 public:
     using Scalar = T;
     using Device = D;
@@ -88,8 +92,10 @@ public:
         set_trainable(trainable);
     }
 
+    using Grad = compute_t<T>;  ///< the gradient's element type: float for bf16 parameters, else T
+
     Tensor<T, D> value;
-    Tensor<T, D> grad;  ///< empty unless trainable
+    Tensor<Grad, D> grad;  ///< empty unless trainable; fp32 for bf16 values (gradients accumulate in fp32)
 
     /// Full dotted path, e.g. "stage0.linear2.weight".
     [[nodiscard]] const std::string& name() const noexcept { return name_; }
@@ -111,7 +117,7 @@ public:
     void set_trainable(bool on) {
         trainable_ = on;
         if (on) {
-            if (!(grad.shape() == value.shape())) grad = Tensor<T, D>(value.shape());
+            if (!(grad.shape() == value.shape())) grad = Tensor<Grad, D>(value.shape());
         } else {
             grad.release();
         }

@@ -25,6 +25,23 @@ namespace patchwork {
 struct Cpu {};
 struct Cuda {};
 
+/// bfloat16: 16-bit storage (8 exponent bits, 7 mantissa bits), converted from
+/// float with round-to-nearest-even. Device modules may store their parameters
+/// and activations in it (`BasicLinear<bf16, Cuda>`): the kernels load bf16,
+/// compute in fp32 and round once when they store, and the optimisers keep an
+/// fp32 master copy of every bf16 parameter (train/optimizer.hpp). On the host
+/// it is Eigen's bfloat16 (arithmetic through float), so host tensors of it
+/// exist for staging and inspection; CPU modules compute in float or double.
+using bf16 = Eigen::bfloat16;
+
+/// The element types a tensor may hold: float, double, and bf16.
+template <class T>
+inline constexpr bool is_tensor_scalar_v = std::is_floating_point_v<T> || std::is_same_v<T, bf16>;
+
+/// The type a host computes a value of T in: float for bf16, T otherwise.
+template <class T>
+using compute_t = std::conditional_t<std::is_same_v<T, bf16>, float, T>;
+
 template <class T>
 using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 template <class T>
@@ -41,7 +58,7 @@ class Tensor;
 
 template <class T>
 class Tensor<T, Cpu> {
-    static_assert(std::is_floating_point_v<T>, "patchwork::Tensor holds float or double");
+    static_assert(is_tensor_scalar_v<T>, "patchwork::Tensor holds float, double or bf16");
 
 public:
     using Scalar = T;
@@ -120,6 +137,21 @@ private:
     std::vector<T, Eigen::aligned_allocator<T>> data_;
     Shape shape_;
 };
+
+/// A host tensor converted element by element to another element type (through
+/// float for bf16: bf16 -> float is exact; float or double -> bf16 rounds to nearest even).
+template <class To, class From>
+[[nodiscard]] Tensor<To> cast(const Tensor<From>& x) {
+    Tensor<To> y(x.shape());
+    const From* src = x.data();
+    To* dst = y.data();
+    for (std::size_t i = 0; i < x.size(); ++i) {
+        if constexpr (std::is_same_v<To, From>) dst[i] = src[i];
+        else if constexpr (std::is_same_v<To, bf16>) dst[i] = bf16(static_cast<float>(src[i]));
+        else dst[i] = static_cast<To>(static_cast<compute_t<From>>(src[i]));
+    }
+    return y;
+}
 
 /// Throw a ShapeError naming the module path, what was checked and both shapes.
 [[noreturn]] inline void throw_shape_error(const std::string& path, const std::string& what, const Shape& expected,

@@ -96,7 +96,7 @@ private:
 
 template <class T>
 class Tensor<T, Cuda> {
-    static_assert(std::is_floating_point_v<T>, "patchwork::Tensor<T, Cuda> holds float or double");
+    static_assert(is_tensor_scalar_v<T>, "patchwork::Tensor<T, Cuda> holds float, double or bf16");
 
 public:
     using Scalar = T;

@@ -307,6 +307,9 @@ public:
     using Scalar = typename O::Scalar;
     using Device = device_of_t<O>;  ///< of its parameters: the optimiser's Device member (Cpu without one)
     using Param = Parameter<Scalar, Device>;
+    static_assert(!std::is_same_v<Scalar, bf16>,
+                  "patchwork::dist::DataParallel: bf16 models are not averaged across ranks yet (their fp32 "
+                  "gradients need fp32 buckets); use float or double");
 
     DataParallel(Communicator& comm, O& inner, DataParallelOptions options = {})
         : DataParallel(comm, inner, options, parameters_of(inner)) {}

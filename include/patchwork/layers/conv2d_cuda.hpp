@@ -50,6 +50,11 @@ inline cuda::WindowShape window_shape(const SpatialGeometry& geo, std::size_t in
 
 template <class T>
 class BasicConv2d<T, Cuda> : public ModuleBase {
+    static_assert(!std::is_same_v<T, bf16>,
+                  "patchwork::Conv2d: bf16 storage covers the transformer path (Linear, LayerNorm, the "
+                  "activations, Dropout, Embedding, attention, the BERT modules and the Adapter, LoRA, ScaleShift, "
+                  "BiasOnly, NormPatch, Frozen and FineTune policies); use float or double here");
+
 public:
     using Scalar = T;
     using Device = Cuda;

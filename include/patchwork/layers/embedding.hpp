@@ -170,13 +170,13 @@ public:
             groups_dev_.upload(std::span<const int>(groups_), path_);
             cuda::embedding_scatter_add(dy, cuda::RowGroups{groups_dev_.data(), distinct, ids.size()}, weight.grad,
                                         path_);
-            return;
-        }
-        const std::size_t d = features_;
-        for (std::size_t r = 0; r < ids.size(); ++r) {
-            T* dst = weight.grad.data() + std::size_t(ids[r]) * d;
-            const T* src = dy.data() + r * d;
-            for (std::size_t j = 0; j < d; ++j) dst[j] += src[j];
+        } else {
+            const std::size_t d = features_;
+            for (std::size_t r = 0; r < ids.size(); ++r) {
+                T* dst = weight.grad.data() + std::size_t(ids[r]) * d;
+                const T* src = dy.data() + r * d;
+                for (std::size_t j = 0; j < d; ++j) dst[j] += src[j];
+            }
         }
     }
 

@@ -101,7 +101,7 @@ public:
             if (weight.wants_grad()) cuda::gemm(true, false, T(1), dy, x, T(1), weight.grad, path_);
             const MixedBatch<T, D>* mb = mixed_batch_for_backward(mixed_, path_);
             if (mb != nullptr) {
-                if (Tensor<T, D>* db = mb->stacked_grad(bias))
+                if (Tensor<compute_t<T>, D>* db = mb->stacked_grad(bias))
                     cuda::add_column_sums(dy, *db, path_, mb->task_rows(dy, path_, "linear output gradient"));
             } else if (has_bias_ && bias.wants_grad()) {
                 cuda::add_column_sums(dy, bias.grad, path_);

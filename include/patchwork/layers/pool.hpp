@@ -53,6 +53,9 @@ std::size_t nhwc_channels(const Tensor<T, D>& x) noexcept {
 
 template <class T, class D = Cpu>
 class BasicAvgPool2d : public detail::ParameterFreeModule {
+    static_assert(!std::is_same_v<T, bf16>, "patchwork::AvgPool2d: the pooling modules take float or double (bf16 storage "
+                                            "covers the transformer path)");
+
 public:
     using Scalar = T;
     using Device = D;
@@ -128,6 +131,9 @@ private:
 
 template <class T, class D = Cpu>
 class BasicMaxPool2d : public detail::ParameterFreeModule {
+    static_assert(!std::is_same_v<T, bf16>, "patchwork::MaxPool2d: the pooling modules take float or double (bf16 storage "
+                                            "covers the transformer path)");
+
 public:
     using Scalar = T;
     using Device = D;
@@ -203,6 +209,9 @@ private:
 
 template <class T, class D = Cpu>
 class BasicGlobalAvgPool : public detail::ParameterFreeModule {
+    static_assert(!std::is_same_v<T, bf16>, "patchwork::GlobalAvgPool: the pooling modules take float or double (bf16 storage "
+                                            "covers the transformer path)");
+
 public:
     using Scalar = T;
     using Device = D;

@@ -72,7 +72,7 @@ struct RowGroups {
 /// thread per (id, column): every gradient element has one writer (no atomics),
 /// and the additions happen in the order of a sequential loop over r.
 template <class T>
-void embedding_scatter_add(const Tensor<T, Cuda>& dy, const RowGroups& groups, Tensor<T, Cuda>& grad,
+void embedding_scatter_add(const Tensor<T, Cuda>& dy, const RowGroups& groups, Tensor<compute_t<T>, Cuda>& grad,
                            std::string_view where);
 
 }  // namespace patchwork::cuda

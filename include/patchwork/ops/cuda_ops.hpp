@@ -21,10 +21,11 @@
 
 namespace patchwork::cuda {
 
-/// C = alpha op(A) op(B) + beta C with op(X) = X or X^T (cuBLAS).
-template <class T>
+/// C = alpha op(A) op(B) + beta C with op(X) = X or X^T (cuBLAS). C holds T, or
+/// fp32 for bf16 operands (a parameter gradient: products and sums in fp32, no rounding to bf16).
+template <class T, class C>
 void gemm(bool transpose_a, bool transpose_b, T alpha, const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, T beta,
-          Tensor<T, Cuda>& c, std::string_view where);
+          Tensor<C, Cuda>& c, std::string_view where);
 
 /// y[r, :] += b for every row r (with mixed rows: b [K, cols], row r adds b[task[r]]).
 template <class T>
@@ -33,7 +34,8 @@ void add_row_vector(Tensor<T, Cuda>& y, const Tensor<T, Cuda>& b, std::string_vi
 /// out[c] += sum_r g[r, c] (column sums of the matrix view; with mixed rows:
 /// out [K, cols], out[t, c] += sum over the rows r of task t).
 template <class T>
-void add_column_sums(const Tensor<T, Cuda>& g, Tensor<T, Cuda>& out, std::string_view where, TaskRows rows = {});
+void add_column_sums(const Tensor<T, Cuda>& g, Tensor<compute_t<T>, Cuda>& out, std::string_view where,
+                     TaskRows rows = {});
 
 /// y = Fn::value(x) element-wise (Fn: activation::Relu, Gelu or Tanh).
 template <class Fn, class T>
@@ -56,20 +58,32 @@ void layer_norm_forward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& gamma, 
 /// With mixed rows gamma, beta and their gradients are [K, d], row r uses task[r]'s.
 template <class T>
 void layer_norm_backward(const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& xhat, const Tensor<T, Cuda>& inv_std,
-                         const Tensor<T, Cuda>& gamma, Tensor<T, Cuda>* dgamma, Tensor<T, Cuda>* dbeta,
-                         Tensor<T, Cuda>* dx, std::string_view where, TaskRows rows = {});
+                         const Tensor<T, Cuda>& gamma, Tensor<compute_t<T>, Cuda>* dgamma,
+                         Tensor<compute_t<T>, Cuda>* dbeta, Tensor<T, Cuda>* dx, std::string_view where,
+                         TaskRows rows = {});
 
 /// One SGD update of w from g (see train/optimizer.hpp); `momentum` is the
-/// buffer (empty when mu = 0), `first` says it has never been written.
+/// buffer (empty when mu = 0), `first` says it has never been written. The
+/// state is in compute_t<T> (fp32 for bf16); `master` (bf16 parameters only,
+/// else null) is the fp32 master copy of w that the update reads and writes,
+/// storing its rounding into w.
 template <class T>
-void sgd_update(Tensor<T, Cuda>& w, const Tensor<T, Cuda>& g, Tensor<T, Cuda>& momentum, bool first, double lr,
-                double mu, double weight_decay, bool nesterov, std::string_view where);
+void sgd_update(Tensor<T, Cuda>& w, const Tensor<compute_t<T>, Cuda>& g, Tensor<compute_t<T>, Cuda>& momentum,
+                Tensor<compute_t<T>, Cuda>* master, bool first, double lr, double mu, double weight_decay,
+                bool nesterov, std::string_view where);
 
-/// One Adam (decoupled = false) or AdamW (decoupled = true) update at step t >= 1.
+/// One Adam (decoupled = false) or AdamW (decoupled = true) update at step t >= 1
+/// (state and master as for sgd_update).
 template <class T>
-void adam_update(Tensor<T, Cuda>& w, const Tensor<T, Cuda>& g, Tensor<T, Cuda>& m, Tensor<T, Cuda>& v,
-                 std::size_t t, double lr, double beta1, double beta2, double eps, double weight_decay,
-                 bool decoupled, std::string_view where);
+void adam_update(Tensor<T, Cuda>& w, const Tensor<compute_t<T>, Cuda>& g, Tensor<compute_t<T>, Cuda>& m,
+                 Tensor<compute_t<T>, Cuda>& v, Tensor<compute_t<T>, Cuda>* master, std::size_t t, double lr,
+                 double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+                 std::string_view where);
+
+/// dst = src element by element between storage types (float, double, bf16;
+/// to bf16 rounds to nearest even). dst is resized.
+template <class To, class From>
+void convert(const Tensor<From, Cuda>& src, Tensor<To, Cuda>& dst, std::string_view where);
 
 /// y += a x (equal shapes).
 template <class T>
@@ -131,15 +145,16 @@ void scatter_rows(const T* src, const int* idx, std::size_t rows, std::size_t ro
 template <class T>
 void adapter_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& down_w, const Tensor<T, Cuda>& down_b,
                      const Tensor<T, Cuda>& up_w, const Tensor<T, Cuda>& up_b, bool gelu, Tensor<T, Cuda>& y,
-                     Tensor<T, Cuda>& z, std::string_view where, TaskRows rows = {});
+                     Tensor<compute_t<T>, Cuda>& z, std::string_view where, TaskRows rows = {});
 
 /// Adapter backward: dh = g + ((g U) * act'(z)) D (when dh is not null) and the
 /// parameter gradients (each accumulated when not null).
 template <class T>
 void adapter_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& down_w,
-                      const Tensor<T, Cuda>& up_w, bool gelu, const Tensor<T, Cuda>& z, Tensor<T, Cuda>* dh,
-                      Tensor<T, Cuda>* d_down_w, Tensor<T, Cuda>* d_down_b, Tensor<T, Cuda>* d_up_w,
-                      Tensor<T, Cuda>* d_up_b, std::string_view where, TaskRows rows = {});
+                      const Tensor<T, Cuda>& up_w, bool gelu, const Tensor<compute_t<T>, Cuda>& z, Tensor<T, Cuda>* dh,
+                      Tensor<compute_t<T>, Cuda>* d_down_w, Tensor<compute_t<T>, Cuda>* d_down_b,
+                      Tensor<compute_t<T>, Cuda>* d_up_w, Tensor<compute_t<T>, Cuda>* d_up_b, std::string_view where,
+                      TaskRows rows = {});
 
 /// Per-channel y = scale * h + shift over rows h [N, d].
 template <class T>
@@ -149,22 +164,22 @@ void scale_shift_forward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& scale,
 /// dh = g * scale (when not null); dscale += colsum(g * h), dshift += colsum(g) (when not null).
 template <class T>
 void scale_shift_backward(const Tensor<T, Cuda>& h, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& scale,
-                          Tensor<T, Cuda>* dh, Tensor<T, Cuda>* dscale, Tensor<T, Cuda>* dshift,
-                          std::string_view where, TaskRows rows = {});
+                          Tensor<T, Cuda>* dh, Tensor<compute_t<T>, Cuda>* dscale,
+                          Tensor<compute_t<T>, Cuda>* dshift, std::string_view where, TaskRows rows = {});
 
 /// LoRA: y = base + s (x A^T) B^T over rows x [N, in]; u [N, r] keeps x A^T.
 template <class T>
 void lora_forward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& base, const Tensor<T, Cuda>& a,
-                  const Tensor<T, Cuda>& b, double s, Tensor<T, Cuda>& y, Tensor<T, Cuda>& u, std::string_view where,
+                  const Tensor<T, Cuda>& b, double s, Tensor<T, Cuda>& y, Tensor<compute_t<T>, Cuda>& u, std::string_view where,
                   TaskRows rows = {});
 
 /// LoRA backward: dx = base_dx + s (g B) A (when dx is not null; base_dx may be
 /// empty for 0); dB += s g^T u and dA += s (g B)^T x (when not null).
 template <class T>
 void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Tensor<T, Cuda>& base_dx,
-                   const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, double s, const Tensor<T, Cuda>& u,
-                   Tensor<T, Cuda>* dx, Tensor<T, Cuda>* da, Tensor<T, Cuda>* db, std::string_view where,
-                   TaskRows rows = {});
+                   const Tensor<T, Cuda>& a, const Tensor<T, Cuda>& b, double s, const Tensor<compute_t<T>, Cuda>& u,
+                   Tensor<T, Cuda>* dx, Tensor<compute_t<T>, Cuda>* da, Tensor<compute_t<T>, Cuda>* db,
+                   std::string_view where, TaskRows rows = {});
 
 // ---- architecture search (the gate and mixing kernels of kernels/mix.cuh;
 //      definitions in kernels/module_ops.cuh) ----

@@ -232,7 +232,8 @@ private:
 
     Saved<Scalar, Device> h_;  ///< the wrapped module's last output (owned by it)
     const MixedBatch<Scalar, Device>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
-    Tensor<Scalar, Device> z_, a_, y_, dz_, dh_, empty_;
+    Tensor<compute_t<Scalar>, Device> z_;  ///< the saved bottleneck pre-activation (fp32 for bf16)
+    Tensor<Scalar, Device> a_, y_, dz_, dh_, empty_;
 };
 
 /// Injection policy: a residual bottleneck adapter of width Bottleneck after the module.

@@ -305,7 +305,8 @@ private:
     }
 
     const MixedBatch<Scalar, Device>* mixed_ = nullptr;  ///< the mixed batch of the last forward, if it was one
-    Tensor<Scalar, Device> u_, y_, gb_, dx_, empty_;
+    Tensor<compute_t<Scalar>, Device> u_;  ///< the saved projection x A^T (fp32 for bf16)
+    Tensor<Scalar, Device> y_, gb_, dx_, empty_;
 };
 
 /// Injection policy: a rank-Rank update of a Linear, scaled by Alpha / Rank.

@@ -233,7 +233,9 @@ template <class M>
 /// Copies every parameter value of `from` into `to`, in visiting order, after
 /// checking that names and shapes agree (moving a derived model into its fixed
 /// type). The two may live on different devices (a search on the GPU, the
-/// fixed model on the CPU, or the other way round).
+/// fixed model on the CPU, or the other way round), and hold different
+/// element types (an fp32 checkpoint into a bf16 device model: values are
+/// converted, to bf16 with round-to-nearest-even; bf16 to float is exact).
 template <class A, class B>
 void copy_parameters(A& from, B& to) {
     std::vector<Parameter<typename A::Scalar, device_of_t<A>>*> src;
@@ -247,8 +249,20 @@ void copy_parameters(A& from, B& to) {
         if (s.name() != p.name() || !(s.value.shape() == p.value.shape()))
             throw ShapeError(detail::concat("copy_parameters: ", s.name(), " ", s.value.shape(), " does not match ",
                                             p.name(), " ", p.value.shape()));
-        if constexpr (std::is_same_v<device_of_t<A>, device_of_t<B>>) p.value = s.value;
-        else copy(s.value, p.value);
+        using From = typename std::decay_t<decltype(s.value)>::Scalar;
+        using To = typename std::decay_t<decltype(p.value)>::Scalar;
+        if constexpr (!std::is_same_v<From, To>) {
+            // Through the host, converted there.
+            Tensor<To> converted;
+            if constexpr (std::is_same_v<device_of_t<A>, Cpu>) converted = cast<To>(s.value);
+            else converted = cast<To>(to_host(s.value));
+            if constexpr (std::is_same_v<device_of_t<B>, Cpu>) p.value = std::move(converted);
+            else copy(converted, p.value);
+        } else if constexpr (std::is_same_v<device_of_t<A>, device_of_t<B>>) {
+            p.value = s.value;
+        } else {
+            copy(s.value, p.value);
+        }
     });
     if (i != src.size())
         throw ShapeError(detail::concat("copy_parameters: the source has ", src.size() - i,

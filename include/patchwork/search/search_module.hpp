@@ -73,6 +73,10 @@ struct SearchModuleTag {};
 
 template <class Inner, class... Cands>
 class SearchModule : public ModuleBase, public SearchModuleTag {
+    static_assert(!std::is_same_v<typename Inner::Scalar, bf16>,
+                  "patchwork::Search<...>: bf16 storage covers the transformer path (Linear, LayerNorm, the "
+                  "activations, Dropout, Embedding, attention, the BERT modules and the Adapter, LoRA, ScaleShift, "
+                  "BiasOnly, NormPatch, Frozen and FineTune policies); use float or double here");
     static_assert(sizeof...(Cands) > 0,
                   "patchwork::Search<>: give at least one candidate, e.g. Search<Frozen, Adapter<32>, FineTune>");
     static_assert((Policy<Cands> && ...),

@@ -26,10 +26,11 @@ template <class T, class D>
 [[nodiscard]] double grad_norm(const std::vector<Parameter<T, D>*>& params) {
     double sq = 0;
     if constexpr (std::is_same_v<D, Cuda>) {
-        std::vector<const Tensor<T, Cuda>*> grads;  // reduced on the device, one wait for all
+        using G = compute_t<T>;  // the gradients' type (fp32 for bf16 parameters)
+        std::vector<const Tensor<G, Cuda>*> grads;  // reduced on the device, one wait for all
         for (const auto* p : params)
             if (p != nullptr && p->trainable()) grads.push_back(&p->grad);
-        for (const double s : cuda::squared_norms<T>(grads, "grad_norm")) sq += s;
+        for (const double s : cuda::squared_norms<G>(grads, "grad_norm")) sq += s;
     } else {
         for (const auto* p : params) {
             if (p == nullptr || !p->trainable()) continue;
@@ -48,7 +49,7 @@ double clip_grad_norm(const std::vector<Parameter<T, D>*>& params, double max_no
                                          max_norm));
     const double norm = grad_norm(params);
     if (std::isfinite(norm) && norm > max_norm) {
-        const T scale = T(max_norm / norm);
+        const compute_t<T> scale = compute_t<T>(max_norm / norm);
         for (auto* p : params) {
             if (p == nullptr || !p->trainable()) continue;
             if constexpr (std::is_same_v<D, Cuda>) cuda::scale(p->grad, scale, p->name());

@@ -29,7 +29,7 @@ namespace patchwork {
 /// A loss value and its gradient with respect to the tensor the loss was computed from.
 template <class T, class D = Cpu>
 struct Loss {
-    T value{};
+    compute_t<T> value{};  ///< float for bf16 logits
     Tensor<T, D> grad{};  ///< dL/d(input), same shape as the input, on the input's device
 };
 

@@ -21,7 +21,11 @@
 //
 // With Device = Cuda (BasicAdamW<float, Cuda>, ...) the parameters and the
 // moments live on the GPU and each update is one element-wise kernel with the
-// same formula (kernels/ops.cuh).
+// same formula (kernels/ops.cuh). Parameters stored in bf16 (BasicAdamW<bf16,
+// Cuda>) keep their state in fp32 and an fp32 master copy of their values,
+// taken at their first update: the update runs on the master in fp32 and
+// stores its rounding in the parameter, so steps below bf16's resolution are
+// not lost (mixed-precision training with fp32 master weights).
 //
 // Parameters live in groups, each with its own options. The learning rate a
 // group uses is its base rate (options.lr) times the optimiser's factor, which
@@ -129,10 +133,10 @@ void validate(const O& o, const char* who, std::size_t group) {
 }
 
 /// Allocate a zeroed state tensor on first use; afterwards check it still fits the parameter.
-template <class T, class D>
-Tensor<T, D>& state_tensor(Tensor<T, D>& s, const Parameter<T, D>& p, const char* who) {
+template <class S, class T, class D>
+Tensor<S, D>& state_tensor(Tensor<S, D>& s, const Parameter<T, D>& p, const char* who) {
     if (s.empty()) {
-        s = Tensor<T, D>(p.value.shape());
+        s = Tensor<S, D>(p.value.shape());
     } else if (s.size() != p.value.size()) {
         throw ShapeError(concat(who, ": parameter ", display_path(p.name()), " changed from ", s.shape(), " to ",
                                 p.value.shape(), " after its optimiser state was created"));
@@ -245,19 +249,47 @@ private:
 
 }  // namespace detail
 
-/// Per-parameter state of SGD: the momentum buffer (empty until the first step, or when mu = 0).
+namespace detail {
+/// bf16 parameters (device only) are updated through an fp32 master copy.
+template <class T, class D>
+void check_optimizer_scalar() {
+    static_assert(!std::is_same_v<T, bf16> || std::is_same_v<D, Cuda>,
+                  "patchwork optimisers: bf16 parameters live on the device (Device = Cuda); CPU modules compute "
+                  "in float or double");
+}
+
+/// The fp32 master copy of a bf16 parameter (null for float and double ones),
+/// taken from the parameter's value at its first update: from then on the
+/// update reads and writes the master and stores its rounding in the parameter.
+template <class T, class D>
+Tensor<compute_t<T>, D>* master_copy(Tensor<compute_t<T>, D>& master, Parameter<T, D>& p, const char* who) {
+    if constexpr (!std::is_same_v<T, bf16>) {
+        return nullptr;
+    } else {
+        if (master.empty()) cuda::convert(p.value, master, p.name());
+        else state_tensor(master, p, who);
+        return &master;
+    }
+}
+}  // namespace detail
+
+/// Per-parameter state of SGD: the momentum buffer (empty until the first step,
+/// or when mu = 0), in compute_t<T>; for a bf16 parameter its fp32 master copy.
 template <class T, class D = Cpu>
 struct SGDState {
-    Tensor<T, D> momentum;
-    [[nodiscard]] std::size_t size() const noexcept { return momentum.size(); }
+    Tensor<compute_t<T>, D> momentum;
+    Tensor<compute_t<T>, D> master;  ///< bf16 parameters only
+    [[nodiscard]] std::size_t size() const noexcept { return momentum.size() + master.size(); }
 };
 
-/// Per-parameter state of Adam and AdamW: first and second moments and the step count t.
+/// Per-parameter state of Adam and AdamW: first and second moments (in
+/// compute_t<T>), the step count t, and for a bf16 parameter its fp32 master copy.
 template <class T, class D = Cpu>
 struct AdamState {
-    Tensor<T, D> m, v;
+    Tensor<compute_t<T>, D> m, v;
+    Tensor<compute_t<T>, D> master;  ///< bf16 parameters only
     std::size_t t = 0;
-    [[nodiscard]] std::size_t size() const noexcept { return m.size() + v.size(); }
+    [[nodiscard]] std::size_t size() const noexcept { return m.size() + v.size() + master.size(); }
 };
 
 /// Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
@@ -271,15 +303,17 @@ public:
     using Options = SGDOptions;
 
     explicit BasicSGD(std::vector<Parameter<T, D>*> params, SGDOptions options = {})
-        : Base(std::move(params), options) {}
+        : Base(std::move(params), options) {
+        detail::check_optimizer_scalar<T, D>();
+    }
 
 private:
     static void update(Parameter<T, D>& p, SGDState<T, D>& s, const SGDOptions& o, double lr) {
         if constexpr (std::is_same_v<D, Cuda>) {
             const bool first = s.momentum.empty();
             if (o.momentum != 0) detail::state_tensor(s.momentum, p, name);
-            cuda::sgd_update(p.value, p.grad, s.momentum, first, lr, o.momentum, o.weight_decay, o.nesterov,
-                             p.name());
+            cuda::sgd_update(p.value, p.grad, s.momentum, detail::master_copy(s.master, p, name), first, lr,
+                             o.momentum, o.weight_decay, o.nesterov, p.name());
         } else {
             cpu_update(p, s, o, lr);
         }
@@ -340,8 +374,8 @@ void adam_update(Parameter<T, D>& p, AdamState<T, D>& s, const O& o, double lr, 
         state_tensor(s.m, p, who);
         state_tensor(s.v, p, who);
         ++s.t;
-        cuda::adam_update(p.value, p.grad, s.m, s.v, s.t, lr, o.beta1, o.beta2, o.eps, o.weight_decay, decoupled,
-                          p.name());
+        cuda::adam_update(p.value, p.grad, s.m, s.v, master_copy(s.master, p, who), s.t, lr, o.beta1, o.beta2, o.eps,
+                          o.weight_decay, decoupled, p.name());
     } else {
         adam_update_cpu<decoupled>(p, s, o, lr, who);
     }
@@ -362,7 +396,9 @@ public:
     static constexpr const char* name = Decoupled ? "AdamW" : "Adam";
     using Options = Opts;
 
-    explicit AdamFamily(std::vector<Parameter<T, D>*> params, Opts options = {}) : Base(std::move(params), options) {}
+    explicit AdamFamily(std::vector<Parameter<T, D>*> params, Opts options = {}) : Base(std::move(params), options) {
+        check_optimizer_scalar<T, D>();
+    }
 
 private:
     static void update(Parameter<T, D>& p, AdamState<T, D>& s, const Opts& o, double lr) {

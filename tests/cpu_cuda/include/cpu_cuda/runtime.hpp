@@ -1046,6 +1046,75 @@ cublasStatus_t gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb
 }
 }  // namespace cpu_cuda
 
+// cublasGemmEx and cublasGemmStridedBatchedEx for the types the library uses:
+// bf16 A and B with a bf16 or fp32 C, computed in fp32 (CUBLAS_COMPUTE_32F):
+// the loop of cpu_cuda::gemm on the operands loaded as float, C (when read)
+// and the result converted once. Anything else is CUBLAS_STATUS_NOT_SUPPORTED.
+enum cudaDataType_t { CUDA_R_32F = 0, CUDA_R_64F = 1, CUDA_R_16F = 2, CUDA_R_16BF = 14 };
+enum cublasComputeType_t { CUBLAS_COMPUTE_32F = 68, CUBLAS_COMPUTE_32F_PEDANTIC = 69, CUBLAS_COMPUTE_64F = 70 };
+enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT = -1, CUBLAS_GEMM_DEFAULT_TENSOR_OP = 99 };
+
+namespace cpu_cuda {
+inline float bf16_value(const void* p, std::size_t i) { return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]); }
+
+inline cublasStatus_t gemm_ex(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                              const void* alpha, const void* a, cudaDataType_t at, int lda, long long stride_a,
+                              const void* b, cudaDataType_t bt, int ldb, long long stride_b, const void* beta,
+                              void* c, cudaDataType_t ct, int ldc, long long stride_c, int batch,
+                              cublasComputeType_t compute) {
+    if (h == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (at != CUDA_R_16BF || bt != CUDA_R_16BF || (ct != CUDA_R_16BF && ct != CUDA_R_32F) ||
+        compute != CUBLAS_COMPUTE_32F)
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    const int a_rows = ta == CUBLAS_OP_N ? m : k, b_rows = tb == CUBLAS_OP_N ? k : n;
+    if (m < 0 || n < 0 || k < 0 || batch < 0 || lda < std::max(1, a_rows) || ldb < std::max(1, b_rows) ||
+        ldc < std::max(1, m) || alpha == nullptr || beta == nullptr)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    for (int q = 0; q < batch; ++q) {
+        const std::size_t oa = std::size_t(q) * std::size_t(stride_a), ob = std::size_t(q) * std::size_t(stride_b);
+        const std::size_t oc = std::size_t(q) * std::size_t(stride_c);
+        for (int j = 0; j < n; ++j)
+            for (int i = 0; i < m; ++i) {
+                float sum = 0;
+                for (int l = 0; l < k; ++l) {
+                    const float av = bf16_value(a, oa + (ta == CUBLAS_OP_N ? i + std::size_t(l) * lda
+                                                                            : l + std::size_t(i) * lda));
+                    const float bv = bf16_value(b, ob + (tb == CUBLAS_OP_N ? l + std::size_t(j) * ldb
+                                                                            : j + std::size_t(l) * ldb));
+                    sum += av * bv;
+                }
+                const std::size_t ci = oc + i + std::size_t(j) * ldc;
+                if (ct == CUDA_R_32F) {
+                    float& out = static_cast<float*>(c)[ci];
+                    out = be == 0.0f ? al * sum : al * sum + be * out;
+                } else {
+                    __nv_bfloat16& out = static_cast<__nv_bfloat16*>(c)[ci];
+                    out = __float2bfloat16_rn(be == 0.0f ? al * sum : al * sum + be * __bfloat162float(out));
+                }
+            }
+    }
+    return CUBLAS_STATUS_SUCCESS;
+}
+}  // namespace cpu_cuda
+
+inline cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                                   const void* alpha, const void* a, cudaDataType_t at, int lda, const void* b,
+                                   cudaDataType_t bt, int ldb, const void* beta, void* c, cudaDataType_t ct, int ldc,
+                                   cublasComputeType_t compute, cublasGemmAlgo_t) {
+    return cpu_cuda::gemm_ex(h, ta, tb, m, n, k, alpha, a, at, lda, 0, b, bt, ldb, 0, beta, c, ct, ldc, 0, 1, compute);
+}
+inline cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
+                                                 int n, int k, const void* alpha, const void* a, cudaDataType_t at,
+                                                 int lda, long long stride_a, const void* b, cudaDataType_t bt,
+                                                 int ldb, long long stride_b, const void* beta, void* c,
+                                                 cudaDataType_t ct, int ldc, long long stride_c, int batch,
+                                                 cublasComputeType_t compute, cublasGemmAlgo_t) {
+    if (stride_a < 0 || stride_b < 0 || stride_c < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    return cpu_cuda::gemm_ex(h, ta, tb, m, n, k, alpha, a, at, lda, stride_a, b, bt, ldb, stride_b, beta, c, ct, ldc,
+                             stride_c, batch, compute);
+}
+
 inline cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                                   const float* alpha, const float* a, int lda, const float* b, int ldb,
                                   const float* beta, float* c, int ldc) {

@@ -1,0 +1,319 @@
+// bf16 storage on the device: modules built with Scalar = pw::bf16 keep their
+// parameters and activations in bf16, compute in fp32 (kernels and cuBLAS),
+// accumulate parameter gradients in fp32, and the optimisers update an fp32
+// master copy of each bf16 parameter.
+//
+// The reference is the same module in fp32 on the CPU with the same weights
+// and inputs, both rounded to bf16 first (so the two differ only by the
+// device's rounding of activations to bf16). Each check's tolerance is a few
+// bf16 roundings (2^-8 relative each) through the module's depth; a device
+// that lost the fp32 accumulation (a bf16 sum over hundreds of terms) or read
+// a bf16 gradient as fp32 would be off by far more. The optimiser test is
+// exact: the master copy is what the CPU's fp32 update computes.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#include "device_compare.hpp"
+
+#include "patchwork/layers/attention.hpp"
+#include "patchwork/layers/dropout.hpp"
+#include "patchwork/layers/embedding.hpp"
+#include "patchwork/search/derive.hpp"
+#include "patchwork/train/clip.hpp"
+#include "patchwork/transformer/bert.hpp"
+
+// The definitions of the transformer layers' device operations (nvcc only).
+#include "patchwork/kernels/attention.cuh"
+
+using namespace device_test;
+using pw::bf16;
+
+namespace {
+
+/// A host tensor rounded to bf16 and back (what a bf16 tensor of it holds).
+Tensor<float> bf16_rounded(const Tensor<float>& x) { return pw::cast<float>(pw::cast<bf16>(x)); }
+
+/// Every parameter of a float CPU module drawn at random and rounded to bf16.
+template <class M>
+void randomize_bf16(M& m, std::mt19937& rng, double scale = 0.5) {
+    m.visit([&](auto& p) { p.value = bf16_rounded(random_tensor<float>(p.value.shape(), rng, scale)); });
+}
+
+/// ||cpu - dev|| / max(||cpu||, ||dev||) for a float CPU tensor and a device
+/// tensor of bf16 (activations) or float (gradients).
+template <class E>
+double bf16_error(const Tensor<float>& cpu, const Tensor<E, Cuda>& dev) {
+    return rel_error(cpu, pw::cast<float>(pw::to_host(dev)));
+}
+
+struct Bf16Worst {
+    const char* what;
+    double worst = 0;
+    std::string worst_item;
+    template <class E>
+    void check(const Tensor<float>& cpu, const Tensor<E, Cuda>& dev, const std::string& item, double tol) {
+        const double e = bf16_error(cpu, dev);
+        if (e >= worst) {
+            worst = e;
+            worst_item = item;
+        }
+        INFO(item << ": relative error " << e << ", tolerance " << tol);
+        CHECK(e < tol);
+    }
+    /// Every trainable parameter's gradient (fp32 on both sides).
+    template <class C, class G>
+    void gradients(C& cpu, G& dev, double tol) {
+        std::vector<const pw::Parameter<float>*> src;
+        cpu.visit([&](auto& p) { src.push_back(&p); });
+        std::size_t i = 0;
+        dev.visit([&](auto& p) {
+            REQUIRE(i < src.size());
+            const auto* c = src[i++];
+            REQUIRE(c->name() == p.name());
+            REQUIRE(c->trainable() == p.trainable());
+            if (!p.trainable()) return;
+            static_assert(std::is_same_v<typename std::decay_t<decltype(p.grad)>::Scalar, float>,
+                          "bf16 parameters keep fp32 gradients");
+            if (p.name().ends_with("key.bias")) return;  // zero in exact arithmetic: rounding noise on both sides
+            check(c->grad, p.grad, p.name(), tol);
+        });
+        REQUIRE(i == src.size());
+    }
+    ~Bf16Worst() { std::printf("%s (bf16): largest relative error %.3g (%s)\n", what, worst, worst_item.c_str()); }
+};
+
+/// Forward, input gradient and parameter gradients of a float CPU module and
+/// its bf16 device twin on the same bf16-rounded input and output gradient.
+template <class C, class G>
+void bf16_parity(C& cpu, G& dev, const Shape& in, std::mt19937& rng, Bf16Worst& w, double tol,
+                 const std::vector<std::int32_t>& mask = {}) {
+    pw::search::copy_parameters(cpu, dev);  // float -> bf16: exact, the values are bf16-rounded
+    const Tensor<float> x = bf16_rounded(random_tensor<float>(in, rng));
+    const Tensor<bf16, Cuda> xd(pw::cast<bf16>(x));
+    pw::AttentionMask scope(mask, in[0], in.rank() > 2 ? in[1] : 1);
+    const Tensor<float>& y = cpu.forward(x);
+    const_cast<Tensor<bf16, Cuda>&>(dev.forward(xd)).poison();
+    const Tensor<bf16, Cuda>& yd = dev.forward(xd);
+    w.check(y, yd, "forward", tol);
+    const Tensor<float> g = bf16_rounded(random_tensor<float>(y.shape(), rng));
+    const Tensor<bf16, Cuda> gd(pw::cast<bf16>(g));
+    pw::zero_grad(cpu);
+    pw::zero_grad(dev);
+    const Tensor<float>& dx = cpu.backward(g);
+    const Tensor<bf16, Cuda>& dxd = dev.backward(gd);
+    if (cpu.input_grad()) w.check(dx, dxd, "input gradient", tol);
+    w.gradients(cpu, dev, tol);
+}
+
+template <class T>
+pw::BertConfig tiny_bert(std::size_t layers, std::size_t hidden, std::size_t heads) {
+    pw::BertConfig c;
+    c.vocab_size = 41;
+    c.hidden_size = hidden;
+    c.num_hidden_layers = layers;
+    c.num_attention_heads = heads;
+    c.intermediate_size = 2 * hidden;
+    c.max_position_embeddings = 16;
+    c.type_vocab_size = 2;
+    c.layer_norm_eps = 1e-12;
+    c.hidden_dropout_prob = 0;
+    c.attention_probs_dropout_prob = 0;
+    return c;
+}
+
+}  // namespace
+
+TEST_CASE("bf16 rounds to nearest even, on the host and on the device") {
+    // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1);
+    // 1 + 3 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: to 1 + 2^-6.
+    const Tensor<float> x(Shape{6}, {1.0f, 1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, 1.0f + 0x1p-7f + 0x1p-10f, -2.5f,
+                                     3.0e38f});
+    // 3e38 lies between 225 and 226 bf16 steps of 2^120 (225.7): 226 2^120 = 0x1.c4p+127.
+    const Tensor<float> want(Shape{6}, {1.0f, 1.0f, 1.0f + 0x1p-6f, 1.0f + 0x1p-7f, -2.5f, 0x1.c4p+127f});
+    const Tensor<float> host = pw::cast<float>(pw::cast<bf16>(x));
+    for (std::size_t i = 0; i < x.size(); ++i) CHECK(host[i] == want[i]);
+    Tensor<bf16, Cuda> d;
+    pw::cuda::convert(Tensor<float, Cuda>(x), d, "test");
+    Tensor<float, Cuda> back;
+    pw::cuda::convert(d, back, "test");
+    const Tensor<float> dev = pw::to_host(back);
+    for (std::size_t i = 0; i < x.size(); ++i) CHECK(dev[i] == want[i]);
+    // bf16 -> double -> bf16 is exact.
+    Tensor<double, Cuda> wide;
+    pw::cuda::convert(d, wide, "test");
+    const Tensor<double> w = pw::to_host(wide);
+    for (std::size_t i = 0; i < x.size(); ++i) CHECK(w[i] == double(want[i]));
+}
+
+TEST_CASE("Linear, LayerNorm, GELU and the policies in bf16 on the device follow fp32 on the CPU") {
+    std::mt19937 rng(7);
+    Bf16Worst w{"modules"};
+    using L = pw::BasicLinear<float>;
+    using DL = pw::BasicLinear<bf16, Cuda>;
+    // A Linear with 300 inputs: dot products of 300 bf16 terms, summed in fp32.
+    // With a bf16 running sum the error would be near 2^-8 sqrt(300), here it
+    // is one rounding of the output.
+    {
+        Bf16Worst wide{"Linear(300, 33)"};
+        L cpu(300, 33);
+        DL dev(300, 33);
+        randomize_bf16(cpu, rng, 0.1);
+        bf16_parity(cpu, dev, Shape{37, 300}, rng, wide, 6e-3);
+    }
+    {
+        pw::BasicLayerNorm<float> cpu({70});
+        pw::BasicLayerNorm<bf16, Cuda> dev({70});
+        randomize_bf16(cpu, rng);
+        bf16_parity(cpu, dev, Shape{9, 70}, rng, w, 1e-2);
+    }
+    {
+        pw::Sequential<L, pw::BasicGelu<float>, L> cpu(L(24, 40), {}, L(40, 12));
+        pw::Sequential<DL, pw::BasicGelu<bf16, Cuda>, DL> dev(DL(24, 40), {}, DL(40, 12));
+        randomize_bf16(cpu, rng);
+        bf16_parity(cpu, dev, Shape{11, 24}, rng, w, 1.5e-2);
+    }
+    {
+        pw::Tune<L, pw::LoRA<4, 8>> cpu(L(48, 20));
+        pw::Tune<DL, pw::LoRA<4, 8>> dev(DL(48, 20));
+        randomize_bf16(cpu, rng);
+        bf16_parity(cpu, dev, Shape{13, 48}, rng, w, 1e-2);
+    }
+    {
+        pw::Tune<L, pw::Adapter<6>> cpu(L(32, 32));
+        pw::Tune<DL, pw::Adapter<6>> dev(DL(32, 32));
+        randomize_bf16(cpu, rng);
+        bf16_parity(cpu, dev, Shape{10, 32}, rng, w, 1e-2);
+    }
+    {
+        pw::Tune<L, pw::ScaleShift> cpu(L(16, 24));
+        pw::Tune<DL, pw::ScaleShift> dev(DL(16, 24));
+        randomize_bf16(cpu, rng);
+        bf16_parity(cpu, dev, Shape{7, 16}, rng, w, 1e-2);
+    }
+    {
+        pw::Tune<L, pw::BiasOnly> cpu(L(16, 8));
+        pw::Tune<DL, pw::BiasOnly> dev(DL(16, 8));
+        randomize_bf16(cpu, rng);
+        bf16_parity(cpu, dev, Shape{5, 16}, rng, w, 1e-2);
+    }
+}
+
+TEST_CASE("A BertLayer and a BertModel with LoRA in bf16 on the device follow fp32 on the CPU") {
+    std::mt19937 rng(11);
+    Bf16Worst w{"BertLayer"};
+    {
+        const pw::BertConfig c = tiny_bert<float>(1, 24, 3);
+        pw::BertLayer<pw::bert::LoRAQueryValue<4, 8>, float> cpu(c);
+        pw::BertLayer<pw::bert::LoRAQueryValue<4, 8>, bf16, Cuda> dev(c);
+        randomize_bf16(cpu, rng, 0.3);
+        std::vector<std::int32_t> mask(3 * 7, 1);
+        mask[6] = mask[13] = mask[12] = 0;
+        // The key weight's gradient comes from differences of softmax terms (it
+        // would vanish for equal scores): it has the largest error, 2.65e-2 on the CPU execution.
+        bf16_parity(cpu, dev, Shape{3, 7, 24}, rng, w, 4e-2, mask);
+    }
+}
+
+TEST_CASE("AdamW on bf16 parameters updates an fp32 master copy") {
+    // Steps of lr = 1e-4 from w = 1: each is below half a bf16 step at 1
+    // (2^-8 / 2), so a bf16-only update would leave w at 1 for ever. The
+    // master copy takes every step exactly as the CPU's fp32 AdamW does, and
+    // the bf16 value is its rounding.
+    const std::size_t n = 300;
+    pw::Parameter<float> cpu("w", pw::Role::weight, Shape{n});
+    pw::Parameter<bf16, Cuda> dev("w", pw::Role::weight, Shape{n});
+    cpu.value = Tensor<float>(Shape{n}, 1.0f);
+    dev.value = Tensor<bf16, Cuda>(pw::cast<bf16>(cpu.value));
+    pw::BasicAdamW<float> opt_cpu({&cpu}, {.lr = 1e-4, .weight_decay = 0.01});
+    pw::BasicAdamW<bf16, Cuda> opt_dev({&dev}, {.lr = 1e-4, .weight_decay = 0.01});
+    std::mt19937 rng(5);
+    for (int step = 0; step < 40; ++step) {
+        // Gradients of one sign: every step moves w down by about lr.
+        Tensor<float> g = random_tensor<float>(Shape{n}, rng);
+        for (auto& v : g) v = std::abs(v) + 0.1f;
+        cpu.grad = g;
+        pw::copy(g, dev.grad);
+        opt_cpu.step();
+        opt_dev.step();
+    }
+    const Tensor<float> got = pw::cast<float>(pw::to_host(dev.value));
+    std::size_t moved = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        // The fp32 master equals the CPU's value to fp32 rounding; the bf16 value is its rounding.
+        const float want = float(bf16(cpu.value[i]));
+        const float ulp = std::abs(want) * 0x1p-7f;  // a bf16 step near the value
+        INFO("element " << i << ": cpu " << cpu.value[i] << ", device " << got[i]);
+        CHECK(std::abs(got[i] - want) <= (got[i] == want ? 0.0f : ulp));
+        moved += got[i] != 1.0f;
+    }
+    // 40 steps of about 1e-4 each: every element has drifted by more than half a bf16 step below 1 (2^-9).
+    CHECK(moved == n);
+    CHECK(opt_dev.state_size() == 3 * n);  // m, v and the master copy
+}
+
+TEST_CASE("A bf16 LoRA BertModel with a head trains on the device like the fp32 model on the CPU") {
+    std::mt19937 rng(3);
+    const pw::BertConfig c = tiny_bert<float>(2, 16, 2);
+    using Spec = pw::bert::LoRAQueryValue<2, 4>;
+    pw::BertModel<pw::BertEncoder<Spec, float>> cpu(c);
+    pw::BertModel<pw::BertEncoder<Spec, bf16, Cuda>> dev(c);
+    randomize_bf16(cpu, rng, 0.3);
+    pw::search::copy_parameters(cpu, dev);
+    pw::BasicLinear<float> head(16, 4);
+    pw::BasicLinear<bf16, Cuda> dev_head(16, 4);
+    randomize_bf16(head, rng, 0.3);
+    pw::search::copy_parameters(head, dev_head);
+    pw::BasicPooler<float> pool;
+    pw::BasicPooler<bf16, Cuda> dev_pool;
+    CHECK(pw::trainable_count(cpu) == pw::trainable_count(dev));
+    auto params = pw::trainable_parameters(cpu);
+    auto dev_params = pw::trainable_parameters(dev);
+    for (auto* p : pw::trainable_parameters(head)) params.push_back(p);
+    for (auto* p : pw::trainable_parameters(dev_head)) dev_params.push_back(p);
+    pw::BasicAdamW<float> opt(params, {.lr = 2e-2});
+    pw::BasicAdamW<bf16, Cuda> dev_opt(dev_params, {.lr = 2e-2});
+    pw::TokenBatch batch;
+    batch.batch = 4;
+    batch.tokens = 6;
+    for (std::size_t i = 0; i < batch.batch * batch.tokens; ++i) batch.ids.push_back(std::int32_t(rng() % c.vocab_size));
+    batch.mask.assign(batch.batch * batch.tokens, 1);
+    batch.mask[5] = batch.mask[10] = batch.mask[11] = 0;
+    const std::vector<int> labels = {0, 3, 1, 3};
+    std::vector<double> lc, ld;
+    for (int step = 0; step < 6; ++step) {
+        opt.zero_grad();
+        dev_opt.zero_grad();
+        const auto loss = pw::cross_entropy(head.forward(pool.forward(cpu.forward(batch), batch)), labels);
+        const auto dev_loss =
+            pw::cross_entropy(dev_head.forward(dev_pool.forward(dev.forward(batch), batch)), labels);
+        static_assert(std::is_same_v<decltype(dev_loss.value), float>, "the loss of bf16 logits is reported in fp32");
+        lc.push_back(loss.value);
+        ld.push_back(dev_loss.value);
+        cpu.backward(pool.backward(head.backward(loss.grad)));
+        dev.backward(dev_pool.backward(dev_head.backward(dev_loss.grad)));
+        // Clipping reads the fp32 gradients of the bf16 parameters.
+        const double norm = pw::clip_grad_norm(params, 0.5), dev_norm = pw::clip_grad_norm(dev_params, 0.5);
+        INFO("step " << step << ": gradient norm fp32 CPU " << norm << ", bf16 device " << dev_norm);
+        CHECK(std::abs(norm - dev_norm) < 3e-2 * norm);
+        opt.step();
+        dev_opt.step();
+    }
+    for (std::size_t i = 0; i < lc.size(); ++i) {
+        INFO("step " << i << ": fp32 CPU " << lc[i] << ", bf16 device " << ld[i]);
+        CHECK(std::abs(lc[i] - ld[i]) < 3e-2 * std::max(1.0, lc[i]));
+    }
+    CHECK(ld.back() < ld.front() - 0.1);
+    // The trained bf16 model copies back into an fp32 one exactly (bf16 -> float is exact).
+    pw::BertModel<pw::BertEncoder<Spec, float>> back(c);
+    pw::search::copy_parameters(dev, back);
+    std::vector<Tensor<float>> dv;
+    dev.visit([&](auto& p) { dv.push_back(pw::cast<float>(pw::to_host(p.value))); });
+    std::size_t i = 0;
+    back.visit([&](auto& p) {
+        REQUIRE(i < dv.size());
+        CHECK(rel_error(dv[i++], p.value) == 0.0);
+    });
+}
