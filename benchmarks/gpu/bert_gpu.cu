@@ -143,7 +143,7 @@ int main(int argc, char** argv) try {
     pw::cuda::check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties", "bert_gpu");
     std::vector<Row> rows;
     for (const auto& c : bench::split(configs)) rows.push_back(run(dir, c, iters, warmup));
-    std::printf("# device %s, fp32 storage\n", prop.name);
+    std::printf("# device %s, fp32 storage (bf16 with fp32 master weights in the lora_bf16 configurations)\n", prop.name);
     std::printf("# %-16s %10s %9s %9s  notes\n", "config", "median ms", "p10 ms", "p90 ms");
     for (const auto& r : rows)
         std::printf("# %-16s %10.3f %9.3f %9.3f  %s\n", r.name.c_str(), bench::quantile(r.ms, 0.5), bench::quantile(r.ms, 0.1),
