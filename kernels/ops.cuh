@@ -243,23 +243,29 @@ inline unsigned row_block_threads(std::size_t d) {
 // ---- softmax cross-entropy -----------------------------------------------
 
 /// One block per row: p = softmax(z), grad = (p - onehot) / N, loss[r] = lse - z_y.
+/// With `widths` (not null), row r's softmax runs over its first widths[r]
+/// logits and the rest of the row gets gradient 0 (mixed-task batches whose
+/// heads are padded to the widest task; derivation at detail::cross_entropy_rows).
 template <class T>
-__global__ void cross_entropy_kernel(const T* __restrict__ z, const int* __restrict__ labels, std::size_t c,
-                                     accum_t<T> inv_n, T* __restrict__ grad, double* __restrict__ loss) {
+__global__ void cross_entropy_kernel(const T* __restrict__ z, const int* __restrict__ labels,
+                                     const int* __restrict__ widths, std::size_t c, accum_t<T> inv_n,
+                                     T* __restrict__ grad, double* __restrict__ loss) {
     using A = accum_t<T>;
     __shared__ A red[32];
     const std::size_t row = blockIdx.x;
+    const std::size_t w = widths != nullptr ? std::size_t(widths[row]) : c;
     const T* zr = z + row * c;
     A m = -INFINITY;
-    for (std::size_t j = threadIdx.x; j < c; j += blockDim.x) m = load(zr[j]) > m ? load(zr[j]) : m;
+    for (std::size_t j = threadIdx.x; j < w; j += blockDim.x) m = load(zr[j]) > m ? load(zr[j]) : m;
     m = block_max(m, red);
     A s = A(0);
-    for (std::size_t j = threadIdx.x; j < c; j += blockDim.x) s += exp(load(zr[j]) - m);
+    for (std::size_t j = threadIdx.x; j < w; j += blockDim.x) s += exp(load(zr[j]) - m);
     s = block_sum(s, red);
     const int y = labels[row];
     const A inv_s = A(1) / s;
     for (std::size_t j = threadIdx.x; j < c; j += blockDim.x)
-        grad[row * c + j] = store<T>(exp(load(zr[j]) - m) * inv_s * inv_n - (int(j) == y ? inv_n : A(0)));
+        grad[row * c + j] =
+            j < w ? store<T>(exp(load(zr[j]) - m) * inv_s * inv_n - (int(j) == y ? inv_n : A(0))) : store<T>(A(0));
     if (threadIdx.x == 0) loss[row] = double(m) + log(double(s)) - double(load(zr[y]));
 }
 
@@ -748,25 +754,44 @@ std::vector<double> squared_norms(std::span<const Tensor<T, Cuda>* const> xs, st
 
 namespace patchwork {
 
+namespace detail {
+/// Device cross-entropy after the host checks: `ints` holds the n labels,
+/// then (with_widths) the n class counts, uploaded in one copy.
 template <class T>
-Loss<T, Cuda> cross_entropy(const Tensor<T, Cuda>& logits, std::span<const int> labels) {
-    detail::check_cross_entropy(logits, labels);
+Loss<T, Cuda> device_cross_entropy(const Tensor<T, Cuda>& logits, const std::vector<int>& ints, bool with_widths) {
     const std::size_t n = logits.rows(), c = logits.cols();
     using E = kernels::device_t<T>;
     Loss<T, Cuda> out{T(0), Tensor<T, Cuda>(logits.shape())};
-    thread_local cuda::Buffer<int> device_labels;
+    thread_local cuda::Buffer<int> device_ints;
     thread_local cuda::Buffer<double> row_loss;
-    device_labels.upload(labels, "cross_entropy");
+    device_ints.upload(std::span<const int>(ints), "cross_entropy");
     row_loss.reserve(n);
     kernels::launch(kernels::detail::cross_entropy_kernel<E>, unsigned(n), kernels::detail::row_block_threads(c), 0,
-                    kernels::stream(), kernels::dev(logits.data()), device_labels.data(), c,
+                    kernels::stream(), kernels::dev(logits.data()), device_ints.data(),
+                    with_widths ? device_ints.data() + n : nullptr, c,
                     kernels::accum_t<E>(1) / kernels::accum_t<E>(n), kernels::dev(out.grad.data()), row_loss.data());
     cuda::check_launch("cross_entropy_kernel", "cross_entropy");
     const std::vector<double> per_row = row_loss.download(n, "cross_entropy");  // waits for the stream
     double total = 0;
     for (double v : per_row) total += v;
-    out.value = T(total / double(n));
+    out.value = compute_t<T>(total / double(n));
     return out;
+}
+}  // namespace detail
+
+template <class T>
+Loss<T, Cuda> cross_entropy(const Tensor<T, Cuda>& logits, std::span<const int> labels) {
+    detail::check_cross_entropy(logits, labels);
+    return detail::device_cross_entropy(logits, std::vector<int>(labels.begin(), labels.end()), false);
+}
+
+template <class T>
+Loss<T, Cuda> cross_entropy(const Tensor<T, Cuda>& logits, std::span<const int> labels,
+                            std::span<const std::size_t> classes) {
+    detail::check_cross_entropy(logits, labels, classes);
+    std::vector<int> ints(labels.begin(), labels.end());
+    for (std::size_t k : classes) ints.push_back(int(k));
+    return detail::device_cross_entropy(logits, ints, true);
 }
 
 }  // namespace patchwork

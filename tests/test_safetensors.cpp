@@ -141,6 +141,63 @@ TEST_CASE("safetensors: float and double tensors round-trip exactly, with metada
     CHECK_IO_ERROR(f.tensor<float>("nope"), path, "missing");
 }
 
+TEST_CASE("safetensors: BF16 tensors read exactly, write as BF16, and F32 rounds to nearest even into bf16") {
+    TempDir dir;
+    // BF16 is the upper half of the float32 bit pattern, little-endian: 0x3F80 = 1, 0xC049 = -3.140625,
+    // 0x0001 = 2^-133 (the smallest subnormal), 0x7F80 = +inf, 0x8000 = -0.
+    const Bytes bits{0x80, 0x3F, 0x49, 0xC0, 0x01, 0x00, 0x80, 0x7F, 0x00, 0x80, 0x00, 0x00};
+    const auto p = dir / "bf16.safetensors";
+    write_bytes(p, st_file(R"({"h":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]}})", bits));
+    const pw::SafetensorsFile f = pw::read_safetensors(p);
+    const std::vector<float> want{1.0f, -3.140625f, std::ldexp(1.0f, -133), std::numeric_limits<float>::infinity(),
+                                  -0.0f, 0.0f};
+    const auto t32 = f.tensor<float>("h");
+    const auto t64 = f.tensor<double>("h");
+    const auto t16 = f.tensor<pw::bf16>("h");
+    CHECK(t32.shape() == pw::Shape{2, 3});
+    for (std::size_t i = 0; i < want.size(); ++i) {
+        CHECK(t32[i] == want[i]);
+        CHECK(t64[i] == double(want[i]));
+        CHECK(float(t16[i]) == want[i]);
+    }
+    CHECK(std::signbit(t32[4]));
+
+    // A bf16 tensor is written as BF16: the same bytes back.
+    pw::SafetensorsWriter w;
+    w.add("h", t16);
+    w.add("f", pw::Tensor<float>(pw::Shape{1}, {0.5f}));
+    const auto q = dir / "written.safetensors";
+    w.save(q);
+    const pw::SafetensorsFile g = pw::read_safetensors(q);
+    CHECK(g.find("h")->dtype == "BF16");
+    CHECK(g.find("f")->begin == 0);  // wider elements first
+    const auto data = g.bytes(*g.find("h"));
+    REQUIRE(data.size() == bits.size());
+    for (std::size_t i = 0; i < bits.size(); ++i) CHECK(std::to_integer<unsigned>(data[i]) == bits[i]);
+
+    // F32 into bf16: round to nearest, ties to even (1 + 2^-8 -> 1, 1 + 3 2^-8 -> 1 + 2^-6, 1 + 2^-8 + 2^-12 up).
+    const auto r = dir / "f32.safetensors";
+    write_bytes(r, st_file(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,12]}})",
+                           f32_bytes({1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, 1.0f + 0x1p-8f + 0x1p-12f})));
+    const auto rounded = pw::read_safetensors(r).tensor<pw::bf16>("x");
+    CHECK(float(rounded[0]) == 1.0f);
+    CHECK(float(rounded[1]) == 1.0f + 0x1p-6f);
+    CHECK(float(rounded[2]) == 1.0f + 0x1p-7f);
+
+    // A float model loads BF16 parameter files (a bf16 checkpoint or adapter) exactly.
+    pw::Linear lin(3, 2);
+    pw::SafetensorsWriter pf;
+    const pw::Tensor<pw::bf16> weight = pw::cast<pw::bf16>(pw::Tensor<float>(pw::Shape{2, 3}, {1, -2, 0.5f, 0.25f, 3, -1}));
+    const pw::Tensor<pw::bf16> bias = pw::cast<pw::bf16>(pw::Tensor<float>(pw::Shape{2}, {-3.140625f, 7}));
+    pf.add("weight", weight);
+    pf.add("bias", bias);
+    pf.save(dir / "lin.safetensors");
+    pw::load_parameters(lin, dir / "lin.safetensors");
+    CHECK(lin.weight.value(0, 1) == -2.0f);
+    CHECK(lin.weight.value(1, 2) == -1.0f);
+    CHECK(lin.bias.value[0] == -3.140625f);
+}
+
 TEST_CASE("safetensors: reads the fixture written by Python's safetensors package") {
     const char* data_dir = std::getenv("PATCHWORK_TEST_DATA");
     REQUIRE_MESSAGE(data_dir != nullptr, "PATCHWORK_TEST_DATA must point at tests/data (meson test sets it)");

@@ -1,6 +1,7 @@
 // K tasks for the price of one backbone, on Fashion-MNIST.
 //
-// 1. Pre-train a small MobileNet-style CNN on classes 0-6:
+// 1. Pre-train a small MobileNet-style CNN on classes 0-6 (mobilenet.hpp, which
+//    examples/gpu_multitask builds on the device):
 //      Unflatten(28x28x1)  Conv 3x3/2 (1->32) BN ReLU
 //      [DW 3x3 (32) BN ReLU  PW 1x1 (32->64) BN ReLU]
 //      [DW 3x3/2 (64) BN ReLU  PW 1x1 (64->128) BN ReLU]  GlobalAvgPool -> 128 features
@@ -34,23 +35,18 @@
 
 #include <patchwork/patchwork.hpp>
 
+#include "../common/cli.hpp"
+#include "mobilenet.hpp"
+
 namespace pw = patchwork;
 
 namespace {
 
-using Body = pw::Sequential<pw::Unflatten, pw::Conv2d, pw::BatchNorm2d, pw::Relu,                 //
-                            pw::DepthwiseConv2d, pw::BatchNorm2d, pw::Relu, pw::Conv2d, pw::BatchNorm2d, pw::Relu,
-                            pw::DepthwiseConv2d, pw::BatchNorm2d, pw::Relu, pw::Conv2d, pw::BatchNorm2d, pw::Relu,
-                            pw::GlobalAvgPool>;
-constexpr std::size_t kFeatures = 128, kTasks = 4;
+using Body = mobilenet::Body<>;
+using mobilenet::kFeatures;
+using mobilenet::kTasks;
 
-Body make_body() {
-    return Body(pw::Unflatten(28, 28, 1), pw::Conv2d(1, 32, 3, {.stride = 2, .padding = 1}), pw::BatchNorm2d(32),
-                pw::Relu{}, pw::DepthwiseConv2d(32, 3, {.padding = 1}), pw::BatchNorm2d(32), pw::Relu{},
-                pw::Conv2d(32, 64, 1), pw::BatchNorm2d(64), pw::Relu{},
-                pw::DepthwiseConv2d(64, 3, {.stride = 2, .padding = 1}), pw::BatchNorm2d(64), pw::Relu{},
-                pw::Conv2d(64, kFeatures, 1), pw::BatchNorm2d(kFeatures), pw::Relu{}, pw::GlobalAvgPool{});
-}
+Body make_body() { return mobilenet::make_body(); }
 
 struct Options {
     std::size_t pretrain_epochs = 6;
@@ -76,31 +72,9 @@ constexpr const char* kUsage =
     "  --csv FILE    write seed,row,task,accuracy,parameters per line (for plot.py)\n"
     "  --joint-lr X  learning rate of the joint row whose shared weights train (default lr / 2)";
 
-[[noreturn]] void bad(const std::string& what) {
-    throw pw::ConfigError(what + " (try --help)");
-}
-
-std::uint64_t parse_uint(std::string_view flag, const std::string& s, std::uint64_t min) {
-    std::uint64_t v = 0;
-    const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-    if (ec != std::errc{} || end != s.data() + s.size())
-        bad(std::string(flag) + " needs a non-negative integer, got '" + s + "'");
-    if (v < min) bad(std::string(flag) + " must be at least " + std::to_string(min) + ", got " + s);
-    return v;
-}
-
-double parse_positive(std::string_view flag, const std::string& s) {
-    double v = 0;
-    try {
-        std::size_t used = 0;
-        v = std::stod(s, &used);
-        if (used != s.size()) throw std::invalid_argument(s);
-    } catch (const std::exception&) {
-        bad(std::string(flag) + " needs a number, got '" + s + "'");
-    }
-    if (!(v > 0) || !std::isfinite(v)) bad(std::string(flag) + " must be positive and finite, got " + s);
-    return v;
-}
+using example_cli::bad;
+using example_cli::parse_positive;
+using example_cli::parse_uint;
 
 Options parse(int argc, char** argv) {
     Options o;
@@ -143,24 +117,6 @@ struct Tasks {
     std::vector<pw::Dataset<float>> train, test;
     std::vector<std::size_t> classes;
 };
-
-pw::Dataset<float> make_task(const pw::Dataset<float>& ds, int task) {
-    static const int coarse[10] = {0, 1, 0, 1, 0, 2, 0, 2, 3, 2};
-    switch (task) {
-        case 0: return ds;
-        case 1: {
-            auto out = ds;
-            for (auto& l : out.labels) l = coarse[l];
-            return out;
-        }
-        case 2: {
-            auto out = ds;
-            for (auto& v : out.images) v = 1.0f - v;
-            return out;
-        }
-        default: return pw::filter_classes(ds, {7, 8, 9}, true);
-    }
-}
 
 struct Result {
     std::string name;
@@ -575,10 +531,10 @@ int main(int argc, char** argv) try {
     d.pre_test = pw::filter_classes(test_all, {0, 1, 2, 3, 4, 5, 6}, true);
     const auto task_pool = pw::gather(train_all, std::span<const std::size_t>(task_idx));
     for (int k = 0; k < int(kTasks); ++k) {
-        d.t.train.push_back(make_task(task_pool, k));
-        d.t.test.push_back(make_task(test_all, k));
+        d.t.train.push_back(mobilenet::make_task(task_pool, k));
+        d.t.test.push_back(mobilenet::make_task(test_all, k));
     }
-    d.t.classes = {10, 4, 10, 3};
+    d.t.classes.assign(std::begin(mobilenet::kClasses), std::end(mobilenet::kClasses));
     std::printf("pre-training on %zu images of classes 0-6; %zu task images, %zu test images; %zu seed%s\n",
                 d.pre_train.size(), task_pool.size(), test_all.size(), o.seeds, o.seeds > 1 ? "s" : "");
 

@@ -136,6 +136,43 @@ TEST_CASE_TEMPLATE("cross_entropy on the device equals the CPU", T, float, doubl
                     pw::ConfigError);
 }
 
+TEST_CASE_TEMPLATE("cross_entropy with a class count per row on the device equals the CPU", T, float, double) {
+    // Mixed-task logits padded to the widest head: row r's softmax runs over its first classes[r] logits.
+    std::mt19937 rng(61);
+    const std::vector<std::array<std::size_t, 2>> sizes =
+        kCpu ? std::vector<std::array<std::size_t, 2>>{{1, 3}, {9, 10}, {40, 300}}
+             : std::vector<std::array<std::size_t, 2>>{{1, 3}, {9, 10}, {257, 1000}};
+    for (auto [n, c] : sizes) {
+        const Tensor<T> z = random_tensor<T>(Shape{n, c}, rng, 3.0);
+        std::vector<std::size_t> classes(n);
+        std::vector<int> labels(n);
+        for (std::size_t r = 0; r < n; ++r) {
+            classes[r] = 1 + rng() % c;
+            labels[r] = int(rng() % classes[r]);
+        }
+        classes[0] = c;  // one full-width row
+        const auto lc = pw::cross_entropy(z, std::span<const int>(labels), std::span<const std::size_t>(classes));
+        const auto ld =
+            pw::cross_entropy(Tensor<T, Cuda>(z), std::span<const int>(labels), std::span<const std::size_t>(classes));
+        CHECK(std::abs(double(lc.value) - double(ld.value)) <= tolerance<T>() * std::abs(double(lc.value)));
+        check_close(lc.grad, ld.grad, "per-row cross-entropy gradient");
+        // The padding gets no gradient, and the restricted loss differs from the full-width one.
+        const Tensor<T> g = pw::to_host(ld.grad);
+        for (std::size_t r = 0; r < n; ++r)
+            for (std::size_t j = classes[r]; j < c; ++j) CHECK(g(r, j) == T(0));
+        if (c > 3) CHECK(std::abs(double(ld.value) - double(pw::cross_entropy(z, std::span<const int>(labels)).value)) > 1e-3);
+    }
+    const std::vector<int> labels{0, 2};
+    const std::vector<std::size_t> too_wide{4, 11}, too_few{3}, below{3, 2};
+    const Tensor<T, Cuda> z(Shape{2, 10});
+    CHECK_THROWS_WITH_AS((void)pw::cross_entropy(z, std::span<const int>(labels), std::span<const std::size_t>(too_wide)),
+                         doctest::Contains("row 1 has 11 classes"), pw::ConfigError);
+    CHECK_THROWS_AS((void)pw::cross_entropy(z, std::span<const int>(labels), std::span<const std::size_t>(too_few)),
+                    pw::ShapeError);
+    CHECK_THROWS_WITH_AS((void)pw::cross_entropy(z, std::span<const int>(labels), std::span<const std::size_t>(below)),
+                         doctest::Contains("label 2 at row 1"), pw::ConfigError);
+}
+
 namespace {
 template <class OptC, class OptD, class Options>
 void compare_optimizer(Options options) {

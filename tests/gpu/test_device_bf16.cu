@@ -11,16 +11,21 @@
 // a bf16 gradient as fp32 would be off by far more. The optimiser test is
 // exact: the master copy is what the CPU's fp32 update computes.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <vector>
 
 #include "device_compare.hpp"
+#include "temp_dir.hpp"
 
 #include "patchwork/layers/attention.hpp"
 #include "patchwork/layers/dropout.hpp"
 #include "patchwork/layers/embedding.hpp"
+#include "patchwork/io/parameter_files.hpp"
+#include "patchwork/multitask/multitask.hpp"
+#include "patchwork/policies/norm_patch.hpp"
 #include "patchwork/search/derive.hpp"
 #include "patchwork/train/clip.hpp"
 #include "patchwork/transformer/bert.hpp"
@@ -315,5 +320,152 @@ TEST_CASE("A bf16 LoRA BertModel with a head trains on the device like the fp32 
     back.visit([&](auto& p) {
         REQUIRE(i < dv.size());
         CHECK(rel_error(dv[i++], p.value) == 0.0);
+    });
+}
+
+namespace {
+/// The per-row patch kinds of a mixed-task batch (ScaleShift, Adapter, NormPatch on LayerNorm, LoRA, BitFit) in
+/// one body, 4 tasks with heads.
+template <class T, class D>
+using Bf16PatchedBody =
+    pw::Sequential<pw::Tune<pw::BasicLinear<T, D>, pw::ScaleShift>, pw::BasicGelu<T, D>,
+                   pw::Tune<pw::BasicLinear<T, D>, pw::Adapter<4>>, pw::Tune<pw::BasicLayerNorm<T, D>, pw::NormPatch>,
+                   pw::Tune<pw::BasicLinear<T, D>, pw::LoRA<3, 6>>, pw::Tune<pw::BasicLinear<T, D>, pw::BiasOnly>>;
+
+template <class T, class D>
+pw::MultiTask<Bf16PatchedBody<T, D>, pw::BasicLinear<T, D>> bf16_multitask() {
+    std::vector<pw::BasicLinear<T, D>> heads;
+    for (int k = 0; k < 4; ++k) heads.emplace_back(24, 5);
+    return {Bf16PatchedBody<T, D>(pw::Tune<pw::BasicLinear<T, D>, pw::ScaleShift>(40, 48), pw::BasicGelu<T, D>{},
+                                  pw::Tune<pw::BasicLinear<T, D>, pw::Adapter<4>>(48, 48),
+                                  pw::Tune<pw::BasicLayerNorm<T, D>, pw::NormPatch>(48),
+                                  pw::Tune<pw::BasicLinear<T, D>, pw::LoRA<3, 6>>(48, 32),
+                                  pw::Tune<pw::BasicLinear<T, D>, pw::BiasOnly>(32, 24)),
+            std::move(heads)};
+}
+}  // namespace
+
+TEST_CASE("MultiTask in bf16 on the device: mixed-task batches in one pass and grouped follow fp32 on the CPU") {
+    std::mt19937 rng(97);
+    auto cpu = bf16_multitask<float, Cpu>();
+    auto dev = bf16_multitask<bf16, Cuda>();
+    randomize_bf16(cpu, rng);  // every bank its own values
+    Bf16Worst w{"MultiTask, mixed batches"};
+    const std::vector<int> ids{3, 0, 2, 2, 1, 0, 3, 3, 1, 0, 2, 1, 0};
+    for (const bool one_pass : {true, false}) {
+        CAPTURE(one_pass);
+        cpu.set_one_pass(one_pass);
+        dev.set_one_pass(one_pass);
+        cpu.set_input_grad(true);
+        dev.set_input_grad(true);
+        pw::search::copy_parameters(cpu, dev);
+        const Tensor<float> x = bf16_rounded(random_tensor<float>(Shape{ids.size(), 40}, rng));
+        const Tensor<bf16, Cuda> xd(pw::cast<bf16>(x));
+        const Tensor<float>& y = cpu.forward(x, ids);
+        const Tensor<bf16, Cuda>& yd = dev.forward(xd, ids);
+        CHECK(dev.last_mixed_pass() == (one_pass ? pw::MixedPass::one_pass : pw::MixedPass::grouped));
+        w.check(y, yd, "mixed forward", 1.5e-2);
+        const Tensor<float> g = bf16_rounded(random_tensor<float>(y.shape(), rng));
+        pw::zero_grad(cpu);
+        pw::zero_grad(dev);
+        w.check(cpu.backward(g), dev.backward(Tensor<bf16, Cuda>(pw::cast<bf16>(g))), "mixed input gradient", 1.5e-2);
+        w.gradients(cpu, dev, 2.5e-2);
+    }
+    // One SGD step on a mixed batch: each bank steps through its own fp32 master, so each bf16 value after the
+    // step is the rounding of w - lr g with the device's own fp32 gradient g (compared with the CPU's above),
+    // computed here on the host in fp32. Then the loss at the new point against the CPU's step.
+    // Heads scaled down to logits of order 1 (random weights give logits of order 30, whose bf16 rounding,
+    // 2^-3 there, moves a saturated softmax far more than fp32 training would see).
+    cpu.visit([&](auto& p) {
+        if (p.name().find(".head.") != std::string::npos) {
+            Tensor<float> v = p.value;
+            for (auto& e : v) e *= 0.1f;
+            p.value = bf16_rounded(v);
+        }
+    });
+    cpu.set_one_pass(true);
+    dev.set_one_pass(true);
+    pw::search::copy_parameters(cpu, dev);
+    constexpr float lr = 0.1f;
+    pw::SGD oc(pw::trainable_parameters(cpu), {.lr = lr});
+    pw::BasicSGD<bf16, Cuda> od(pw::trainable_parameters(dev), {.lr = lr});
+    std::vector<Tensor<float>> before, dev_grads;
+    for (int step = 0; step < 2; ++step) {
+        const Tensor<float> x = bf16_rounded(random_tensor<float>(Shape{ids.size(), 40}, rng));
+        std::vector<int> labels;
+        for (std::size_t r = 0; r < ids.size(); ++r) labels.push_back(int(rng() % 5));
+        oc.zero_grad();
+        od.zero_grad();
+        const auto lc = pw::cross_entropy(cpu.forward(x, ids), labels);
+        const auto ld = pw::cross_entropy(dev.forward(Tensor<bf16, Cuda>(pw::cast<bf16>(x)), ids), labels);
+        std::printf("MultiTask SGD, %s the step: loss %.6g (CPU fp32) %.6g (device bf16)\n", step ? "after" : "before",
+                    double(lc.value), double(ld.value));
+        CHECK(std::abs(double(ld.value) - double(lc.value)) < 2e-2 * std::abs(double(lc.value)));
+        if (step == 1) break;
+        cpu.backward(lc.grad);
+        dev.backward(ld.grad);
+        dev.visit([&](auto& p) {
+            before.push_back(pw::cast<float>(pw::to_host(p.value)));
+            dev_grads.push_back(p.trainable() ? pw::to_host(p.grad) : Tensor<float>());
+        });
+        oc.step();
+        od.step();
+    }
+    std::size_t i = 0, moved = 0, total = 0, off_by_one = 0;
+    dev.visit([&](auto& p) {
+        const Tensor<float>& w0 = before[i];
+        const Tensor<float>& g = dev_grads[i++];
+        const Tensor<float> w1 = pw::cast<float>(pw::to_host(p.value));
+        if (!p.trainable()) {
+            CHECK(std::equal(w0.begin(), w0.end(), w1.begin()));
+            return;
+        }
+        std::size_t moved_here = 0;
+        for (std::size_t j = 0; j < w0.size(); ++j) {
+            const float want = float(bf16(w0[j] - lr * g[j]));
+            const float ulp = std::abs(want) * 0x1p-7f;  // fp32 contraction on a GPU may flip a tie's rounding
+            INFO(p.name() << "[" << j << "]: before " << w0[j] << ", gradient " << g[j] << ", after " << w1[j]);
+            CHECK(std::abs(w1[j] - want) <= (w1[j] == want ? 0.0f : ulp));
+            off_by_one += w1[j] != want;
+            moved_here += w1[j] != w0[j];
+        }
+        INFO(p.name() << ": " << moved_here << " of " << w0.size() << " elements moved");
+        CHECK(moved_here > 0);  // every bank and head took its step
+        moved += moved_here;
+        total += w0.size();
+    });
+    std::printf("MultiTask, one SGD step (bf16): %zu of %zu trainable elements moved, %zu one bf16 step off\n", moved,
+                total, off_by_one);
+
+    // Patches leave a bf16 model as BF16 files: into a fresh bf16 device model bit for bit, into the fp32 CPU
+    // model exactly (bf16 to float is exact).
+    pw::testing::TempDir dir("patchwork_bf16_patch");
+    pw::save_patch(dev, dir / "task2.safetensors", 2);
+    const pw::SafetensorsFile file = pw::read_safetensors(dir / "task2.safetensors");
+    REQUIRE(file.size() > 0);
+    for (const auto& e : file.entries()) CHECK(e.dtype == "BF16");
+    auto fresh = bf16_multitask<bf16, Cuda>();
+    pw::load_patch(fresh, dir / "task2.safetensors", 2);
+    auto host = bf16_multitask<float, Cpu>();
+    pw::load_patch(host, dir / "task2.safetensors", 2);
+    std::vector<Tensor<bf16>> saved;
+    dev.visit([&](auto& p) {
+        if (p.task() == 2) saved.push_back(pw::to_host(p.value));
+    });
+    std::size_t k = 0;
+    fresh.visit([&](auto& p) {
+        if (p.task() != 2) return;
+        const Tensor<bf16> v = pw::to_host(p.value);
+        CHECK(std::equal(v.begin(), v.end(), saved[k].begin(), [](bf16 a, bf16 b) {
+            return std::bit_cast<std::uint16_t>(a) == std::bit_cast<std::uint16_t>(b);
+        }));
+        ++k;
+    });
+    CHECK(k == saved.size());
+    k = 0;
+    host.visit([&](auto& p) {
+        if (p.task() != 2) return;
+        const Tensor<float> want = pw::cast<float>(saved[k++]);
+        CHECK(std::equal(want.begin(), want.end(), p.value.begin()));
     });
 }

@@ -77,7 +77,8 @@ void save_parameters(M& model, const std::filesystem::path& path, Filter keep = 
 /// Read into the parameters of `model` that `keep` selects, by dotted name.
 /// Everything is checked before any value changes: each selected parameter
 /// must be in the file with its shape (the error names the file, the
-/// parameter and both shapes) and dtype F32 or F64; tensors no selected
+/// parameter and both shapes) and dtype F32, F64 or BF16 (converted to the
+/// model's element type); tensors no selected
 /// parameter asks for are an error unless `options.strict` is false.
 /// Returns the file's metadata.
 template <class M, class Filter = AllParameters>
@@ -99,9 +100,9 @@ SafetensorsMetadata load_parameters(M& model, const SafetensorsFile& file, Filte
         if (!same)
             detail::safetensors_fail(src, detail::concat("shape mismatch for parameter '", p.name(), "': the model has ",
                                                          want, ", the file has ", detail::safetensors_shape_str(e->shape)));
-        if (e->dtype != "F32" && e->dtype != "F64")
+        if (e->dtype != "F32" && e->dtype != "F64" && e->dtype != "BF16")
             detail::safetensors_fail(src, detail::concat("tensor '", p.name(), "' has dtype ", e->dtype,
-                                                         "; patchwork reads F32 and F64 only (unsupported dtype)"));
+                                                         "; patchwork reads F32, F64 and BF16 (unsupported dtype)"));
         plan.emplace_back(&p, e);
     });
     if (options.strict) {

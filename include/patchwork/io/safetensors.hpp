@@ -20,10 +20,13 @@
 // numel * element size bytes, and tensors that overlap, leave gaps or leave
 // trailing bytes (the data section must be covered exactly, as the reference
 // implementation requires). Every dtype of the format is recognised so a
-// file with other tensors parses; values are read into Tensor<float> or
-// Tensor<double> from F32 or F64 only, converting when the types differ.
+// file with other tensors parses; values are read into Tensor<float>,
+// Tensor<double> or Tensor<bf16> from F32, F64 or BF16, converting when the
+// types differ (BF16 to float or double is exact; F32 or F64 to bf16 rounds to
+// nearest even, from F64 through float).
 //
-// Writing stores each tensor in the type it holds (float: F32, double: F64),
+// Writing stores each tensor in the type it holds (float: F32, double: F64,
+// bf16: BF16),
 // wider elements first and by name within a width (so every tensor starts at
 // a multiple of its element size), into a temporary file in the target's
 // directory that is renamed over the target only once it is complete.
@@ -106,7 +109,23 @@ inline std::size_t safetensors_dtype_size(std::string_view dtype) noexcept {
 
 template <class T>
 constexpr const char* safetensors_dtype_of() noexcept {
-    return std::is_same_v<T, float> ? "F32" : "F64";
+    if constexpr (std::is_same_v<T, float>) return "F32";
+    else if constexpr (std::is_same_v<T, double>) return "F64";
+    else return "BF16";
+}
+
+/// Copy `n` BF16 values stored little-endian at `src` into `dst` as To: the
+/// 16 bits are the upper half of the float32 with the same value, so the
+/// conversion to float (and double) is exact, and to bf16 a copy.
+template <class To>
+void safetensors_read_bf16(const std::byte* src, To* dst, std::size_t n) noexcept {
+    for (std::size_t i = 0; i < n; ++i) {
+        const auto lo = std::uint16_t(std::to_integer<unsigned>(src[2 * i]));
+        const auto hi = std::uint16_t(std::to_integer<unsigned>(src[2 * i + 1]));
+        const auto bits = std::uint16_t(lo | hi << 8);
+        if constexpr (std::is_same_v<To, bf16>) dst[i] = std::bit_cast<bf16>(bits);
+        else dst[i] = To(std::bit_cast<float>(std::uint32_t(bits) << 16));
+    }
 }
 
 inline std::string safetensors_shape_str(std::span<const std::uint64_t> dims) {
@@ -127,7 +146,8 @@ void safetensors_read_le(const std::byte* src, To* dst, std::size_t n) noexcept 
         if constexpr (std::endian::native == std::endian::big) std::reverse(b, b + sizeof(From));
         From v;
         std::memcpy(&v, b, sizeof(From));
-        dst[i] = static_cast<To>(v);
+        if constexpr (std::is_same_v<To, bf16>) dst[i] = bf16(float(v));  // round to nearest even
+        else dst[i] = static_cast<To>(v);
     }
 }
 
@@ -226,19 +246,23 @@ public:
         }
     }
 
-    /// Read the values of an F32 or F64 entry into `dst` (entry.numel() elements), converting to T.
+    /// Read the values of an F32, F64 or BF16 entry into `dst` (entry.numel() elements), converting to T
+    /// (float, double or bf16).
     template <class T>
     void read_into(const SafetensorsEntry& e, T* dst) const {
+        static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, bf16>,
+                      "safetensors: values are read as float, double or bf16");
         const std::byte* src = bytes_.data() + data_start_ + e.begin;
         const auto n = std::size_t(e.numel());
         if (e.dtype == "F32") detail::safetensors_read_le<float>(src, dst, n);
         else if (e.dtype == "F64") detail::safetensors_read_le<double>(src, dst, n);
+        else if (e.dtype == "BF16") detail::safetensors_read_bf16(src, dst, n);
         else
             detail::safetensors_fail(source_, detail::concat("tensor '", e.name, "' has dtype ", e.dtype,
-                                                             "; patchwork reads F32 and F64 only (unsupported dtype)"));
+                                                             "; patchwork reads F32, F64 and BF16 (unsupported dtype)"));
     }
 
-    /// The tensor called `name` as a Tensor<T> (float or double), converted from F32 or F64.
+    /// The tensor called `name` as a Tensor<T> (float, double or bf16), converted from F32, F64 or BF16.
     template <class T>
     [[nodiscard]] Tensor<T> tensor(std::string_view name) const {
         const SafetensorsEntry* e = find(name);
@@ -424,7 +448,8 @@ class SafetensorsWriter {
 public:
     template <class T>
     void add(std::string name, const Tensor<T>& t) {
-        static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>);
+        static_assert(std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, bf16>,
+                      "safetensors: tensors are written as F32 (float), F64 (double) or BF16 (bf16)");
         Item item;
         item.name = std::move(name);
         item.dtype = detail::safetensors_dtype_of<T>();

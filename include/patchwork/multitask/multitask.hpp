@@ -118,10 +118,6 @@ public:
     using D = Device;
     static_assert(std::is_same_v<typename Head::Scalar, Scalar>,
                   "patchwork::MultiTask: the backbone and the heads must use the same scalar type");
-    static_assert(!std::is_same_v<Scalar, bf16>,
-                  "patchwork::MultiTask: bf16 storage covers the transformer path (Linear, LayerNorm, the "
-                  "activations, Dropout, Embedding, attention, the BERT modules and the Adapter, LoRA, ScaleShift, "
-                  "BiasOnly, NormPatch, Frozen and FineTune policies); use float or double here");
     static_assert(std::is_same_v<device_of_t<Head>, Device>,
                   "patchwork::MultiTask: the backbone and the heads must live on the same device (Cpu or Cuda)");
     static constexpr const char* kind() { return "multitask"; }

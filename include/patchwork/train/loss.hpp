@@ -40,6 +40,13 @@ struct Loss {
 template <class T>
 [[nodiscard]] Loss<T, Cuda> cross_entropy(const Tensor<T, Cuda>& logits, std::span<const int> labels);
 
+/// Cross-entropy of device logits whose rows have different class counts (the
+/// mixed-task form below, same checks): row r's softmax runs over its first
+/// classes[r] logits, the rest of the row gets gradient 0. Defined in kernels/ops.cuh.
+template <class T>
+[[nodiscard]] Loss<T, Cuda> cross_entropy(const Tensor<T, Cuda>& logits, std::span<const int> labels,
+                                          std::span<const std::size_t> classes);
+
 namespace detail {
 /// The checks every cross-entropy runs before computing (host side, any device).
 template <class T, class D>
@@ -56,9 +63,27 @@ void check_cross_entropy(const Tensor<T, D>& logits, std::span<const int> labels
             throw ConfigError(concat("cross_entropy: label ", labels[r], " at row ", r, " is outside [0, ", c,
                                      ") for logits ", logits.shape()));
 }
-}  // namespace detail
 
-namespace detail {
+/// The checks of the per-row class-count form: one count per row, each in
+/// [1, width], each label below its row's count.
+template <class T, class D>
+void check_cross_entropy(const Tensor<T, D>& logits, std::span<const int> labels,
+                         std::span<const std::size_t> classes) {
+    check_cross_entropy(logits, labels);
+    const std::size_t n = logits.rows(), c = logits.cols();
+    if (classes.size() != n)
+        throw ShapeError(concat("cross_entropy: ", classes.size(), " class counts for ", n, " rows of logits ",
+                                logits.shape()));
+    for (std::size_t r = 0; r < n; ++r) {
+        if (classes[r] == 0 || classes[r] > c)
+            throw ConfigError(concat("cross_entropy: row ", r, " has ", classes[r], " classes, outside [1, ", c,
+                                     "] for logits ", logits.shape()));
+        if (std::size_t(labels[r]) >= classes[r])
+            throw ConfigError(concat("cross_entropy: label ", labels[r], " at row ", r, " is outside [0, ",
+                                     classes[r], ") (the row's class count)"));
+    }
+}
+
 /// Mean softmax cross-entropy where row r's softmax runs over its first
 /// width(r) logits (the rest of the row gets no gradient). Labels are checked.
 ///   L = (1/N) sum_r ( log sum_{c < C_r} exp z_rc  -  z_r,y_r )
@@ -115,19 +140,7 @@ template <class T>
 template <class T>
 [[nodiscard]] Loss<T> cross_entropy(const Tensor<T>& logits, std::span<const int> labels,
                                     std::span<const std::size_t> classes) {
-    detail::check_cross_entropy(logits, labels);
-    const std::size_t n = logits.rows(), c = logits.cols();
-    if (classes.size() != n)
-        throw ShapeError(detail::concat("cross_entropy: ", classes.size(), " class counts for ", n,
-                                        " rows of logits ", logits.shape()));
-    for (std::size_t r = 0; r < n; ++r) {
-        if (classes[r] == 0 || classes[r] > c)
-            throw ConfigError(detail::concat("cross_entropy: row ", r, " has ", classes[r],
-                                             " classes, outside [1, ", c, "] for logits ", logits.shape()));
-        if (std::size_t(labels[r]) >= classes[r])
-            throw ConfigError(detail::concat("cross_entropy: label ", labels[r], " at row ", r, " is outside [0, ",
-                                             classes[r], ") (the row's class count)"));
-    }
+    detail::check_cross_entropy(logits, labels, classes);
     return detail::cross_entropy_rows(logits, labels, [classes](std::size_t r) { return classes[r]; });
 }
 

@@ -75,25 +75,22 @@ inline float half_to_float(std::uint16_t h) noexcept {
     }
     return std::bit_cast<float>(bits);
 }
-inline float bfloat_to_float(std::uint16_t h) noexcept { return std::bit_cast<float>(std::uint32_t(h) << 16); }
 
-/// Read an F32, F64, F16 or BF16 entry into dst, converting to T.
+/// Read an F32, F64, F16 or BF16 entry into dst, converting to T (F16 here; the others in SafetensorsFile::read_into).
 template <class T>
 void read_converted(const SafetensorsFile& f, const SafetensorsEntry& e, T* dst, const std::filesystem::path& file) {
-    if (e.dtype == "F32" || e.dtype == "F64") {
+    if (e.dtype == "F32" || e.dtype == "F64" || e.dtype == "BF16") {
         f.read_into(e, dst);
         return;
     }
-    if (e.dtype != "F16" && e.dtype != "BF16")
+    if (e.dtype != "F16")
         fail(file, patchwork::detail::concat("tensor '", e.name, "' has dtype ", e.dtype,
                                              "; BERT weights are read from F32, F64, F16 or BF16"));
     const auto bytes = f.bytes(e);
-    const bool bf = e.dtype == "BF16";
     for (std::size_t i = 0; i < std::size_t(e.numel()); ++i) {
         const auto lo = std::uint16_t(std::to_integer<unsigned>(bytes[2 * i]));
         const auto hi = std::uint16_t(std::to_integer<unsigned>(bytes[2 * i + 1]));
-        const std::uint16_t h = std::uint16_t(lo | hi << 8);
-        dst[i] = T(bf ? bfloat_to_float(h) : half_to_float(h));
+        dst[i] = T(half_to_float(std::uint16_t(lo | hi << 8)));
     }
 }
 
