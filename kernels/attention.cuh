@@ -184,6 +184,7 @@ void gemm_batched(bool ta, bool tb, T alpha, const Tensor<T, Cuda>& a, const Ten
     } else {
         // bf16 as in cuda::gemm: bf16 operands and results, fp32 products and sums.
         const float af = float(alpha), bf = float(beta);
+        const BlasMathScope tensor_cores(h, CUBLAS_DEFAULT_MATH, where);
         check(cublasGemmStridedBatchedEx(h, opf, ops, m, n, k, &af, b.data(), CUDA_R_16BF, ldf, sb, a.data(),
                                          CUDA_R_16BF, lds, sa, &bf, c.data(), CUDA_R_16BF, ldc, sc, batch,
                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),

@@ -460,6 +460,7 @@ void gemm(bool ta, bool tb, T alpha, const Tensor<T, Cuda>& a, const Tensor<T, C
     if constexpr (!std::is_same_v<C, T>) {
         // bf16 operands, an fp32 result (a parameter gradient): fp32 products and sums, C read and written in fp32.
         const float af = float(alpha), bf = float(beta);
+        const BlasMathScope tensor_cores(h, CUBLAS_DEFAULT_MATH, where);
         check(cublasGemmEx(h, opf, ops, m, n, k, &af, b.data(), CUDA_R_16BF, ldf, a.data(), CUDA_R_16BF, lds, &bf,
                            c.data(), CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx(bf16 -> fp32)", where);
@@ -473,6 +474,7 @@ void gemm(bool ta, bool tb, T alpha, const Tensor<T, Cuda>& a, const Tensor<T, C
         // bf16 operands and result, fp32 products and sums (tensor cores), alpha and beta in fp32:
         // C is read (beta != 0) and written in bf16, rounded once.
         const float af = float(alpha), bf = float(beta);
+        const BlasMathScope tensor_cores(h, CUBLAS_DEFAULT_MATH, where);
         check(cublasGemmEx(h, opf, ops, m, n, k, &af, b.data(), CUDA_R_16BF, ldf, a.data(), CUDA_R_16BF, lds, &bf,
                            c.data(), CUDA_R_16BF, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
               "cublasGemmEx(bf16)", where);

@@ -164,8 +164,9 @@ TEST_CASE("safetensors: BF16 tensors read exactly, write as BF16, and F32 rounds
 
     // A bf16 tensor is written as BF16: the same bytes back.
     pw::SafetensorsWriter w;
+    const pw::Tensor<float> half(pw::Shape{1}, {0.5f});  // the writer keeps references
     w.add("h", t16);
-    w.add("f", pw::Tensor<float>(pw::Shape{1}, {0.5f}));
+    w.add("f", half);
     const auto q = dir / "written.safetensors";
     w.save(q);
     const pw::SafetensorsFile g = pw::read_safetensors(q);

@@ -222,6 +222,34 @@ TEST_CASE("A BertLayer and a BertModel with LoRA in bf16 on the device follow fp
     }
 }
 
+#ifdef PATCHWORK_CPU_CUDA
+TEST_CASE("bf16 GEMMs run in cuBLAS's default math mode (tensor cores); the handle keeps its own mode") {
+    // The CPU execution's cuBLAS records the math mode of each GemmEx call. Under the handle's pedantic mode
+    // (exact fp32 for float GEMMs) a GPU would run bf16 GEMMs without tensor cores.
+    cublasHandle_t h = pw::cuda::context().blas();
+    std::mt19937 rng(98);
+    pw::BasicLinear<bf16, Cuda> lin(8, 4);
+    const Tensor<bf16, Cuda> x(pw::cast<bf16>(random_tensor<float>(Shape{3, 8}, rng)));
+    h->last_gemm_ex_math = CUBLAS_PEDANTIC_MATH;
+    const Tensor<bf16, Cuda> y = lin.forward(x);  // bf16 -> bf16
+    CHECK(h->last_gemm_ex_math == CUBLAS_DEFAULT_MATH);
+    CHECK(h->math == CUBLAS_PEDANTIC_MATH);
+    pw::cuda::context().set_tf32(true);
+    h->last_gemm_ex_math = CUBLAS_PEDANTIC_MATH;
+    pw::zero_grad(lin);
+    lin.backward(y);  // the weight gradient: bf16 -> fp32
+    CHECK(h->last_gemm_ex_math == CUBLAS_DEFAULT_MATH);
+    CHECK(h->math == CUBLAS_TF32_TENSOR_OP_MATH);
+    pw::cuda::context().set_tf32(false);
+    Tensor<bf16, Cuda> a(pw::cast<bf16>(random_tensor<float>(Shape{2, 3, 4}, rng)));
+    Tensor<bf16, Cuda> c(Shape{2, 3, 3});
+    h->last_gemm_ex_math = CUBLAS_PEDANTIC_MATH;
+    pw::cuda::gemm_batched(false, true, bf16(1.0f), a, a, bf16(0.0f), c, "test");  // attention's batched GEMMs
+    CHECK(h->last_gemm_ex_math == CUBLAS_DEFAULT_MATH);
+    CHECK(h->math == CUBLAS_PEDANTIC_MATH);
+}
+#endif
+
 TEST_CASE("AdamW on bf16 parameters updates an fp32 master copy") {
     // Steps of lr = 1e-4 from w = 1: each is below half a bf16 step at 1
     // (2^-8 / 2), so a bf16-only update would leave w at 1 for ever. The

@@ -9,7 +9,10 @@
 // Without a scope, the thread's default context (device 0, created on first
 // use) is current. cuBLAS runs in its default pedantic fp32 mode (no TF32),
 // so fp32 results stay within 1e-5 of the CPU backend; set_tf32(true) allows
-// TF32 tensor cores for Linear layers.
+// TF32 tensor cores for Linear layers. bf16 GEMMs switch the handle to the
+// default math mode for their call (BlasMathScope): tensor cores, whose bf16
+// products are exact in fp32 and whose sums run in fp32 (CUBLAS_COMPUTE_32F),
+// which the pedantic mode would keep from them.
 #include <cstddef>
 #include <string>
 #include <string_view>
@@ -20,6 +23,23 @@
 #include "patchwork/cuda/cuda_error.hpp"
 
 namespace patchwork::cuda {
+
+/// Sets a cuBLAS handle's math mode for a scope and restores the previous one
+/// at its end (the bf16 GEMMs: CUBLAS_DEFAULT_MATH for tensor cores).
+class BlasMathScope {
+public:
+    BlasMathScope(cublasHandle_t h, cublasMath_t mode, std::string_view where) : h_(h) {
+        check(cublasGetMathMode(h_, &saved_), "cublasGetMathMode", where);
+        check(cublasSetMathMode(h_, mode), "cublasSetMathMode", where);
+    }
+    ~BlasMathScope() { (void)cublasSetMathMode(h_, saved_); }
+    BlasMathScope(const BlasMathScope&) = delete;
+    BlasMathScope& operator=(const BlasMathScope&) = delete;
+
+private:
+    cublasHandle_t h_;
+    cublasMath_t saved_ = CUBLAS_PEDANTIC_MATH;
+};
 
 class Context {
 public:

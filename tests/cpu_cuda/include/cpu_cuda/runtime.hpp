@@ -983,6 +983,9 @@ enum cublasMath_t {
 struct cublasContext {
     cudaStream_t stream = nullptr;
     cublasMath_t math = CUBLAS_DEFAULT_MATH;
+    /// The math mode of the last cublasGemmEx / cublasGemmStridedBatchedEx call (for tests: a bf16 GEMM
+    /// under CUBLAS_PEDANTIC_MATH would run without tensor cores on a GPU).
+    cublasMath_t last_gemm_ex_math = CUBLAS_DEFAULT_MATH;
 };
 using cublasHandle_t = cublasContext*;
 
@@ -1017,6 +1020,12 @@ inline cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) {
 inline cublasStatus_t cublasSetMathMode(cublasHandle_t h, cublasMath_t m) {
     if (h == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
     h->math = m;
+    return CUBLAS_STATUS_SUCCESS;
+}
+inline cublasStatus_t cublasGetMathMode(cublasHandle_t h, cublasMath_t* m) {
+    if (h == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (m == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+    *m = h->math;
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -1063,6 +1072,7 @@ inline cublasStatus_t gemm_ex(cublasHandle_t h, cublasOperation_t ta, cublasOper
                               void* c, cudaDataType_t ct, int ldc, long long stride_c, int batch,
                               cublasComputeType_t compute) {
     if (h == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
+    h->last_gemm_ex_math = h->math;
     if (at != CUDA_R_16BF || bt != CUDA_R_16BF || (ct != CUDA_R_16BF && ct != CUDA_R_32F) ||
         compute != CUBLAS_COMPUTE_32F)
         return CUBLAS_STATUS_NOT_SUPPORTED;
