@@ -25,6 +25,8 @@
 #include "patchwork/layers/embedding.hpp"
 #include "patchwork/io/parameter_files.hpp"
 #include "patchwork/multitask/multitask.hpp"
+#include "patchwork/multitask/train.hpp"
+#include "patchwork/train/trainer.hpp"
 #include "patchwork/policies/norm_patch.hpp"
 #include "patchwork/search/derive.hpp"
 #include "patchwork/train/clip.hpp"
@@ -496,4 +498,71 @@ TEST_CASE("MultiTask in bf16 on the device: mixed-task batches in one pass and g
         const Tensor<float> want = pw::cast<float>(saved[k++]);
         CHECK(std::equal(want.begin(), want.end(), p.value.begin()));
     });
+}
+
+TEST_CASE("fit, evaluate and fit_multitask take a bf16 device model and float batches") {
+    // The host batches stay float; each input is rounded to bf16 on its way to the device (the inputs here are
+    // bf16 numbers already, so both models see the same values). Labels follow a fixed rule, so training lowers
+    // the loss; the bf16 run follows the fp32 CPU run epoch by epoch.
+    std::mt19937 rng(99);
+    using Net = pw::Sequential<pw::Tune<pw::BasicLinear<float>, pw::LoRA<4, 8>>, pw::BasicGelu<float>,
+                               pw::BasicLinear<float>>;
+    using DevNet = pw::Sequential<pw::Tune<pw::BasicLinear<bf16, Cuda>, pw::LoRA<4, 8>>, pw::BasicGelu<bf16, Cuda>,
+                                  pw::BasicLinear<bf16, Cuda>>;
+    Net cpu(pw::Tune<pw::BasicLinear<float>, pw::LoRA<4, 8>>(12, 16), pw::BasicGelu<float>{},
+            pw::BasicLinear<float>(16, 3));
+    DevNet dev(pw::Tune<pw::BasicLinear<bf16, Cuda>, pw::LoRA<4, 8>>(12, 16), pw::BasicGelu<bf16, Cuda>{},
+               pw::BasicLinear<bf16, Cuda>(16, 3));
+    randomize_bf16(cpu, rng, 0.4);
+    pw::search::copy_parameters(cpu, dev);
+    const auto make_batches = [&](std::size_t count, std::size_t rows, std::size_t width, int classes) {
+        std::vector<pw::Batch<float>> batches;
+        for (std::size_t i = 0; i < count; ++i) {
+            pw::Batch<float> b{bf16_rounded(random_tensor<float>(Shape{rows, width}, rng)), {}};
+            for (std::size_t r = 0; r < rows; ++r)  // the class: which of `classes` slices of [-1, 1] x[r, 0] is in
+                b.labels.push_back(
+                    std::clamp(int(std::floor((b.x(r, 0) + 1.0f) * float(classes) / 2.0f)), 0, classes - 1));
+            batches.push_back(std::move(b));
+        }
+        return pw::VectorSource<float>(std::move(batches));
+    };
+    pw::VectorSource<float> train = make_batches(4, 16, 12, 3), test = make_batches(2, 16, 12, 3);
+    pw::AdamW oc(pw::trainable_parameters(cpu), {.lr = 2e-2});
+    pw::BasicAdamW<bf16, Cuda> od(pw::trainable_parameters(dev), {.lr = 2e-2});
+    const pw::TrainOptions options{.epochs = 4, .clip_norm = 1.0, .verbose = false};
+    const pw::History hc = pw::fit(cpu, oc, train, options);
+    const pw::History hd = pw::fit(dev, od, train, options);
+    REQUIRE(hd.epochs.size() == hc.epochs.size());
+    for (std::size_t e = 0; e < hc.epochs.size(); ++e) {
+        std::printf("fit epoch %zu: loss %.5f (CPU fp32) %.5f (device bf16)\n", e, hc.epochs[e].loss,
+                    hd.epochs[e].loss);
+        CHECK(std::abs(hd.epochs[e].loss - hc.epochs[e].loss) < 1e-2 * hc.epochs[e].loss);
+        REQUIRE(hd.epochs[e].accuracy.has_value());
+    }
+    CHECK(hd.epochs.back().loss < 0.9 * hd.epochs.front().loss);
+    const pw::Evaluation ec = pw::evaluate(cpu, test), ed = pw::evaluate(dev, test);
+    CHECK(ed.samples == 32);
+    CHECK(std::abs(ed.loss - ec.loss) < 3e-2 * ec.loss);
+    CHECK(std::abs(ed.accuracy - ec.accuracy) <= 2.0 / 32);
+
+    // fit_multitask on the bf16 MultiTask: one source per task, per-task losses as on the CPU.
+    auto mc = bf16_multitask<float, Cpu>();
+    auto md = bf16_multitask<bf16, Cuda>();
+    randomize_bf16(mc, rng, 0.25);
+    pw::search::copy_parameters(mc, md);
+    std::vector<pw::VectorSource<float>> sources;
+    for (int k = 0; k < 4; ++k) sources.push_back(make_batches(2, 8, 40, 5));
+    pw::SGD sc(pw::trainable_parameters(mc), {.lr = 1e-2});
+    pw::BasicSGD<bf16, Cuda> sd(pw::trainable_parameters(md), {.lr = 1e-2});
+    const pw::MultiTaskTrainOptions mo{.epochs = 1, .verbose = false};
+    const auto rc = pw::fit_multitask(mc, sc, sources, mo);
+    const auto rd = pw::fit_multitask(md, sd, sources, mo);
+    for (std::size_t k = 0; k < 4; ++k) {
+        std::printf("fit_multitask task %zu: loss %.5f (CPU fp32) %.5f (device bf16)\n", k, rc.epochs[0].loss[k],
+                    rd.epochs[0].loss[k]);
+        CHECK(rd.epochs[0].steps[k] == 2);
+        CHECK(std::abs(rd.epochs[0].loss[k] - rc.epochs[0].loss[k]) < 1e-2 * rc.epochs[0].loss[k]);
+    }
+    const pw::Evaluation tc = pw::evaluate_task(mc, 2, sources[2]), td = pw::evaluate_task(md, 2, sources[2]);
+    CHECK(std::abs(td.loss - tc.loss) < 3e-2 * tc.loss);
 }

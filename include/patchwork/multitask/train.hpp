@@ -123,7 +123,7 @@ MultiTaskHistory fit_multitask(MT& model, O& opt, std::vector<S>& sources, const
             }
             auto& src = sources[task];
             auto&& batch = src.batch(next[task]++ % src.batches());
-            const Batch<T>& b = batch;
+            const Batch<batch_scalar_t<T>>& b = batch;
             const StepResult r = train_step(
                 model, opt,
                 [&]() -> const Tensor<T, D>& { return model.forward(detail::on_device_of(b.x, staging), int(task)); },

@@ -29,7 +29,8 @@
 // its forward, the loss takes the device output (Loss<T, Cuda>: the default
 // cross-entropy runs its kernel with host labels), the optimiser and clipping
 // run on the device, and only the loss value (and, for the accuracy, the
-// logits) come back.
+// logits) come back. A bf16 device model takes the same float batches
+// (batch_scalar_t): each x is rounded to bf16 on the host before its copy.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -59,10 +60,16 @@
 
 namespace patchwork {
 
+/// The element type of the host batches a model of element type T trains
+/// and evaluates on: T itself, and float for a bf16 (device) model, whose
+/// inputs are rounded to bf16 on their way to the device.
+template <class T>
+using batch_scalar_t = std::conditional_t<std::is_same_v<T, bf16>, float, T>;
+
 /// The default loss: mean softmax cross-entropy against the batch labels.
 struct CrossEntropyLoss {
-    template <class T, class D>
-    [[nodiscard]] Loss<T, D> operator()(const Tensor<T, D>& logits, const Batch<T>& batch) const {
+    template <class T, class D, class B>
+    [[nodiscard]] Loss<T, D> operator()(const Tensor<T, D>& logits, const Batch<B>& batch) const {
         return cross_entropy(logits, std::span<const int>(batch.labels));
     }
 };
@@ -70,35 +77,40 @@ struct CrossEntropyLoss {
 /// A callable usable as fit's loss: takes the model output (on the model's
 /// device D) and the batch (or its labels).
 template <class F, class T, class D = Cpu>
-concept LossFunction = std::is_invocable_r_v<Loss<T, D>, F&, const Tensor<T, D>&, const Batch<T>&> ||
-                       std::is_invocable_r_v<Loss<T, D>, F&, const Tensor<T, D>&, std::span<const int>>;
+concept LossFunction =
+    std::is_invocable_r_v<Loss<T, D>, F&, const Tensor<T, D>&, const Batch<batch_scalar_t<T>>&> ||
+    std::is_invocable_r_v<Loss<T, D>, F&, const Tensor<T, D>&, std::span<const int>>;
 
 namespace detail {
 template <class T, class D, class F>
-Loss<T, D> call_loss(F& f, const Tensor<T, D>& y, const Batch<T>& b) {
-    if constexpr (std::is_invocable_r_v<Loss<T, D>, F&, const Tensor<T, D>&, const Batch<T>&>)
+Loss<T, D> call_loss(F& f, const Tensor<T, D>& y, const Batch<batch_scalar_t<T>>& b) {
+    if constexpr (std::is_invocable_r_v<Loss<T, D>, F&, const Tensor<T, D>&, const Batch<batch_scalar_t<T>>&>)
         return std::invoke(f, y, b);
     else
         return std::invoke(f, y, std::span<const int>(b.labels));
 }
 
 /// The model input for batch x: x itself on the CPU; on the device, x copied
-/// into `staging` (kept between steps, so its allocation is reused).
-template <class T, class D>
-const Tensor<T, D>& on_device_of(const Tensor<T>& x, Tensor<T, D>& staging) {
+/// into `staging` (kept between steps, so its allocation is reused); for a
+/// bf16 model, x rounded to bf16 (to nearest even) on the host first.
+template <class B, class T, class D>
+const Tensor<T, D>& on_device_of(const Tensor<B>& x, Tensor<T, D>& staging) {
     if constexpr (std::is_same_v<D, Cpu>) {
+        static_assert(std::is_same_v<B, T>);
         return x;
     } else {
         staging.resize(x.shape());
-        copy(x, staging);
+        if constexpr (std::is_same_v<B, T>) copy(x, staging);
+        else copy(cast<T>(x), staging);
         return staging;
     }
 }
 
-/// count_correct of logits on either device (device logits are read back).
+/// count_correct of logits on either device (device logits are read back; bf16 ones as float).
 template <class T, class D>
 std::size_t count_correct_any(const Tensor<T, D>& y, std::span<const int> labels) {
     if constexpr (std::is_same_v<D, Cpu>) return count_correct(y, labels);
+    else if constexpr (std::is_same_v<T, bf16>) return count_correct(cast<float>(to_host(y)), labels);
     else return count_correct(to_host(y), labels);
 }
 
@@ -110,8 +122,8 @@ std::size_t batch_samples(const Batch<T>& b) {
 }
 
 /// Whether accuracy can be measured: one label per output row.
-template <class T, class D>
-bool has_class_labels(const Tensor<T, D>& y, const Batch<T>& b) {
+template <class T, class D, class B>
+bool has_class_labels(const Tensor<T, D>& y, const Batch<B>& b) {
     return !b.labels.empty() && y.rank() >= 1 && y.cols() >= 1 && y.rows() == b.labels.size();
 }
 }  // namespace detail
@@ -172,8 +184,10 @@ template <Module M, Optimizer O, BatchSource S, class F>
 History fit(M& model, O& opt, S& source, F&& loss_fn, const TrainOptions& options = {}) {
     using T = typename M::Scalar;
     using D = device_of_t<M>;
-    static_assert(std::is_same_v<typename S::Scalar, T>,
-                  "patchwork::fit: the batch source and the model must use the same scalar type");
+    using B = batch_scalar_t<T>;
+    static_assert(std::is_same_v<typename S::Scalar, B>,
+                  "patchwork::fit: the batch source and the model must use the same scalar type (float batches "
+                  "for a bf16 model)");
     static_assert(std::is_same_v<typename O::Scalar, T>,
                   "patchwork::fit: the optimiser and the model must use the same scalar type");
     using clock = std::chrono::steady_clock;
@@ -212,7 +226,7 @@ History fit(M& model, O& opt, S& source, F&& loss_fn, const TrainOptions& option
         for (std::size_t i = 0; i < steps; ++i, ++global_step) {
             if (options.schedule) opt.set_lr_factor(options.schedule(global_step));
             auto&& batch = source.batch(i);
-            const Batch<T>& b = batch;
+            const Batch<B>& b = batch;
             const StepResult r = train_step(
                 model, opt, [&]() -> const Tensor<T, D>& { return model.forward(detail::on_device_of(b.x, staging)); },
                 [&](const Tensor<T, D>& y) {
@@ -287,9 +301,11 @@ template <Module M, BatchSource S, class F>
 [[nodiscard]] Evaluation evaluate(M& model, S& source, F&& loss_fn) {
     using T = typename M::Scalar;
     using D = device_of_t<M>;
+    using B = batch_scalar_t<T>;
     Tensor<T, D> staging;
-    static_assert(std::is_same_v<typename S::Scalar, T>,
-                  "patchwork::evaluate: the batch source and the model must use the same scalar type");
+    static_assert(std::is_same_v<typename S::Scalar, B>,
+                  "patchwork::evaluate: the batch source and the model must use the same scalar type (float "
+                  "batches for a bf16 model)");
     source.start_epoch(0);
     const std::size_t steps = source.batches();
     if (steps == 0) throw ConfigError("evaluate: the batch source has no batches");
@@ -298,7 +314,7 @@ template <Module M, BatchSource S, class F>
     std::size_t correct = 0, labelled = 0;
     for (std::size_t i = 0; i < steps; ++i) {
         auto&& batch = source.batch(i);
-        const Batch<T>& b = batch;
+        const Batch<B>& b = batch;
         const Tensor<T, D>& y = model.forward(detail::on_device_of(b.x, staging));
         const Loss<T, D> loss = detail::call_loss<T, D>(loss_fn, y, b);
         const std::size_t n = detail::batch_samples(b);
