@@ -29,6 +29,9 @@
 #include "patchwork/train/trainer.hpp"
 #include "patchwork/policies/norm_patch.hpp"
 #include "patchwork/search/derive.hpp"
+#include "patchwork/search/loop.hpp"
+#include "patchwork/search/penalty.hpp"
+#include "patchwork/search/search_module.hpp"
 #include "patchwork/train/clip.hpp"
 #include "patchwork/transformer/bert.hpp"
 
@@ -565,4 +568,104 @@ TEST_CASE("fit, evaluate and fit_multitask take a bf16 device model and float ba
     }
     const pw::Evaluation tc = pw::evaluate_task(mc, 2, sources[2]), td = pw::evaluate_task(md, 2, sources[2]);
     CHECK(std::abs(td.loss - tc.loss) < 3e-2 * tc.loss);
+}
+
+TEST_CASE("Search in bf16 on the device follows the fp32 search on the CPU: gates, gradients, DARTS, derive") {
+    // alpha is a bf16 parameter (fp32 gradient, fp32 master in Adam); the gates, their noise and dL/dalpha are
+    // fp32, computed by the mixing kernel from alpha converted exactly to fp32.
+    using Cands = pw::Search<pw::Frozen, pw::Adapter<3>, pw::LoRA<2, 4>, pw::ScaleShift, pw::FineTune>;
+    using CpuSearched = pw::Tune<pw::BasicLinear<float>, Cands>;
+    using DevSearched = pw::Tune<pw::BasicLinear<bf16, Cuda>, Cands>;
+    std::mt19937 rng(100);
+    Bf16Worst w{"Search"};
+    for (const bool gumbel : {false, true}) {
+        CAPTURE(gumbel);
+        CpuSearched cpu(24, 16);
+        DevSearched dev(24, 16);
+        randomize_bf16(cpu, rng, 0.5);  // alpha too: five distinct gates
+        const pw::search::GateConfig gates{.mode = gumbel ? pw::search::GateMode::gumbel : pw::search::GateMode::softmax,
+                                           .tau = 0.7};
+        cpu.inner().set_gates(gates);
+        dev.inner().set_gates(gates);
+        if (gumbel) {
+            const std::vector<float> noise{0.3f, -0.2f, 0.9f, 0.1f, -0.6f};
+            cpu.inner().fix_noise(noise);
+            dev.inner().fix_noise(noise);
+        }
+        bf16_parity(cpu, dev, Shape{9, 24}, rng, w, 2.5e-2);  // every gradient, alpha's included
+        // The gates come from the same alpha (bf16 numbers on both sides), in fp32.
+        const auto& gc = cpu.inner().gate_state();
+        const auto& gd = dev.inner().gate_state();
+        static_assert(std::is_same_v<std::decay_t<decltype(gd.soft)>, std::vector<float>>, "fp32 gates");
+        REQUIRE(gd.soft.size() == 5);
+        for (std::size_t k = 0; k < 5; ++k) {
+            CHECK(std::abs(gd.soft[k] - gc.soft[k]) <= 1e-6f);
+            CHECK(std::abs(gd.used[k] - gc.used[k]) <= 1e-6f);
+        }
+        const auto pc = cpu.inner().probabilities(), pd = dev.inner().probabilities();
+        for (std::size_t k = 0; k < 5; ++k) CHECK(pd[k] == pc[k]);
+        // A penalty on the gates adds the same alpha gradient (fp32 on both sides).
+        pw::zero_grad(cpu);
+        pw::zero_grad(dev);
+        const pw::search::Penalty pen{.lambda = 0.8};
+        const double vc = pw::search::penalty(cpu, pen, 0), vd = pw::search::penalty(dev, pen, 0);
+        CHECK(std::abs(vd - vc) <= 1e-6 * std::abs(vc));
+        w.check(cpu.inner().alpha.grad, dev.inner().alpha.grad, "alpha gradient of the penalty", 1e-5);
+    }
+
+    // search::run on float batches: the same steps and alpha steps, losses and softmax(alpha) close to the
+    // fp32 run; then derive the same scheme and move the weights into the fixed type on the CPU.
+    using CpuNet = pw::Sequential<CpuSearched, pw::BasicRelu<float>, pw::BasicLinear<float>>;
+    using DevNet = pw::Sequential<DevSearched, pw::BasicRelu<bf16, Cuda>, pw::BasicLinear<bf16, Cuda>>;
+    CpuNet cpu(CpuSearched(24, 16), pw::BasicRelu<float>{}, pw::BasicLinear<float>(16, 3));
+    DevNet dev(DevSearched(24, 16), pw::BasicRelu<bf16, Cuda>{}, pw::BasicLinear<bf16, Cuda>(16, 3));
+    randomize_bf16(cpu, rng, 0.3);
+    pw::search::copy_parameters(cpu, dev);
+    std::vector<pw::Batch<float>> tb, vb;
+    for (int i = 0; i < 6; ++i) {
+        pw::Batch<float> b{bf16_rounded(random_tensor<float>(Shape{8, 24}, rng)), {}};
+        for (int r = 0; r < 8; ++r) b.labels.push_back(b.x(std::size_t(r), 0) > 0 ? 1 : (b.x(std::size_t(r), 1) > 0 ? 2 : 0));
+        (i < 4 ? tb : vb).push_back(std::move(b));
+    }
+    pw::VectorSource<float> train(tb), val(vb);
+    const auto step_cpu = [](auto& m, const pw::Batch<float>& b) {
+        auto ce = pw::cross_entropy(m.forward(b.x), b.labels);
+        m.backward(ce.grad);
+        return double(ce.value);
+    };
+    const auto step_dev = [](auto& m, const pw::Batch<float>& b) {
+        const Tensor<bf16, Cuda> x(pw::cast<bf16>(b.x));
+        auto ce = pw::cross_entropy(m.forward(x), b.labels);
+        m.backward(ce.grad);
+        return double(ce.value);
+    };
+    const pw::search::SearchOptions opts{.epochs = 2,
+                                         .penalty = {.lambda = 0.5},
+                                         .alpha = {.lr = 0.05, .beta1 = 0.5, .beta2 = 0.999, .eps = 1e-8},
+                                         .log_every = 2};
+    pw::SGD opt_cpu(pw::search::weight_parameters(cpu), {.lr = 1e-2});
+    pw::BasicSGD<bf16, Cuda> opt_dev(pw::search::weight_parameters(dev), {.lr = 1e-2});
+    const auto rc = pw::search::run(cpu, opt_cpu, train, val, step_cpu, opts);
+    const auto rd = pw::search::run(dev, opt_dev, train, val, step_dev, opts);
+    CHECK(rd.steps == rc.steps);
+    CHECK(rd.alpha_steps == rc.alpha_steps);
+    CHECK(rd.alpha_steps > 0);
+    std::printf("Search DARTS: last loss %.5f (CPU fp32) %.5f (device bf16), penalty %.5f / %.5f\n",
+                rc.last_train_loss, rd.last_train_loss, rc.last_penalty, rd.last_penalty);
+    CHECK(std::abs(rd.last_train_loss - rc.last_train_loss) < 2e-2 * rc.last_train_loss);
+    const auto pc = cpu.get<0>().inner().probabilities(), pd = dev.get<0>().inner().probabilities();
+    double moved = 0;
+    for (std::size_t k = 0; k < 5; ++k) {
+        CHECK(std::abs(pd[k] - pc[k]) < 5e-3);  // alpha moved by ~0.05 a step; bf16 stores it to 2^-9 relative
+        moved = std::max(moved, std::abs(pc[k] - 0.2));
+    }
+    CHECK(moved > 1e-2);  // the search moved the gates
+    const std::vector<std::size_t> scheme{2};  // LoRA on both sides, whatever each argmax says
+    pw::search::derive(cpu, scheme);
+    pw::search::derive(dev, scheme);
+    CpuNet again(CpuSearched(24, 16), pw::BasicRelu<float>{}, pw::BasicLinear<float>(16, 3));
+    again.get<0>().inner().derive(2);
+    pw::search::copy_parameters(dev, again);  // bf16 -> fp32, exact
+    const Tensor<float> x = bf16_rounded(random_tensor<float>(Shape{5, 24}, rng));
+    w.check(again.forward(x), dev.forward(Tensor<bf16, Cuda>(pw::cast<bf16>(x))), "derived forward", 1e-2);
 }

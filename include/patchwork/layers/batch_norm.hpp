@@ -70,7 +70,8 @@ class BasicBatchNorm2d : public ModuleBase {
     static_assert(!std::is_same_v<T, bf16>,
                   "patchwork::BatchNorm2d: bf16 storage covers the transformer path (Linear, LayerNorm, the "
                   "activations, Dropout, Embedding, attention, the BERT modules and the Adapter, LoRA, ScaleShift, "
-                  "BiasOnly, NormPatch, Frozen and FineTune policies); use float or double here");
+                  "BiasOnly, NormPatch, Frozen and FineTune policies, and MultiTask and Search over them); use float or "
+                  "double here");
 
 public:
     using Scalar = T;

@@ -187,20 +187,22 @@ void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Ten
 /// The gates of a searched module and its mixed output: z = (alpha + noise) / tau
 /// (noise null: z = alpha), p = softmax(z), w = onehot(argmax p) when hard, else p;
 /// y = sum_k w_k candidates[k] (K = alpha.size() candidates of equal shape);
-/// soft and used [K] receive p and w.
+/// soft and used [K] receive p and w. The gate tensors (alpha, noise, soft,
+/// used, and below dgate and alpha_grad) hold compute_t<T>: fp32 for bf16
+/// candidate outputs.
 template <class T>
-void search_mix_forward(const Tensor<T, Cuda>& alpha, const Tensor<T, Cuda>* noise, double tau, bool hard,
-                        const Tensor<T, Cuda>* const* candidates, Tensor<T, Cuda>& y, Tensor<T, Cuda>& soft,
-                        Tensor<T, Cuda>& used, std::string_view where);
+void search_mix_forward(const Tensor<compute_t<T>, Cuda>& alpha, const Tensor<compute_t<T>, Cuda>* noise, double tau,
+                        bool hard, const Tensor<T, Cuda>* const* candidates, Tensor<T, Cuda>& y,
+                        Tensor<compute_t<T>, Cuda>& soft, Tensor<compute_t<T>, Cuda>& used, std::string_view where);
 
 /// Its backward: d_candidates[k] = used_k g (each resized; the array or an entry
 /// may be null); alpha_grad += (1/tau) p (dgate - <p, dgate>) with dgate_k = <g,
 /// candidates[k]> (when not null; tau is 1 when noise is null).
 template <class T>
 void search_mix_backward(const Tensor<T, Cuda>& g, const Tensor<T, Cuda>* const* candidates,
-                         const Tensor<T, Cuda>& soft, const Tensor<T, Cuda>& used, const Tensor<T, Cuda>* noise,
-                         double tau, Tensor<T, Cuda>* const* d_candidates, Tensor<T, Cuda>* alpha_grad,
-                         std::string_view where);
+                         const Tensor<compute_t<T>, Cuda>& soft, const Tensor<compute_t<T>, Cuda>& used,
+                         const Tensor<compute_t<T>, Cuda>* noise, double tau, Tensor<T, Cuda>* const* d_candidates,
+                         Tensor<compute_t<T>, Cuda>* alpha_grad, std::string_view where);
 
 /// alpha_grad += (1/tau) p (dgate - <p, dgate>) for a given dL/dw [K] (a penalty
 /// on the gates); tau applies when the forward used noise (`noisy`).

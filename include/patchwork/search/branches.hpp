@@ -221,7 +221,8 @@ private:
     T scale_ = T(double(P::alpha) / double(P::rank));
     std::string path_ = "lora";
     Saved<T, D> x_;
-    Tensor<T, D> u_, y_, gb_, empty_;
+    Tensor<compute_t<T>, D> u_;  ///< x A^T, kept in fp32 for bf16 (as LoRAModule)
+    Tensor<T, D> y_, gb_, empty_;
 };
 
 /// A selection candidate (FineTune, BiasOnly, NormPatch): its own copy of the

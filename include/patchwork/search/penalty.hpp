@@ -147,7 +147,7 @@ double penalty(M& model, const Penalty& pen, std::size_t step) {
     double value = 0;
     for_each_searched(model, [&](auto& m) {
         using Mod = std::remove_cvref_t<decltype(m)>;
-        using T = typename Mod::Scalar;
+        using T = typename Mod::Gate;  // fp32 for bf16 modules
         if (m.derived()) return;
         const auto counts = m.candidate_parameters();
         const auto labels = Mod::candidate_labels();

@@ -73,10 +73,6 @@ struct SearchModuleTag {};
 
 template <class Inner, class... Cands>
 class SearchModule : public ModuleBase, public SearchModuleTag {
-    static_assert(!std::is_same_v<typename Inner::Scalar, bf16>,
-                  "patchwork::Search<...>: bf16 storage covers the transformer path (Linear, LayerNorm, the "
-                  "activations, Dropout, Embedding, attention, the BERT modules and the Adapter, LoRA, ScaleShift, "
-                  "BiasOnly, NormPatch, Frozen and FineTune policies); use float or double here");
     static_assert(sizeof...(Cands) > 0,
                   "patchwork::Search<>: give at least one candidate, e.g. Search<Frozen, Adapter<32>, FineTune>");
     static_assert((Policy<Cands> && ...),
@@ -96,6 +92,9 @@ public:
     using Scalar = typename Inner::Scalar;
     using T = Scalar;
     using Device = device_of_t<Inner>;
+    /// The gates' type: T, and fp32 for a bf16 module (alpha is stored in bf16 like every parameter, with an
+    /// fp32 gradient and an fp32 master in the optimiser; the gates, their noise and dL/dalpha are fp32).
+    using Gate = compute_t<T>;
     using Base = Inner;
     static constexpr std::size_t candidates = sizeof...(Cands);
     static constexpr const char* kind() { return Inner::kind(); }
@@ -148,10 +147,10 @@ public:
     void seed(std::uint64_t s) { rng_ = Rng(s); }
     /// Gate values of the last forward (p soft, g used); empty before one. On
     /// the device they are copied to the host here (once per forward).
-    [[nodiscard]] const search::GateState<T>& gate_state() const {
+    [[nodiscard]] const search::GateState<Gate>& gate_state() const {
         if constexpr (on_gpu) {
             if (!gates_on_host_ && soft_d_.size() == candidates) {
-                const Tensor<T> soft = to_host(soft_d_), used = to_host(used_d_);
+                const Tensor<Gate> soft = to_host(soft_d_), used = to_host(used_d_);
                 gates_.soft.assign(soft.begin(), soft.end());
                 gates_.used.assign(used.begin(), used.end());
                 gates_on_host_ = true;
@@ -170,18 +169,18 @@ public:
             a = &alpha.value;
         }
         std::vector<double> p(candidates);
-        double m = -1e300, s = 0;
+        double m = -1e300, s = 0;  // bf16 alpha: the stored values (the optimiser's fp32 master rounded)
         for (std::size_t k = 0; k < candidates; ++k) m = std::max(m, double((*a)[k]));
         for (std::size_t k = 0; k < candidates; ++k) s += (p[k] = std::exp(double((*a)[k]) - m));
         for (auto& v : p) v /= s;
         return p;
     }
     /// Fixes the gates to a one-hot on candidate k (for tests and ablations).
-    void fix_noise(const std::vector<T>& noise) { fixed_noise_ = noise; }
+    void fix_noise(const std::vector<Gate>& noise) { fixed_noise_ = noise; }
 
     /// Adds dR/dg (a penalty's gradient with respect to the gates of the last
     /// forward) to alpha's gradient.
-    void add_gate_grad(const std::vector<T>& dgate) {
+    void add_gate_grad(const std::vector<Gate>& dgate) {
         if (derived()) return;
         if ((on_gpu ? soft_d_.size() : gates_.soft.size()) != candidates)
             throw Error(detail::concat(detail::display_path(path_), ": gate gradient before any forward"));
@@ -190,7 +189,7 @@ public:
                                             " values for ", candidates, " candidates"));
         if (!alpha.wants_grad()) return;
         if constexpr (on_gpu) {
-            Tensor<T> host(Shape{candidates});
+            Tensor<Gate> host(Shape{candidates});
             std::copy(dgate.begin(), dgate.end(), host.begin());
             dgate_d_.resize(host.shape());
             copy(host, dgate_d_);
@@ -304,8 +303,15 @@ public:
                 noise_d_.resize(Shape{candidates});
                 cuda::upload_elements(noise_d_.data(), gates_.noise.data(), candidates, path_);
             }
-            cuda::search_mix_forward(alpha.value, noisy_ ? &noise_d_ : nullptr, 1.0 / gates_.inv_tau,
-                                     gates_cfg_.hard, outs_.data(), y_, soft_d_, used_d_, path_);
+            const Tensor<Gate, Device>* a = nullptr;
+            if constexpr (std::is_same_v<Gate, T>) {
+                a = &alpha.value;
+            } else {
+                cuda::convert(alpha.value, alpha_d_, path_);  // bf16 -> fp32, exact
+                a = &alpha_d_;
+            }
+            cuda::search_mix_forward<T>(*a, noisy_ ? &noise_d_ : nullptr, 1.0 / gates_.inv_tau, gates_cfg_.hard,
+                                        outs_.data(), y_, soft_d_, used_d_, path_);
             return y_;
         } else {
             y_.resize(outs_[0]->shape());
@@ -328,13 +334,13 @@ public:
         if constexpr (on_gpu) {
             if (gates_cfg_.hard) {
                 const auto& used = gate_state().used;
-                for (std::size_t j = 0; j < candidates; ++j) skip[j] = used[j] == T(0);
+                for (std::size_t j = 0; j < candidates; ++j) skip[j] = used[j] == Gate(0);
             }
             std::array<Tensor<T, Device>*, candidates> d{};
             for (std::size_t j = 0; j < candidates; ++j) d[j] = skip[j] ? nullptr : &scaled_[j];
-            cuda::search_mix_backward(dy, outs_.data(), soft_d_, used_d_, noisy_ ? &noise_d_ : nullptr,
-                                      1.0 / gates_.inv_tau, d.data(), alpha.wants_grad() ? &alpha.grad : nullptr,
-                                      path_);
+            cuda::search_mix_backward<T>(dy, outs_.data(), soft_d_, used_d_, noisy_ ? &noise_d_ : nullptr,
+                                         1.0 / gates_.inv_tau, d.data(), alpha.wants_grad() ? &alpha.grad : nullptr,
+                                         path_);
         } else {
             std::array<T, candidates> dgate{};
             const auto g = dy.matrix();
@@ -487,7 +493,13 @@ private:
 
     void reset_alpha(Rng& rng) {
         // DARTS: alpha = 1e-3 N(0, 1), so every candidate starts with (almost) equal weight.
-        init::on_host(alpha.value, [&](Tensor<T>& a) { init::normal(a, rng, 0.0, 1e-3); });
+        if constexpr (std::is_same_v<T, bf16>) {  // drawn in fp32 as for float, then rounded
+            Tensor<float> a(alpha.value.shape());
+            init::normal(a, rng, 0.0, 1e-3);
+            copy(cast<bf16>(a), alpha.value);
+        } else {
+            init::on_host(alpha.value, [&](Tensor<T>& a) { init::normal(a, rng, 0.0, 1e-3); });
+        }
     }
 
     static constexpr bool on_gpu = std::is_same_v<Device, Cuda>;
@@ -496,8 +508,8 @@ private:
     Inner base_;
     std::tuple<typename detail::branch_for<Inner, Cands>::type...> branches_;
     search::GateConfig gates_cfg_;
-    mutable search::GateState<T> gates_;  ///< on the device: the noise, and p and g once read back
-    std::optional<std::vector<T>> fixed_noise_;
+    mutable search::GateState<Gate> gates_;  ///< on the device: the noise, and p and g once read back
+    std::optional<std::vector<Gate>> fixed_noise_;
     Rng rng_{0x5ea4c4};
     std::optional<std::size_t> chosen_;
     std::array<const Tensor<T, Device>*, candidates> outs_{};
@@ -508,7 +520,8 @@ private:
     /// per candidate on the device (the mixing backward writes them all at once).
     std::array<Tensor<T, Device>, on_gpu ? candidates : 1> scaled_;
     // The device's gate state: noise uploaded per forward, p and g written by the kernel.
-    Tensor<T, Device> noise_d_, soft_d_, used_d_, dgate_d_;
+    Tensor<Gate, Device> noise_d_, soft_d_, used_d_, dgate_d_;
+    Tensor<Gate, Device> alpha_d_;  ///< bf16 modules: alpha in fp32 for the kernels
     bool noisy_ = false;
     mutable bool gates_on_host_ = false;
 };
