@@ -141,48 +141,51 @@ void lora_backward(const Tensor<T, Cuda>& x, const Tensor<T, Cuda>& g, const Ten
 }
 
 template <class T>
-void search_mix_forward(const Tensor<T, Cuda>& alpha, const Tensor<T, Cuda>* noise, double tau, bool hard,
-                        const Tensor<T, Cuda>* const* candidates, Tensor<T, Cuda>& y, Tensor<T, Cuda>& soft,
-                        Tensor<T, Cuda>& used, std::string_view where) {
+void search_mix_forward(const Tensor<compute_t<T>, Cuda>& alpha, const Tensor<compute_t<T>, Cuda>* noise, double tau,
+                        bool hard, const Tensor<T, Cuda>* const* candidates, Tensor<T, Cuda>& y,
+                        Tensor<compute_t<T>, Cuda>& soft, Tensor<compute_t<T>, Cuda>& used, std::string_view where) {
+    using E = kernels::device_t<T>;
     const std::size_t k = alpha.size();
     kernels::detail::check_mix(k, 1, where);
     const Shape& shape = candidates[0]->shape();
-    const T* ptrs[kernels::kMaxCandidates];
+    const E* ptrs[kernels::kMaxCandidates];
     for (std::size_t j = 0; j < k; ++j) {
         if (!(candidates[j]->shape() == shape))
             throw ShapeError(patchwork::detail::concat(where, ": candidate ", j, " output ", candidates[j]->shape(),
                                                        " does not match candidate 0's ", shape));
-        ptrs[j] = candidates[j]->data();
+        ptrs[j] = kernels::dev(candidates[j]->data());
     }
     if (noise != nullptr) detail::expect_shape(*noise, alpha.shape(), where, "gate noise");
     y.resize(shape);
     soft.resize(alpha.shape());
     used.resize(alpha.shape());
-    const kernels::MixGates<T> gates{noise != nullptr ? noise->data() : nullptr, tau, hard};
-    kernels::mix_forward<T>(alpha.data(), k, gates, ptrs, y.size(), y.data(), soft.data(), used.data(), where);
+    const kernels::MixGates<kernels::accum_t<E>> gates{noise != nullptr ? noise->data() : nullptr, tau, hard};
+    kernels::mix_forward<E>(alpha.data(), k, gates, ptrs, y.size(), kernels::dev(y.data()), soft.data(), used.data(),
+                            where);
 }
 
 template <class T>
 void search_mix_backward(const Tensor<T, Cuda>& g, const Tensor<T, Cuda>* const* candidates,
-                         const Tensor<T, Cuda>& soft, const Tensor<T, Cuda>& used, const Tensor<T, Cuda>* noise,
-                         double tau, Tensor<T, Cuda>* const* d_candidates, Tensor<T, Cuda>* alpha_grad,
-                         std::string_view where) {
+                         const Tensor<compute_t<T>, Cuda>& soft, const Tensor<compute_t<T>, Cuda>& used,
+                         const Tensor<compute_t<T>, Cuda>* noise, double tau, Tensor<T, Cuda>* const* d_candidates,
+                         Tensor<compute_t<T>, Cuda>* alpha_grad, std::string_view where) {
+    using E = kernels::device_t<T>;
     const std::size_t k = used.size();
     kernels::detail::check_mix(k, 1, where);
-    const T* ptrs[kernels::kMaxCandidates];
-    T* dptrs[kernels::kMaxCandidates];
+    const E* ptrs[kernels::kMaxCandidates];
+    E* dptrs[kernels::kMaxCandidates];
     for (std::size_t j = 0; j < k; ++j) {
         detail::expect_shape(*candidates[j], g.shape(), where, "candidate output (against the output gradient)");
-        ptrs[j] = candidates[j]->data();
+        ptrs[j] = kernels::dev(candidates[j]->data());
         dptrs[j] = nullptr;
         if (d_candidates != nullptr && d_candidates[j] != nullptr) {
             d_candidates[j]->resize(g.shape());
-            dptrs[j] = d_candidates[j]->data();
+            dptrs[j] = kernels::dev(d_candidates[j]->data());
         }
     }
     if (alpha_grad != nullptr) detail::expect_shape(*alpha_grad, used.shape(), where, "alpha gradient");
-    const kernels::MixGates<T> gates{noise != nullptr ? noise->data() : nullptr, tau, false};
-    kernels::mix_backward<T>(g.data(), g.size(), ptrs, k, soft.data(), used.data(), gates, dptrs,
+    const kernels::MixGates<kernels::accum_t<E>> gates{noise != nullptr ? noise->data() : nullptr, tau, false};
+    kernels::mix_backward<E>(kernels::dev(g.data()), g.size(), ptrs, k, soft.data(), used.data(), gates, dptrs,
                              detail::data_or_null(alpha_grad), where);
 }
 
